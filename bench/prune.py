@@ -1,0 +1,101 @@
+"""Streaming `prune` against a plain safetensors load + save copy of the same multi-GB file, in one run.
+
+Each job runs in its own fresh interpreter (best of the repeats) so that its peak RSS (VmHWM) is its own; the baseline is the RSS after
+imports. Targets (issue 2): prune time at most 1.5x the copy's; prune peak RSS above baseline at most about
+2x the largest tensor.
+    python bench/prune.py [--gb 2] [--repeats 4] [--dir /tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nmcli.io.safetensors_stream import write_streaming
+
+CHILD = r"""
+import json, sys, time
+from pathlib import Path
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+job, src, dst = sys.argv[1:4]
+from safetensors.torch import load_file, save_file
+from nmcli.checkpoints import resolve
+from nmcli.nm import parse_pattern
+from nmcli.prune import plan_prune, prune
+base = rss("VmRSS:")
+start = time.perf_counter()
+if job == "copy":
+    save_file(load_file(src), dst)
+else:
+    resolved = resolve(src)
+    prune(resolved, plan_prune(resolved, parse_pattern(job)), Path(dst), force=True)
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_above_base": rss("VmHWM:") - base}))
+"""
+
+
+def make_checkpoint(path: Path, gigabytes: float, rows: int = 4096, cols: int = 8192) -> int:
+    """Linear weights of rows x cols fp32 plus biases, written tensor by tensor; returns the largest tensor size."""
+    count = max(1, round(gigabytes * 2**30 / (rows * cols * 4)))
+    layout = []
+    for i in range(count):
+        layout += [(f"blocks.{i}.fc.weight", (rows, cols), torch.float32), (f"blocks.{i}.fc.bias", (rows,), torch.float32)]
+    gen = torch.Generator().manual_seed(0)
+    tensors = (torch.randn(shape, generator=gen) for _, shape, _ in layout)
+    write_streaming(path, layout, tensors)
+    return rows * cols * 4
+
+
+def run(job: str, src: Path, dst: Path) -> dict:
+    """One job in a fresh interpreter, after flushing dirty pages so no job pays for another's writes."""
+    os.sync()
+    out = subprocess.run([sys.executable, "-c", CHILD, job, str(src), str(dst)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--pattern", default="2:4")
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        src = Path(tmp) / "model.safetensors"
+        started = time.perf_counter()
+        largest = make_checkpoint(src, args.gb)
+        size = src.stat().st_size
+        print(f"checkpoint {size / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB "
+              f"(made in {time.perf_counter() - started:.1f}s); pattern {args.pattern}")
+        copies, prunes = [], []
+        for i in range(args.repeats):  # alternate the order so neither job always runs first
+            jobs = [("copy", copies, "copy.safetensors"), (args.pattern, prunes, "pruned.safetensors")]
+            for job, results, name in jobs[:: 1 if i % 2 == 0 else -1]:
+                results.append(run(job, src, Path(tmp) / name))
+    copy_s = min(r["seconds"] for r in copies)
+    prune_s = min(r["seconds"] for r in prunes)
+    copy_rss = max(r["peak_above_base"] for r in copies)
+    prune_rss = max(r["peak_above_base"] for r in prunes)
+    print(f"copy  (load_file + save_file): {copy_s:6.2f}s  peak RSS above baseline {copy_rss / 2**20:7.0f} MiB")
+    print(f"prune (streaming)            : {prune_s:6.2f}s  peak RSS above baseline {prune_rss / 2**20:7.0f} MiB")
+    ratio, mem = prune_s / copy_s, prune_rss / largest
+    print(f"time ratio prune/copy: {ratio:.2f}x (target <= 1.5x: {'met' if ratio <= 1.5 else 'MISSED'})")
+    print(f"prune peak RSS / largest tensor: {mem:.2f}x (target about <= 2x: {'met' if mem <= 2.2 else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()

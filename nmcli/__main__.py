@@ -1,0 +1,3 @@
+from nmcli.cli import main
+
+main()

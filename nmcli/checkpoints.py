@@ -1,0 +1,91 @@
+"""Turn a command line's SOURCE (+ --model / --checkpoint) into tensors and the layers they hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nmcli.errors import NMSparseError
+from nmcli.io.metadata import SparsityMetadata, model_from_strings
+from nmcli.io.sources import Checkpoint, in_memory, load_state_dict_file, open_path
+from nmcli.models import (
+    LayerInfo,
+    ModelRef,
+    build_model,
+    check_state_dict_matches,
+    hf_ref,
+    layers_from_shapes,
+    layers_of_model,
+    timm_model_exists,
+)
+
+
+@dataclass
+class Resolved:
+    """A checkpoint with its architecture (when known) and its N:M-capable layers."""
+
+    checkpoint: Checkpoint
+    model: ModelRef | None
+    layers: dict[str, LayerInfo]
+    declared: SparsityMetadata | None
+
+    @property
+    def layers_exact(self) -> bool:
+        """False when targets were guessed from tensor shapes and names (no architecture known)."""
+        return self.model is not None
+
+
+def _timm_ref_for(name: str, ckpt: Checkpoint) -> ModelRef:
+    """Match the classifier width to the checkpoint, so fine-tuned heads load without extra flags."""
+    meta_model = build_model(ModelRef("timm", name))
+    classifier = (getattr(meta_model, "pretrained_cfg", {}) or {}).get("classifier")
+    head = ckpt.infos.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+    if head is not None and len(head.shape) >= 2 and head.shape[0] != meta_model.num_classes:
+        return ModelRef("timm", name, {"num_classes": int(head.shape[0])})
+    return ModelRef("timm", name)
+
+
+def _open_timm(name: str, checkpoint: Path | None, seed: int) -> tuple[Checkpoint, ModelRef]:
+    if checkpoint is None:
+        ref = ModelRef("timm", name)
+        torch.manual_seed(seed)
+        model = build_model(ref, device="cpu")
+        where = f"timm:{name} (random init, seed {seed}; no pretrained download)"
+        return in_memory(where, model.state_dict()), ref
+    ckpt = in_memory(str(checkpoint), load_state_dict_file(checkpoint))
+    return ckpt, _timm_ref_for(name, ckpt)
+
+
+def resolve(
+    source: str, *, model: str | None = None, checkpoint: Path | None = None, seed: int = 0
+) -> Resolved:
+    """SOURCE is a safetensors file, a sharded or Hugging Face folder, or a timm model name."""
+    path = Path(source)
+    timm_name = source.removeprefix("timm:")
+    if path.exists():
+        if checkpoint is not None:
+            raise NMSparseError(f"--checkpoint goes with a timm model name as SOURCE, not with the path {source}")
+        ckpt = open_path(path)
+        if model is not None:
+            ref: ModelRef | None = _timm_ref_for(model, ckpt)
+        elif (declared_model := model_from_strings(ckpt.metadata)) is not None:
+            ref = ModelRef.from_json(declared_model, ckpt.hf_config)
+        elif ckpt.hf_config is not None:
+            ref = hf_ref(ckpt.hf_config)
+        else:
+            ref = None
+    elif source.startswith("timm:") or timm_model_exists(timm_name):
+        ckpt, ref = _open_timm(timm_name, checkpoint, seed)  # an unknown "timm:" name fails with suggestions
+    else:
+        raise NMSparseError(f"SOURCE {source!r} is neither an existing file/folder nor a timm model name")
+
+    if ref is not None:
+        arch = build_model(ref)
+        check_state_dict_matches(arch, ckpt.infos, ckpt.where, strict=ref.source == "timm")
+        layers = {k: v for k, v in layers_of_model(arch, ref).items() if k in ckpt.infos}
+    else:
+        layers = layers_from_shapes(ckpt.infos.values())
+    declared = SparsityMetadata.from_strings(ckpt.metadata, ckpt.where)
+    return Resolved(ckpt, ref, layers, declared)

@@ -1,0 +1,26 @@
+"""Pure tensor math for N:M sparsity: patterns, reduction-axis layouts, masks, compliance."""
+
+from nmcli.nm.compliance import Compliance, compliance, count_nonfinite, detect_pattern
+from nmcli.nm.layout import CONV, HF_CONV1D, LINEAR, Layout, layout_by_name, reduction_length
+from nmcli.nm.mask import apply_nm, apply_nm_, group_mask, nm_mask
+from nmcli.nm.pattern import CONVENTION, NMPattern, parse_pattern
+
+__all__ = [
+    "CONV",
+    "CONVENTION",
+    "Compliance",
+    "HF_CONV1D",
+    "LINEAR",
+    "Layout",
+    "NMPattern",
+    "apply_nm",
+    "apply_nm_",
+    "compliance",
+    "count_nonfinite",
+    "detect_pattern",
+    "group_mask",
+    "layout_by_name",
+    "nm_mask",
+    "parse_pattern",
+    "reduction_length",
+]

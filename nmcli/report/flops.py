@@ -1,0 +1,68 @@
+"""FLOPs of a model at its real input shape: dense, theoretical sparse and 2:4-hardware-effective.
+
+Counted with `torch.utils.flop_counter` on the meta device (FLOPs = 2 x multiply-accumulates), then each weight
+layer's GEMM/conv FLOPs are scaled by its weight density (methods.md §5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from nmcli.errors import NMSparseError
+from nmcli.models import ModelRef, build_model
+
+
+@dataclass
+class Flops:
+    input_shape: tuple[int, ...]
+    dense: int
+    sparse: int  # each weight layer scaled by its density
+    hw24: int  # layers that run on 2:4 sparse tensor cores count at half
+    per_layer: dict[str, int]  # module name -> dense FLOPs of its weight op
+
+
+def example_inputs(model: torch.nn.Module, ref: ModelRef, seq_len: int) -> dict[str, torch.Tensor]:
+    """The model's real input shape (timm data config; token ids for Hugging Face), batch 1, on meta."""
+    if ref.source == "timm":
+        import timm.data
+
+        size = timm.data.resolve_model_data_config(model)["input_size"]
+        return {"x": torch.empty(1, *size, device="meta")}
+    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len) or seq_len)
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def per_layer_flops(ref: ModelRef, seq_len: int = 128) -> tuple[tuple[int, ...], int, dict[str, int]]:
+    """(input shape, total FLOPs, FLOPs of each module) for one forward pass at batch 1."""
+    model = build_model(ref).eval()
+    inputs = example_inputs(model, ref, seq_len)
+    shape = tuple(next(iter(inputs.values())).shape)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(**inputs)
+    except Exception as exc:  # a model's forward may not run on meta tensors
+        raise NMSparseError(
+            f"cannot count FLOPs of {ref.name} on input {list(shape)}: {exc}; pass --no-flops to skip them"
+        ) from None
+    root = type(model).__name__ + "."
+    counts = {
+        key.removeprefix(root): sum(ops.values())
+        for key, ops in counter.get_flop_counts().items()
+        if key.startswith(root)
+    }
+    return shape, counter.get_total_flops(), counts
+
+
+def count_flops(
+    ref: ModelRef, densities: dict[str, float], hw24_modules: set[str], seq_len: int = 128
+) -> Flops:
+    """`densities`: module name -> weight density; `hw24_modules`: modules exactly 2:4 and tensor-core eligible."""
+    shape, total, counts = per_layer_flops(ref, seq_len)
+    layers = {module: counts.get(module, 0) for module in densities}
+    sparse = total - sum(round(flops * (1 - densities[m])) for m, flops in layers.items())
+    hw24 = total - sum(flops // 2 for m, flops in layers.items() if m in hw24_modules)
+    return Flops(shape, total, sparse, hw24, layers)

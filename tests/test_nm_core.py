@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+
+from nmcli.errors import NMSparseError
+from nmcli.nm import (
+    CONV,
+    HF_CONV1D,
+    LINEAR,
+    NMPattern,
+    apply_nm,
+    apply_nm_,
+    compliance,
+    detect_pattern,
+    group_mask,
+    nm_mask,
+    parse_pattern,
+)
+from tests.reference import brute_force_mask
+
+PATTERNS = ["1:4", "2:4", "3:4", "1:8", "2:8", "4:8", "7:8", "1:16", "4:16", "1:32", "16:32", "31:32"]
+
+
+@pytest.mark.parametrize("text,expected", [("2:4", (2, 4)), (" 1:32 ", (1, 32)), ("7:8", (7, 8))])
+def test_parse_pattern_valid(text, expected):
+    p = parse_pattern(text)
+    assert (p.n, p.m) == expected
+    assert p.zeros_per_group == expected[1] - expected[0]
+
+
+@pytest.mark.parametrize("text", ["4:4", "0:4", "2-4", "3:2", "a:b", "", "2:4:8", "-1:4"])
+def test_parse_pattern_invalid_names_the_value(text):
+    with pytest.raises(NMSparseError, match="invalid N:M pattern"):
+        parse_pattern(text)
+
+
+def test_dense_stage_allowed_only_on_request():
+    assert parse_pattern("4:4", allow_dense=True).is_dense
+
+
+def _tie_heavy(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2, 3, shape, generator=g).float()  # values in {-2..2}: many ties and zeros
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_linear_mask_matches_brute_force(pattern, kind):
+    p = parse_pattern(pattern)
+    shape = (6, 64)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)) if kind == "random" else _tie_heavy(shape, 2)
+    assert torch.equal(nm_mask(w, p, LINEAR), brute_force_mask(w, p.n, p.m, k_axis=1))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "1:8", "3:8"])
+@pytest.mark.parametrize("shape", [(4, 8, 3, 3), (3, 16, 5), (2, 8, 2, 3, 2)])
+def test_conv_mask_groups_input_channels_at_each_tap(pattern, shape):
+    p = parse_pattern(pattern)
+    for w in (torch.randn(shape, generator=torch.Generator().manual_seed(3)), _tie_heavy(shape, 4)):
+        assert torch.equal(nm_mask(w, p, CONV), brute_force_mask(w, p.n, p.m, k_axis=1))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:8"])
+def test_hf_conv1d_groups_along_axis_0(pattern):
+    p = parse_pattern(pattern)
+    w = _tie_heavy((32, 5), 5)
+    assert torch.equal(nm_mask(w, p, HF_CONV1D), brute_force_mask(w, p.n, p.m, k_axis=0))
+
+
+def test_hand_computed_masks():
+    w = torch.tensor([[0.1, -0.9, 0.5, 0.2, 3.0, 3.0, 3.0, 3.0]])
+    assert nm_mask(w, NMPattern(2, 4), LINEAR).tolist() == [[False, True, True, False, True, True, False, False]]
+    assert nm_mask(w, NMPattern(1, 8), LINEAR).tolist() == [[False, False, False, False, True, False, False, False]]
+    # already sparse: still exactly N kept, lower index first among the zeros
+    z = torch.tensor([[0.0, 0.0, 0.0, 5.0]])
+    assert nm_mask(z, NMPattern(2, 4), LINEAR).tolist() == [[True, False, False, True]]
+
+
+def test_nan_is_kept_as_largest_and_mask_stays_exact():
+    w = torch.tensor([[1.0, math.nan, 2.0, 0.5, math.nan, math.nan, 1.0, 1.0]])
+    m = nm_mask(w, NMPattern(2, 4), LINEAR)
+    assert m.tolist() == [[False, True, True, False, True, True, False, False]]
+    assert torch.equal(m, brute_force_mask(w, 2, 4, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_apply_nm_keeps_dtype_and_zeros_exactly(dtype):
+    w = torch.randn(16, 32).to(dtype)
+    out = apply_nm(w, NMPattern(1, 4), LINEAR)
+    assert out.dtype == dtype
+    assert torch.equal(out != 0, nm_mask(w, NMPattern(1, 4), LINEAR) & (w != 0))
+    assert torch.equal(out[out != 0], w[out != 0])
+
+
+@pytest.mark.parametrize("layout,shape", [(LINEAR, (8, 64)), (CONV, (8, 16, 3, 3)), (HF_CONV1D, (64, 8))])
+def test_in_place_and_chunked_apply_equal_brute_force(layout, shape, monkeypatch):
+    import nmcli.nm.mask
+
+    monkeypatch.setattr(nmcli.nm.mask, "CHUNK_ELEMENTS", 20)  # many small chunks, a ragged last one
+    w = _tie_heavy(shape, 7)
+    expected = w * brute_force_mask(w, 2, 4, layout.k_axis)
+    assert torch.equal(apply_nm(w, NMPattern(2, 4), layout), expected)
+    assert torch.equal(apply_nm_(w.clone(), NMPattern(2, 4), layout), expected)
+
+
+def test_in_place_apply_with_inf_and_nan_leaves_exact_zeros():
+    w = torch.tensor([[math.inf, math.inf, math.inf, 1.0, 2.0, math.nan, 0.5, math.nan]])
+    out = apply_nm_(w.clone(), NMPattern(2, 4), LINEAR)
+    expected = torch.tensor([[math.inf, math.inf, 0.0, 0.0, 0.0, math.nan, 0.0, math.nan]])
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+
+
+def test_group_mask_has_exactly_n_per_group_on_large_random():
+    g = torch.randn(10_000, 32)
+    g[::7] = 0.0  # all-tie rows
+    for n in (1, 2, 4, 8, 31):
+        assert torch.all(group_mask(g, n).sum(1) == n)
+
+
+def test_compliance_on_hand_built_tensors():
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 3.0]])
+    c = compliance(w, NMPattern(2, 4), LINEAR)
+    assert (c.groups, c.violating_groups, c.max_nonzeros_per_group) == (4, 1, 3)
+    assert c.fraction == pytest.approx(0.75) and not c.compliant
+    c18 = compliance(w, NMPattern(4, 8), LINEAR)
+    assert (c18.groups, c18.violating_groups, c18.max_nonzeros_per_group) == (2, 1, 5)
+
+
+def test_compliance_rejects_k_not_divisible():
+    with pytest.raises(NMSparseError, match="K=6 is not divisible by M=4"):
+        compliance(torch.ones(2, 6), NMPattern(2, 4), LINEAR)
+
+
+def test_detect_pattern():
+    w = torch.randn(32, 64)
+    assert detect_pattern(w, LINEAR) is None
+    assert detect_pattern(apply_nm(w, NMPattern(2, 4), LINEAR), LINEAR) == NMPattern(2, 4)
+    assert detect_pattern(apply_nm(w, NMPattern(1, 8), LINEAR), LINEAR) == NMPattern(1, 8)
+    assert detect_pattern(apply_nm(w, NMPattern(1, 32), LINEAR), LINEAR) == NMPattern(1, 32)

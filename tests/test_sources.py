@@ -1,0 +1,94 @@
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nmcli.errors import NMSparseError
+from nmcli.io.sources import load_state_dict_file, open_folder, open_path
+
+
+def test_safetensors_header_is_read_without_data(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_file({"x.weight": torch.zeros(4, 8, dtype=torch.bfloat16), "b": torch.ones(3)}, str(path), {"k": "v"})
+    ckpt = open_path(path)
+    assert ckpt.infos["x.weight"].shape == (4, 8) and ckpt.infos["x.weight"].dtype == torch.bfloat16
+    assert ckpt.metadata == {"k": "v"}
+    assert torch.equal(ckpt.read("b"), torch.ones(3))
+
+
+def test_reader_and_streaming_writer_agree_with_the_safetensors_library(tmp_path):
+    from safetensors.torch import load_file
+
+    from nmcli.io.safetensors_stream import write_streaming
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(2, 2, 2, generator=g).half(),
+        "i64": torch.arange(5),
+        "u8": torch.arange(9, dtype=torch.uint8),
+        "flag": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(3.5),
+    }
+    ours = tmp_path / "ours.safetensors"
+    layout = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    write_streaming(ours, layout, iter(tensors.values()), {"who": "nmsparse"})
+    theirs = load_file(str(ours))  # the real reader reads what we wrote
+    assert theirs.keys() == tensors.keys()
+    assert all(torch.equal(theirs[k], v) and theirs[k].dtype == v.dtype for k, v in tensors.items())
+    reference = tmp_path / "ref.safetensors"
+    save_file(tensors, str(reference))  # and we read what the real writer wrote
+    ckpt = open_path(reference)
+    assert all(torch.equal(ckpt.read(k), v) and ckpt.read(k).dtype == v.dtype for k, v in tensors.items())
+
+
+def test_sharded_folder(hf_bert_folder):
+    ckpt = open_folder(hf_bert_folder)
+    assert len(ckpt.shards) == 3
+    assert ckpt.hf_config["model_type"] == "bert"
+    assert sum(len(v) for v in ckpt.shards.values()) == len(ckpt.infos)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "module_prefix"])
+def test_pth_unwraps_usual_nesting(tmp_path, wrap):
+    state = {"fc.weight": torch.randn(2, 4), "fc.bias": torch.zeros(2)}
+    obj = {
+        "plain": state,
+        "state_dict": {"state_dict": state, "epoch": 3},
+        "model": {"model": state, "optimizer": {}},
+        "module_prefix": {f"module.{k}": v for k, v in state.items()},
+    }[wrap]
+    torch.save(obj, tmp_path / "c.pth")
+    loaded = load_state_dict_file(tmp_path / "c.pth")
+    assert loaded.keys() == state.keys()
+    assert torch.equal(loaded["fc.weight"], state["fc.weight"])
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/nmsparse-pwned",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    torch.save({"state_dict": {"w": torch.ones(1)}, "evil": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(NMSparseError, match="never unpickles"):
+        load_state_dict_file(tmp_path / "evil.pth")
+    assert not os.path.exists("/tmp/nmsparse-pwned")
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    good = tmp_path / "g.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(good))
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(NMSparseError, match="t.safetensors"):
+        open_path(truncated)
+    corrupt = tmp_path / "c.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"0" * 64)
+    with pytest.raises(NMSparseError, match="not a readable safetensors file"):
+        open_path(corrupt)
+    with pytest.raises(NMSparseError, match="no such file"):
+        open_path(tmp_path / "missing.safetensors")
