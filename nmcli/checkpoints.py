@@ -37,31 +37,40 @@ class Resolved:
         return self.model is not None
 
 
-def _timm_ref_for(name: str, ckpt: Checkpoint) -> ModelRef:
+def _timm_ref_for(name: str, ckpt: Checkpoint, kwargs: dict) -> ModelRef:
     """Match the classifier width to the checkpoint, so fine-tuned heads load without extra flags."""
-    meta_model = build_model(ModelRef("timm", name))
+    meta_model = build_model(ModelRef("timm", name, kwargs))
     classifier = (getattr(meta_model, "pretrained_cfg", {}) or {}).get("classifier")
     head = ckpt.infos.get(f"{classifier}.weight") if isinstance(classifier, str) else None
     if head is not None and len(head.shape) >= 2 and head.shape[0] != meta_model.num_classes:
-        return ModelRef("timm", name, {"num_classes": int(head.shape[0])})
-    return ModelRef("timm", name)
+        return ModelRef("timm", name, {**kwargs, "num_classes": int(head.shape[0])})
+    return ModelRef("timm", name, kwargs)
 
 
-def _open_timm(name: str, checkpoint: Path | None, seed: int) -> tuple[Checkpoint, ModelRef]:
+def _open_timm(name: str, checkpoint: Path | None, seed: int, kwargs: dict) -> tuple[Checkpoint, ModelRef]:
     if checkpoint is None:
-        ref = ModelRef("timm", name)
+        ref = ModelRef("timm", name, kwargs)
         torch.manual_seed(seed)
         model = build_model(ref, device="cpu")
         where = f"timm:{name} (random init, seed {seed}; no pretrained download)"
         return in_memory(where, model.state_dict()), ref
     ckpt = in_memory(str(checkpoint), load_state_dict_file(checkpoint))
-    return ckpt, _timm_ref_for(name, ckpt)
+    return ckpt, _timm_ref_for(name, ckpt, kwargs)
 
 
 def resolve(
-    source: str, *, model: str | None = None, checkpoint: Path | None = None, seed: int = 0
+    source: str,
+    *,
+    model: str | None = None,
+    checkpoint: Path | None = None,
+    seed: int = 0,
+    model_kwargs: dict | None = None,
 ) -> Resolved:
-    """SOURCE is a safetensors file, a sharded or Hugging Face folder, or a timm model name."""
+    """SOURCE is a safetensors file, a sharded or Hugging Face folder, or a timm model name.
+
+    `model_kwargs` go to `timm.create_model` (e.g. img_size, in_chans) for a timm name or `--model`.
+    """
+    kwargs = dict(model_kwargs or {})
     path = Path(source)
     timm_name = source.removeprefix("timm:")
     if path.exists():
@@ -69,7 +78,7 @@ def resolve(
             raise NMSparseError(f"--checkpoint goes with a timm model name as SOURCE, not with the path {source}")
         ckpt = open_path(path)
         if model is not None:
-            ref: ModelRef | None = _timm_ref_for(model, ckpt)
+            ref: ModelRef | None = _timm_ref_for(model, ckpt, kwargs)
         elif (declared_model := model_from_strings(ckpt.metadata)) is not None:
             ref = ModelRef.from_json(declared_model, ckpt.hf_config)
         elif ckpt.hf_config is not None:
@@ -77,7 +86,7 @@ def resolve(
         else:
             ref = None
     elif source.startswith("timm:") or timm_model_exists(timm_name):
-        ckpt, ref = _open_timm(timm_name, checkpoint, seed)  # an unknown "timm:" name fails with suggestions
+        ckpt, ref = _open_timm(timm_name, checkpoint, seed, kwargs)  # an unknown "timm:" name fails with suggestions
     else:
         raise NMSparseError(f"SOURCE {source!r} is neither an existing file/folder nor a timm model name")
 

@@ -212,3 +212,192 @@ def report(
 
 def main() -> None:
     app()
+
+
+class RichReporter:
+    """Renders training progress: a bar with loss, phase, pattern and alpha; messages on their own lines."""
+
+    def __init__(self, enabled: bool, messages: bool):
+        self.enabled = enabled and int(os.environ.get("RANK", "0")) == 0
+        self.messages = messages and int(os.environ.get("RANK", "0")) == 0
+        self.bar: Progress | None = None
+        self.task = None
+
+    def start(self, total_steps: int, first_step: int, description: str) -> None:
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("loss {task.fields[loss]:.4f} | {task.fields[phase]} {task.fields[pattern]}"),
+            console=err, transient=True, disable=not self.enabled,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(description, total=total_steps, completed=first_step, loss=0.0, phase="", pattern="")
+
+    def step(self, step: int, values: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step + 1, loss=values["loss"], phase=values["phase"], pattern=values["pattern"])
+
+    def message(self, text: str) -> None:
+        if self.messages:
+            (self.bar.console if self.bar is not None else err).print(text, highlight=False)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _json_option(text: Optional[str], name: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise NMSparseError(f"{name} {text!r}: not valid JSON ({exc.msg}); e.g. '{{\"img_size\": 32}}'") from None
+    if not isinstance(value, dict):
+        raise NMSparseError(f"{name} {text!r}: expected a JSON object")
+    return value
+
+
+@app.command()
+def finetune(
+    model: Annotated[Optional[str], typer.Option("--model", help="timm model name (none: run the built-in example)")] = None,
+    model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="JSON kwargs for timm.create_model")] = None,
+    checkpoint: CheckpointOpt = None,
+    data: Annotated[str, typer.Option("--data", help="image folder with train/ and val/, or mnist5k")] = "mnist5k",
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name or YAML path")] = "sdgf-stepwise",
+    pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", help=PATTERN_HELP + " (overrides the recipe)")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", min=0.0)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="fixes init, masks, data order and results")] = 0,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="re-initialise the head")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast")] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="continue the run in this folder")] = None,
+    stop_after: Annotated[Optional[int], typer.Option("--stop-after", min=1, help="stop after N epochs of this run")] = None,
+    grad_log_every: Annotated[int, typer.Option("--grad-log-every", help="log gradient variance / mask flips every N steps")] = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="use at most N train and N val samples")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sparse fine-tuning with a recipe (SR-STE, MDGF, SDGF, ...). With no --model: the built-in example."""
+    from nmcli.recipes import load_recipe
+    from nmcli.train.engine import FinetuneConfig, run_finetune
+
+    reporter = RichReporter(enabled=not (quiet or as_json), messages=not (quiet or as_json))
+    with user_errors():
+        if model is None:
+            from nmcli.train.example import ExampleSettings, run_example
+
+            settings = ExampleSettings(out=out_dir or Path("nmsparse-example"), seed=seed, limit=limit, force=force)
+            if pattern:
+                settings.pattern = str(parse_pattern(pattern))
+            if recipe != "sdgf-stepwise":
+                settings.recipe = recipe
+            if epochs:
+                settings.sparse_epochs = epochs
+            result = run_example(settings, reporter)
+        else:
+            chosen = load_recipe(recipe).with_overrides(
+                pattern=str(parse_pattern(pattern)) if pattern else None, epochs=epochs, lr=lr, batch_size=batch_size
+            )
+            if resume is not None and out_dir is not None and out_dir.resolve() != resume.resolve():
+                raise NMSparseError(f"--resume {resume} continues in that folder; drop --out {out_dir} or make it the same")
+            out_path = resume or out_dir
+            if out_path is None:
+                raise NMSparseError("--out is required: the folder for the checkpoint, summary and metrics")
+            config = FinetuneConfig(
+                model=model, model_kwargs=_json_option(model_kwargs, "--model-kwargs"), recipe=chosen, out=out_path,
+                data=data, checkpoint=checkpoint, seed=seed, num_classes=num_classes, bf16=bf16,
+                resume=resume is not None, grad_log_every=grad_log_every, stop_after=stop_after, limit=limit,
+                force=force, device=device,
+            )
+            result = run_finetune(config, reporter).summary
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        print_json(result)
+    elif "dense_val_accuracy" in result:
+        out.print(
+            f"dense {result['dense_val_accuracy']:.4f} | one-shot {result['pattern']} {result['one_shot_val_accuracy']:.4f} | "
+            f"{result['recipe']} {result['pattern']} fine-tuned {result['sparse_val_accuracy']:.4f} | "
+            f"N:M compliant: {result['all_layers_compliant']} | training FLOPs vs dense "
+            f"{result['training_flops_relative_to_dense']:.3f}x | {result['wall_seconds']}s -> {result['sparse_checkpoint']}"
+        )
+    elif "stopped_after_epoch" in result:
+        out.print(f"stopped after epoch {result['stopped_after_epoch']}; continue with --resume {out_path}")
+    else:
+        out.print(
+            f"{result['recipe']} {result['pattern'] or 'dense'}: val accuracy "
+            f"{_fmt_accuracy(result['start_val_accuracy'])} -> "
+            f"{result['final_val_accuracy']:.4f} | compliant: {result['all_layers_compliant']} | training FLOPs vs dense "
+            f"{result['training_flops_relative_to_dense']:.3f}x | {result['wall_seconds']}s -> {out_path}"
+        )
+
+
+def _fmt_accuracy(value: Optional[float]) -> str:
+    return "(resumed)" if value is None else f"{value:.4f}"
+
+
+@app.command("recipes")
+def list_recipes(as_json: JsonOpt = False) -> None:
+    """List the built-in recipes."""
+    from nmcli.recipes import builtin_names, load_recipe
+
+    with user_errors():
+        recipes = [load_recipe(name) for name in builtin_names()]
+    if as_json:
+        print_json([{"name": r.name, "method": r.method, "pattern": r.pattern, "description": r.description} for r in recipes])
+        return
+    from rich.table import Table
+
+    table = Table("name", "method", "default pattern", "description")
+    for r in recipes:
+        table.add_row(r.name, r.method, r.pattern, r.description)
+    out.print(table)
+
+
+recipe_app = typer.Typer(help="Inspect one recipe.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("show")
+def recipe_show(
+    name: Annotated[str, typer.Argument(help="built-in recipe name or YAML path")],
+    pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", help=PATTERN_HELP)] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="total training steps")] = 1000,
+    model: Annotated[Optional[str], typer.Option("--model", help="timm model, for whole-model training FLOPs")] = None,
+    model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="JSON kwargs for timm.create_model")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="write the schedule as a PNG")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The schedule a recipe follows: phases, stages, alpha at key points, training FLOPs vs dense."""
+    from nmcli.io.atomic import atomic_output
+    from nmcli.models import ModelRef
+    from nmcli.recipes import load_recipe
+    from nmcli.schedule_report import describe_schedule, plot_schedule
+
+    with user_errors():
+        chosen = load_recipe(name).with_overrides(pattern=str(parse_pattern(pattern)) if pattern else None)
+        ref = ModelRef("timm", model, _json_option(model_kwargs, "--model-kwargs")) if model else None
+        described = describe_schedule(chosen, chosen.target, steps, ref)
+        if plot is not None:
+            with atomic_output(plot, force=True) as tmp:
+                plot_schedule(described, tmp.with_suffix(".png"))
+                tmp.with_suffix(".png").replace(tmp)
+    if as_json:
+        print_json({k: v for k, v in described.items() if k != "curve"})
+        return
+    out.print(f"[bold]{chosen.name}[/bold] ({chosen.method}) -> {described['pattern']} over {steps} steps: {chosen.description}")
+    for segment in described["segments"]:
+        out.print(f"  steps {segment['start']:>6}-{segment['end'] - 1:<6} {segment['phase']:<8} {segment['pattern']}")
+    if any(a["alpha"] for a in described["alpha"]):
+        out.print("  alpha: " + ", ".join(f"step {a['step']}: {a['alpha']:.4f}" for a in described["alpha"]))
+    out.print(
+        f"  training FLOPs relative to dense: {described['training_flops_relative_to_dense']:.3f}x "
+        f"({described['training_flops_scope']})"
+    )
+    if plot is not None:
+        out.print(f"  plot -> {plot}")

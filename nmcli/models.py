@@ -107,6 +107,20 @@ def _build_hf(ref: ModelRef) -> nn.Module:
     return transformers.AutoModel.from_config(config)
 
 
+def data_config(model: nn.Module, ref: ModelRef) -> dict:
+    """timm's data config (input size, mean/std, interpolation), corrected for `img_size` / `in_chans` kwargs,
+    which timm's pretrained config does not reflect."""
+    import timm.data
+
+    config = dict(timm.data.resolve_model_data_config(model))
+    channels, height, width = config["input_size"]
+    size = ref.kwargs.get("img_size")
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+    config["input_size"] = (ref.kwargs.get("in_chans", channels), height, width)
+    return config
+
+
 def _layout_of(module: nn.Module) -> Layout | None:
     if isinstance(module, nn.Linear):
         return LINEAR

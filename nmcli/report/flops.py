@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nmcli.errors import NMSparseError
-from nmcli.models import ModelRef, build_model
+from nmcli.models import ModelRef, build_model, data_config
 
 
 @dataclass
@@ -27,10 +27,7 @@ class Flops:
 def example_inputs(model: torch.nn.Module, ref: ModelRef, seq_len: int) -> dict[str, torch.Tensor]:
     """The model's real input shape (timm data config; token ids for Hugging Face), batch 1, on meta."""
     if ref.source == "timm":
-        import timm.data
-
-        size = timm.data.resolve_model_data_config(model)["input_size"]
-        return {"x": torch.empty(1, *size, device="meta")}
+        return {"x": torch.empty(1, *data_config(model, ref)["input_size"], device="meta")}
     seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len) or seq_len)
     ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -1,0 +1,120 @@
+"""What each recipe does at a given training step (methods.md §2-3), as a pure function of the step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nmcli.nm import NMPattern, parse_pattern
+from nmcli.recipes import Recipe
+from nmcli.schedules import (
+    Phases,
+    alpha,
+    decay_rate,
+    geometric_stages,
+    pattern_for_layer,
+    stage_bounds,
+    stage_index,
+    stepwise_stages,
+)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How every target layer forms its effective weight at one step."""
+
+    phase: str  # "dense" | "decay" | "finetune"
+    stages: tuple[NMPattern, ...]  # the structure sequence (one entry unless SDGF)
+    stage: int  # index into `stages` (layers that cannot take it hold at a later one)
+    alpha: float = 0.0  # mask value of pruned weights (MDGF)
+    sr_lambda: float = 0.0  # SR-STE pull on pruned weights
+    backward: str = "ste"  # "ste": dW = g; "scaled": dW = g * (E + alpha (1 - E))
+    freeze: bool = False  # keep the mask fixed from the first step it is frozen
+
+    @property
+    def dense(self) -> bool:
+        return self.phase == "dense"
+
+    @property
+    def pattern(self) -> NMPattern:
+        return self.stages[self.stage]
+
+    def label(self) -> str:
+        if self.dense:
+            return "dense"
+        text = str(self.pattern)
+        return f"{text} a={self.alpha:.3f}" if self.alpha > 0 else text
+
+
+def structure_stages(recipe: Recipe, target: NMPattern) -> tuple[NMPattern, ...]:
+    sd = recipe.structure_decay
+    if sd is None:
+        return (target,)
+    if sd.schedule == "stepwise":
+        return tuple(stepwise_stages(target))
+    if sd.schedule == "geometric":
+        return tuple(geometric_stages(target))
+    stages = [parse_pattern(s, allow_dense=True) for s in sd.stages]
+    return tuple(stages if stages[-1] == target else [*stages, target])
+
+
+def _alpha(recipe: Recipe, t: int, length: int) -> float:
+    md = recipe.mask_decay
+    assert md is not None
+    rate = md.rate if md.rate is not None else (decay_rate(md.schedule, length, md.reach_at) if md.reach_at else 0.0)
+    return alpha(md.schedule, t, rate=rate, interval=md.interval, step_size=md.step_size or 0.0)
+
+
+def plan_step(recipe: Recipe, target: NMPattern, phases: Phases, step: int) -> StepPlan:
+    """The recipe's rule for `step`; the same inputs always give the same plan (resume relies on it)."""
+    stages = structure_stages(recipe, target)
+    last = len(stages) - 1
+    phase = phases.phase(step)
+    if recipe.method == "dense" or phase == "dense":
+        return StepPlan("dense", stages, last)
+    sr_lambda = recipe.sr_ste_lambda or 0.0
+    if phase == "finetune" or recipe.method in ("ste", "sr-ste", "fixed-mask"):
+        fixed = recipe.method == "fixed-mask"
+        return StepPlan(
+            phase,
+            stages,
+            last,
+            sr_lambda=sr_lambda,
+            backward="scaled" if fixed else "ste",  # fixed mask: gradient of pruned weights zeroed
+            freeze=fixed or (phase == "finetune" and recipe.finetune_mask == "frozen"),
+        )
+    t, length = phases.clock(step), phases.decay_length
+    index = stage_index(t, length, len(stages)) if "sdgf" in recipe.method else last
+    a = 0.0
+    if recipe.method == "mdgf":
+        a = _alpha(recipe, t, length)
+    elif recipe.method == "mdgf+sdgf":  # alpha restarts and decays within each structure stage
+        start, end = stage_bounds(index, length, len(stages))
+        a = _alpha(recipe, t - start, end - start)
+    backward = recipe.mask_decay.backward if recipe.mask_decay else "ste"
+    return StepPlan("decay", stages, index, alpha=a, sr_lambda=sr_lambda, backward=backward)
+
+
+def training_density(plan: StepPlan, reduction_length: int | None = None) -> float:
+    """Cost factor of a target layer at this step (methods.md §5): dense 1, MDGF while alpha > 0 dense, else N/M."""
+    if plan.dense or plan.alpha > 0:
+        return 1.0
+    if reduction_length is None:
+        return plan.pattern.density
+    return pattern_for_layer(list(plan.stages), plan.stage, reduction_length).density
+
+
+def relative_training_flops(
+    recipe: Recipe, target: NMPattern, phases: Phases, layers: dict[str, tuple[int, int]], total_flops: int
+) -> float:
+    """Training FLOPs of the recipe relative to dense training of the same steps (methods.md §5).
+
+    `layers`: target module -> (dense forward FLOPs, reduction length K). Training costs ~3x the forward pass
+    per step, with each target layer scaled by its density at that step; the factor 3 cancels in the ratio.
+    """
+    if total_flops <= 0 or phases.total <= 0:
+        return 1.0
+    spent = 0.0
+    for step in range(phases.total):
+        plan = plan_step(recipe, target, phases, step)
+        spent += total_flops - sum(f * (1 - training_density(plan, k)) for f, k in layers.values())
+    return spent / (phases.total * total_flops)

@@ -1,0 +1,317 @@
+"""Recipe files: schema, strict validation and the built-ins shipped inside the package (`recipes/*.yaml`).
+
+A recipe names the method (methods.md §3), its parameters, the phases (§2), the target layers (§4) and optional
+optimizer / LR-schedule / training settings. Unknown keys, wrong types and impossible values are one-line errors
+naming the file and the key. YAML is loaded with `yaml.safe_load` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nmcli.errors import NMSparseError
+from nmcli.nm import NMPattern, parse_pattern
+
+METHODS = ("dense", "ste", "sr-ste", "fixed-mask", "mdgf", "sdgf", "mdgf+sdgf")
+ALPHA_SCHEDULES = ("linear", "exponential", "stepped")
+STRUCTURE_SCHEDULES = ("stepwise", "geometric", "custom")
+BACKWARDS = ("ste", "scaled")
+FINETUNE_MASKS = ("recomputed", "frozen")
+DEFAULT_SR_STE_LAMBDA = 2e-4
+DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05}
+DEFAULT_SCHEDULER = {"name": "cosine", "warmup_fraction": 0.05}
+DEFAULT_TRAINING = {"epochs": 3, "batch_size": 64}
+
+
+@dataclass(frozen=True)
+class MaskDecay:
+    schedule: str = "linear"
+    rate: float | None = None  # c per step; or derive it from reach_at
+    reach_at: float | None = None  # fraction of the decay phase (or SDGF frame) where alpha hits 0 / 0.01
+    interval: int = 1  # stepped: mask updates every `interval` steps
+    step_size: float | None = None  # stepped: w
+    backward: str = "ste"
+
+
+@dataclass(frozen=True)
+class StructureDecay:
+    schedule: str = "stepwise"
+    stages: tuple[str, ...] = ()  # custom: patterns from least to most sparse (the target is appended if absent)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    method: str
+    description: str = ""
+    pattern: str = "2:4"
+    dense_fraction: float = 0.0
+    finetune_fraction: float = 0.0
+    finetune_mask: str = "recomputed"
+    mask_decay: MaskDecay | None = None
+    structure_decay: StructureDecay | None = None
+    sr_ste_lambda: float | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    optimizer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+    training: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRAINING))
+    source: str = "<built-in>"
+
+    @property
+    def target(self) -> NMPattern:
+        return parse_pattern(self.pattern)
+
+    def with_overrides(self, **changes: Any) -> Recipe:
+        """Command-line overrides (pattern, epochs, lr, ...) applied on top, then validated again."""
+        data = to_dict(self)
+        for key, value in changes.items():
+            if value is None:
+                continue
+            if key in ("epochs", "batch_size"):
+                data.setdefault("training", {})[key] = value
+            elif key == "lr":
+                data.setdefault("optimizer", {})["lr"] = value
+            else:
+                data[key] = value
+        return from_dict(data, self.source)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(to_dict(self), sort_keys=False)
+
+
+_TOP_KEYS = {
+    "name", "description", "method", "pattern", "phases", "mask_decay", "structure_decay", "sr_ste", "targets",
+    "optimizer", "scheduler", "training",
+}
+_SECTION_KEYS = {
+    "phases": {"dense", "finetune", "finetune_mask"},
+    "mask_decay": {"schedule", "rate", "reach_at", "interval", "step_size", "backward"},
+    "structure_decay": {"schedule", "stages"},
+    "sr_ste": {"lambda"},
+    "targets": {"include", "exclude"},
+    "optimizer": {"name", "lr", "weight_decay", "momentum", "betas"},
+    "scheduler": {"name", "warmup_fraction", "min_lr"},
+    "training": {"epochs", "batch_size", "clip_grad", "bf16"},
+}
+
+
+class _Checker:
+    """Type and value checks that name the file and the dotted key."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> NMSparseError:
+        return NMSparseError(f"{self.source}: {key}: {problem}")
+
+    def section(self, data: dict, key: str, allowed: set[str]) -> dict:
+        value = data.get(key) or {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        for sub in value:
+            if sub not in allowed:
+                raise self.fail(f"{key}.{sub}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+        return value
+
+    def number(self, value: Any, key: str, low: float | None = None, high: float | None = None, integer: bool = False):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            raise self.fail(key, f"expected {'an integer' if integer else 'a number'}, got {value!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            raise self.fail(key, f"{value!r} is outside {bounds}")
+        return value
+
+    def choice(self, value: Any, key: str, options: tuple[str, ...]) -> str:
+        if value not in options:
+            raise self.fail(key, f"{value!r} is not one of {', '.join(options)}")
+        return value
+
+    def pattern(self, value: Any, key: str, allow_dense: bool = False) -> str:
+        if not isinstance(value, str):
+            raise self.fail(key, f'write patterns as quoted strings, e.g. "2:4" (YAML read {value!r})')
+        try:
+            return str(parse_pattern(value, allow_dense=allow_dense))
+        except NMSparseError as exc:
+            raise self.fail(key, str(exc)) from None
+
+    def strings(self, value: Any, key: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, f"expected a list of strings, got {value!r}")
+        return tuple(value)
+
+
+def from_dict(data: Any, source: str) -> Recipe:
+    c = _Checker(source)
+    if not isinstance(data, dict):
+        raise NMSparseError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise c.fail(key, f"unknown key; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise c.fail("name", "a recipe needs a non-empty name")
+    method = c.choice(data.get("method"), "method", METHODS)
+    pattern = c.pattern(data.get("pattern", "2:4"), "pattern")
+
+    phases = c.section(data, "phases", _SECTION_KEYS["phases"])
+    dense = c.number(phases.get("dense", 0.0), "phases.dense", 0, 1)
+    finetune = c.number(phases.get("finetune", 0.0), "phases.finetune", 0, 1)
+    if dense + finetune > 1:
+        raise c.fail("phases", f"dense ({dense}) + finetune ({finetune}) must be at most 1")
+    finetune_mask = c.choice(phases.get("finetune_mask", "recomputed"), "phases.finetune_mask", FINETUNE_MASKS)
+
+    mask_decay = None
+    if "mask_decay" in data:
+        if "mdgf" not in method:
+            raise c.fail("mask_decay", f"only MDGF recipes decay the mask, not method {method!r}")
+        md = c.section(data, "mask_decay", _SECTION_KEYS["mask_decay"])
+        schedule = c.choice(md.get("schedule", "linear"), "mask_decay.schedule", ALPHA_SCHEDULES)
+        rate = md.get("rate")
+        reach_at = md.get("reach_at")
+        if schedule == "stepped":
+            if md.get("step_size") is None:
+                raise c.fail("mask_decay.step_size", "the stepped schedule needs step_size (w in alpha = 1 - k w)")
+            c.number(md["step_size"], "mask_decay.step_size", 1e-9, 1)
+            c.number(md.get("interval", 1), "mask_decay.interval", 1, integer=True)
+        elif (rate is None) == (reach_at is None):
+            raise c.fail("mask_decay", "give exactly one of rate (c per step) or reach_at (fraction of the phase)")
+        if rate is not None:
+            c.number(rate, "mask_decay.rate", 0)
+        if reach_at is not None:
+            c.number(reach_at, "mask_decay.reach_at", 1e-6, 1)
+        mask_decay = MaskDecay(
+            schedule=schedule,
+            rate=rate,
+            reach_at=reach_at,
+            interval=md.get("interval", 1),
+            step_size=md.get("step_size"),
+            backward=c.choice(md.get("backward", "ste"), "mask_decay.backward", BACKWARDS),
+        )
+    elif "mdgf" in method:
+        raise c.fail("mask_decay", f"method {method} needs a mask_decay section (schedule, rate or reach_at)")
+
+    structure = None
+    if "structure_decay" in data:
+        if "sdgf" not in method:
+            raise c.fail("structure_decay", f"only SDGF recipes decay the structure, not method {method!r}")
+        sd = c.section(data, "structure_decay", _SECTION_KEYS["structure_decay"])
+        schedule = c.choice(sd.get("schedule", "stepwise"), "structure_decay.schedule", STRUCTURE_SCHEDULES)
+        stages = c.strings(sd.get("stages"), "structure_decay.stages")
+        if (schedule == "custom") != bool(stages):
+            raise c.fail("structure_decay.stages", "a list of stages goes with (and only with) schedule: custom")
+        stages = tuple(c.pattern(s, f"structure_decay.stages[{i}]", allow_dense=True) for i, s in enumerate(stages))
+        structure = StructureDecay(schedule, stages)
+    elif "sdgf" in method:
+        structure = StructureDecay()
+
+    sr_ste_lambda = None
+    if "sr_ste" in data:
+        if method in ("dense", "ste", "fixed-mask"):
+            raise c.fail("sr_ste", f"method {method} takes no SR-STE term (use method: sr-ste)")
+        sr = c.section(data, "sr_ste", _SECTION_KEYS["sr_ste"])
+        sr_ste_lambda = c.number(sr.get("lambda", DEFAULT_SR_STE_LAMBDA), "sr_ste.lambda", 0)
+    elif method == "sr-ste":
+        sr_ste_lambda = DEFAULT_SR_STE_LAMBDA
+
+    targets = c.section(data, "targets", _SECTION_KEYS["targets"])
+    optimizer = {**DEFAULT_OPTIMIZER, **c.section(data, "optimizer", _SECTION_KEYS["optimizer"])}
+    if not isinstance(optimizer.get("name", "adamw"), str):
+        raise c.fail("optimizer.name", "expected a timm optimizer name such as adamw or sgd")
+    c.number(optimizer.get("lr", 5e-4), "optimizer.lr", 0)
+    c.number(optimizer.get("weight_decay", 0.0), "optimizer.weight_decay", 0)
+    scheduler = {**DEFAULT_SCHEDULER, **c.section(data, "scheduler", _SECTION_KEYS["scheduler"])}
+    c.number(scheduler.get("warmup_fraction", 0.0), "scheduler.warmup_fraction", 0, 1)
+    training = dict(c.section(data, "training", _SECTION_KEYS["training"]))
+    if "epochs" in training:
+        c.number(training["epochs"], "training.epochs", 1, integer=True)
+    if "batch_size" in training:
+        c.number(training["batch_size"], "training.batch_size", 1, integer=True)
+    if "clip_grad" in training and training["clip_grad"] is not None:
+        c.number(training["clip_grad"], "training.clip_grad", 0)
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise c.fail("description", "expected a string")
+    return Recipe(
+        name=name,
+        method=method,
+        description=description,
+        pattern=pattern,
+        dense_fraction=dense,
+        finetune_fraction=finetune,
+        finetune_mask=finetune_mask,
+        mask_decay=mask_decay,
+        structure_decay=structure,
+        sr_ste_lambda=sr_ste_lambda,
+        include=c.strings(targets.get("include"), "targets.include"),
+        exclude=c.strings(targets.get("exclude"), "targets.exclude"),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        training={**DEFAULT_TRAINING, **training},
+        source=source,
+    )
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The YAML form of a recipe (what `from_dict` reads back to an equal recipe)."""
+    out: dict[str, Any] = {
+        "name": recipe.name,
+        "description": recipe.description,
+        "method": recipe.method,
+        "pattern": recipe.pattern,
+        "phases": {
+            "dense": recipe.dense_fraction,
+            "finetune": recipe.finetune_fraction,
+            "finetune_mask": recipe.finetune_mask,
+        },
+    }
+    if recipe.mask_decay is not None:
+        out["mask_decay"] = {k: v for k, v in dataclasses.asdict(recipe.mask_decay).items() if v is not None}
+    if recipe.structure_decay is not None:
+        sd = {"schedule": recipe.structure_decay.schedule}
+        if recipe.structure_decay.stages:
+            sd["stages"] = list(recipe.structure_decay.stages)
+        out["structure_decay"] = sd
+    if recipe.sr_ste_lambda is not None:
+        out["sr_ste"] = {"lambda": recipe.sr_ste_lambda}
+    out["targets"] = {"include": list(recipe.include), "exclude": list(recipe.exclude)}
+    out["optimizer"] = dict(recipe.optimizer)
+    out["scheduler"] = dict(recipe.scheduler)
+    out["training"] = dict(recipe.training)
+    return out
+
+
+def builtin_names() -> list[str]:
+    files = resources.files("nmcli.builtin_recipes").iterdir()
+    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml"))
+
+
+def _load_text(text: str, source: str) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise NMSparseError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return from_dict(data, source)
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name, or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise NMSparseError(f"{path}: recipe file not found")
+        return _load_text(path.read_text(), str(path))
+    if name_or_path not in builtin_names():
+        raise NMSparseError(
+            f"unknown recipe {name_or_path!r}; built-ins: {', '.join(builtin_names())} (or give a .yaml path)"
+        )
+    text = resources.files("nmcli.builtin_recipes").joinpath(f"{name_or_path}.yaml").read_text()
+    return _load_text(text, f"recipes/{name_or_path}.yaml")

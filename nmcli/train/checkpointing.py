@@ -1,0 +1,55 @@
+"""Training checkpoints: everything needed to continue a run to the same final weights.
+
+`checkpoint/model.safetensors` holds the (parametrized) model state; `checkpoint/state.pt` holds optimizer,
+scheduler, frozen masks, RNG states, the step and a fingerprint of the run. It is loaded with
+`torch.load(weights_only=True)`: only tensors and plain containers, never code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from nmcli.errors import NMSparseError
+from nmcli.io.atomic import atomic_output
+from nmcli.io.sources import open_safetensors_file
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def save_training_checkpoint(out: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
+    state = {**state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    with atomic_output(out / CHECKPOINT_DIR, force=True, directory=True) as tmp:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+
+
+def load_training_checkpoint(run: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state, training state) of `run`, refusing a run of another model, recipe or setting."""
+    folder = run / CHECKPOINT_DIR
+    if not (folder / "state.pt").is_file():
+        raise NMSparseError(f"--resume {run}: no training checkpoint in {folder}; is this a finetune --out folder?")
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise NMSparseError(f"{folder / 'state.pt'}: cannot read the training state ({exc})") from None
+    saved = json.loads(state["fingerprint"])
+    for key in sorted(set(saved) | set(fingerprint)):
+        if saved.get(key) != fingerprint.get(key):
+            raise NMSparseError(
+                f"--resume {run}: it was a run with {key}={saved.get(key)!r}, this one has {fingerprint.get(key)!r}; "
+                "resume with the same settings or start a new --out"
+            )
+    ckpt = open_safetensors_file(folder / "model.safetensors")
+    return {name: ckpt.read(name) for name in ckpt.infos}, state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])

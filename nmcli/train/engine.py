@@ -1,0 +1,342 @@
+"""The fine-tuning loop: model + data + recipe -> an exactly N:M checkpoint, a summary and metrics.
+
+Flow: resolve the model (timm, optional checkpoint) -> attach the recipe's masks -> train with timm's optimizer and
+LR scheduler, the step plan setting alpha / structure every step -> evaluate every epoch -> checkpoint every epoch
+-> finalize (exact N:M) -> write model.safetensors, summary.json, recipe.yaml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from nmcli.checkpoints import resolve
+from nmcli.errors import NMSparseError
+from nmcli.io.atomic import atomic_output
+from nmcli.io.metadata import SparsityMetadata
+from nmcli.methods.plan import StepPlan, plan_step, relative_training_flops
+from nmcli.methods.sparsifier import Sparsifier
+from nmcli.models import ModelRef, build_model, data_config, layers_of_model, select_targets
+from nmcli.nm import compliance
+from nmcli.recipes import Recipe, to_dict
+from nmcli.report.flops import per_layer_flops
+from nmcli.schedules import Phases
+from nmcli.train.checkpointing import load_training_checkpoint, restore_rng, save_training_checkpoint
+from nmcli.train.data import load_data
+from nmcli.train.distributed import DistEnv, all_equal, init_distributed, mean_over_ranks, shutdown, sum_over_ranks
+from nmcli.train.metrics import GradientFlowProbe, MetricsLog
+
+MODEL_FILE, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE = "model.safetensors", "summary.json", "recipe.yaml", "metrics.jsonl"
+
+
+@dataclass
+class FinetuneConfig:
+    model: str
+    recipe: Recipe
+    out: Path
+    data: str = "mnist5k"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    seed: int = 0
+    num_classes: int | None = None
+    bf16: bool = False
+    resume: bool = False
+    grad_log_every: int = 0
+    log_every: int = 10
+    stop_after: int | None = None
+    limit: int | None = None
+    force: bool = False
+    device: str = "cpu"
+
+    @property
+    def epochs(self) -> int:
+        return int(self.recipe.training["epochs"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.recipe.training["batch_size"])
+
+    def fingerprint(self, world: int) -> dict[str, Any]:
+        """What must not change between a run and its resumption."""
+        return {
+            "model": self.model, "model_kwargs": self.model_kwargs, "checkpoint": str(self.checkpoint),
+            "recipe": to_dict(self.recipe), "data": self.data, "seed": self.seed, "num_classes": self.num_classes,
+            "bf16": self.bf16, "limit": self.limit, "world_size": world,
+        }
+
+
+class Reporter:
+    """Progress callbacks; the CLI renders them, tests and scripts can ignore them."""
+
+    def start(self, total_steps: int, first_step: int, description: str) -> None: ...
+    def step(self, step: int, values: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    summary: dict[str, Any]
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def _evaluate(model: torch.nn.Module, loader: DataLoader, env: DistEnv, autocast: Callable) -> float:
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), autocast():
+        for images, labels in loader:
+            counts[0] += (model(images).argmax(1) == labels).sum()
+            counts[1] += len(labels)
+    model.train()
+    counts = sum_over_ranks(counts, env)
+    return float(counts[0] / counts[1]) if counts[1] else 0.0
+
+
+def _check_out(config: FinetuneConfig) -> None:
+    out = config.out
+    if config.resume:
+        return
+    if out.exists() and any(out.iterdir()) and not config.force:
+        raise NMSparseError(f"{out} already holds files; pass --force to replace them, or --resume {out} to continue")
+    if not out.parent.exists():
+        raise NMSparseError(f"output folder {out.parent} does not exist; create it first")
+
+
+def _build(config: FinetuneConfig, splits_classes: int) -> tuple[torch.nn.Module, ModelRef]:
+    resolved = resolve(config.model, checkpoint=config.checkpoint, seed=config.seed, model_kwargs=config.model_kwargs)
+    assert resolved.model is not None
+    ref = resolved.model
+    model = build_model(ref, device="cpu")
+    state = {name: resolved.checkpoint.read(name) for name in resolved.checkpoint.infos}
+    model.load_state_dict(state, strict=True)
+    if config.num_classes is not None:
+        if model.num_classes != config.num_classes:
+            model.reset_classifier(config.num_classes)
+        ref = ModelRef(ref.source, ref.name, {**ref.kwargs, "num_classes": config.num_classes})
+    if model.num_classes != splits_classes:
+        raise NMSparseError(
+            f"the model's head has {model.num_classes} outputs but --data {config.data} has {splits_classes} "
+            f"classes; pass --num-classes {splits_classes} to re-initialise the head"
+        )
+    return model, ref
+
+
+def run_finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> FinetuneResult:
+    reporter = reporter or Reporter()
+    device = torch.device(config.device)
+    env = init_distributed(device)
+    try:
+        return _run(config, reporter, env, device)
+    finally:
+        shutdown(env)
+
+
+def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch.device) -> FinetuneResult:
+    started = time.perf_counter()
+    recipe, target = config.recipe, config.recipe.target
+    _check_out(config)
+    _seed_everything(config.seed)
+    meta_ref = ModelRef("timm", config.model, config.model_kwargs)
+    splits = load_data(config.data, data_config(build_model(meta_ref), meta_ref), config.limit)
+    model, ref = _build(config, splits.num_classes)
+    model.to(device)
+
+    layers = select_targets(layers_of_model(model, ref), recipe.include, recipe.exclude)
+    skipped = {}
+    for name, layer in list(layers.items()):
+        k = model.get_submodule(layer.module).weight.shape[layer.layout.k_axis]
+        if k % target.m:
+            skipped[name] = f"K={k} not divisible by M={target.m}"
+            del layers[name]
+    if not layers:
+        raise NMSparseError(f"no layer of {config.model} can take {target}; see `nmsparse report {config.model}`")
+    sparsifier = Sparsifier(model, layers).attach()
+
+    sampler = DistributedSampler(splits.train, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed)
+    train_loader = DataLoader(splits.train, batch_size=config.batch_size, sampler=sampler, drop_last=False)
+    val_sampler = DistributedSampler(splits.val, num_replicas=env.world, rank=env.rank, shuffle=False)
+    val_loader = DataLoader(splits.val, batch_size=256, sampler=val_sampler)
+    steps_per_epoch = len(train_loader)
+    phases = Phases.from_fractions(config.epochs * steps_per_epoch, recipe.dense_fraction, recipe.finetune_fraction)
+
+    import timm.optim
+    import timm.scheduler
+
+    opt_cfg = dict(recipe.optimizer)
+    optimizer = timm.optim.create_optimizer_v2(
+        model, opt=opt_cfg.pop("name"), lr=opt_cfg.pop("lr"), weight_decay=opt_cfg.pop("weight_decay", 0.0), **opt_cfg
+    )
+    sched_cfg = recipe.scheduler
+    scheduler, _ = timm.scheduler.create_scheduler_v2(
+        optimizer,
+        sched=sched_cfg.get("name", "cosine"),
+        num_epochs=config.epochs,
+        warmup_epochs=float(sched_cfg.get("warmup_fraction", 0.0)) * config.epochs,
+        warmup_lr=float(recipe.optimizer["lr"]) * 1e-3,
+        min_lr=float(sched_cfg.get("min_lr", 0.0)),
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    train_model = DistributedDataParallel(model) if env.enabled else model
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.bf16 else contextlib.nullcontext
+    probe = GradientFlowProbe(sparsifier, target) if config.grad_log_every else None
+
+    first_epoch, step = 0, 0
+    fingerprint = config.fingerprint(env.world)
+    if config.resume:
+        model_state, state = load_training_checkpoint(config.out, fingerprint)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sparsifier.load_masks_state(state["masks"])
+        first_epoch, step = int(state["epoch"]), int(state["step"])
+        restore_rng(state)
+        reporter.message(f"resumed {config.out} at epoch {first_epoch} (step {step})")
+    elif env.is_main:
+        config.out.mkdir(parents=True, exist_ok=True)
+        (config.out / METRICS_FILE).unlink(missing_ok=True)
+    log = MetricsLog(config.out / METRICS_FILE if env.is_main else None)
+
+    start_accuracy = None
+    if not config.resume:
+        sparsifier.set_plan(StepPlan("dense", (target,), 0))
+        start_accuracy = _evaluate(model, val_loader, env, autocast)
+        reporter.message(f"start: val accuracy {start_accuracy:.4f} ({splits.description})")
+        log.write({"event": "start", "val_accuracy": start_accuracy, "step": 0})
+
+    last_epoch = config.epochs if config.stop_after is None else min(config.epochs, first_epoch + config.stop_after)
+    reporter.start(phases.total, step, f"{recipe.name} {target}")
+    plan: StepPlan | None = None
+    accuracy = start_accuracy
+    for epoch in range(first_epoch, last_epoch):
+        sampler.set_epoch(epoch)
+        running = 0.0
+        for images, labels in train_loader:
+            images, labels = images.to(device), labels.to(device)
+            plan = plan_step(recipe, target, phases, step)
+            sparsifier.set_plan(plan)
+            scheduler.step_update(step)
+            with autocast():
+                loss = F.cross_entropy(train_model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.training.get("clip_grad"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(recipe.training["clip_grad"]))
+            record: dict[str, Any] = {}
+            if probe is not None and step % config.grad_log_every == 0:
+                record["gradient_flow"] = probe.measure()
+            optimizer.step()
+            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+            values = {"loss": running, "phase": plan.phase, "alpha": plan.alpha, "pattern": plan.label(), "epoch": epoch}
+            if step % config.log_every == 0 or record:
+                log.write({"step": step, "lr": optimizer.param_groups[0]["lr"], **values, **record})
+            reporter.step(step, values)
+            step += 1
+        accuracy = _evaluate(model, val_loader, env, autocast)
+        masks_agree = _masks_agree(sparsifier, env)
+        log.write({"event": "epoch", "epoch": epoch, "step": step, "val_accuracy": accuracy, "masks_identical_across_ranks": masks_agree})
+        reporter.message(f"epoch {epoch + 1}/{config.epochs}: val accuracy {accuracy:.4f} ({plan.label() if plan else ''})")
+        if env.is_main:
+            save_training_checkpoint(
+                config.out, model,
+                {"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "masks": sparsifier.masks_state(), "fingerprint": json.dumps(fingerprint, sort_keys=True)},
+            )
+    reporter.finish()
+    if last_epoch < config.epochs:
+        reporter.message(f"stopped after epoch {last_epoch}; continue with --resume {config.out}")
+        return FinetuneResult(config.out, {"stopped_after_epoch": last_epoch})
+
+    sparse = recipe.method != "dense"
+    sparsifier.finalize(target if sparse else None)
+    final_accuracy = _evaluate(model, val_loader, env, autocast)
+    summary = _summary(config, model, ref, layers, skipped, phases, start_accuracy, final_accuracy, started, env)
+    if env.is_main:
+        _write_outputs(config, model, ref, layers, skipped, summary, sparse)
+    log.write({"event": "final", "val_accuracy": final_accuracy, "step": step})
+    log.close()
+    return FinetuneResult(config.out, summary)
+
+
+def _masks_agree(sparsifier: Sparsifier, env: DistEnv) -> bool:
+    """All ranks hold the same weights, hence the same masks: check a checksum of every layer's mask."""
+    digest = torch.zeros(len(sparsifier.params), dtype=torch.float64)
+    for i, (name, param) in enumerate(sparsifier.params.items()):
+        if param.pattern() is not None:
+            keep = param.keep_mask(sparsifier.original(name))
+            digest[i] = float((keep.flatten().double() * torch.arange(1, keep.numel() + 1, dtype=torch.float64)).sum())
+    return all_equal(digest, env)
+
+
+def _summary(config, model, ref, layers, skipped, phases, start_accuracy, final_accuracy, started, env) -> dict:
+    recipe, target = config.recipe, config.recipe.target
+    _, total_flops, per_layer = per_layer_flops(ref)
+    layer_costs = {
+        layer.module: (per_layer.get(layer.module, 0), model.get_submodule(layer.module).weight.shape[layer.layout.k_axis])
+        for layer in layers.values()
+    }
+    sparse = recipe.method != "dense"
+    compliant = {
+        name: compliance(model.get_submodule(layer.module).weight.detach(), target, layer.layout).compliant
+        for name, layer in layers.items()
+    } if sparse else {}
+    sparse_flops = total_flops - sum(f * (1 - target.density) for f, _ in layer_costs.values()) if sparse else total_flops
+    return {
+        "recipe": recipe.name,
+        "method": recipe.method,
+        "pattern": str(target) if sparse else None,
+        "model": ref.to_json(),
+        "data": config.data,
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "steps": phases.total,
+        "world_size": env.world,
+        "start_val_accuracy": start_accuracy,
+        "final_val_accuracy": final_accuracy,
+        "target_layers": len(layers),
+        "skipped_layers": skipped,
+        "all_layers_compliant": all(compliant.values()) if sparse else None,
+        "flops": {"unit": "FLOPs (2 x MACs), one forward at batch 1", "dense": total_flops, "sparse_theoretical": round(sparse_flops)},
+        "training_flops_relative_to_dense": relative_training_flops(recipe, target, phases, layer_costs, total_flops),
+        "wall_seconds": round(mean_over_ranks(time.perf_counter() - started, env), 2),
+    }
+
+
+def _write_outputs(config, model, ref, layers, skipped, summary, sparse) -> None:
+    out = config.out
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if sparse:
+        meta = SparsityMetadata(
+            pattern=config.recipe.target,
+            layers={n: {"layout": l.layout.name, "k_axis": l.layout.k_axis, "pattern": str(config.recipe.target)} for n, l in layers.items()},
+            skipped=skipped,
+            model=ref.to_json(),
+            recipe=to_dict(config.recipe),
+        ).to_strings()
+    else:
+        from nmcli.io.metadata import MODEL
+
+        meta = {MODEL: json.dumps(ref.to_json(), sort_keys=True)}
+    with atomic_output(out / MODEL_FILE, force=True) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    with atomic_output(out / SUMMARY_FILE, force=True) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_output(out / RECIPE_FILE, force=True) as tmp:
+        tmp.write_text(config.recipe.to_yaml())

@@ -1,0 +1,155 @@
+"""The fine-tuning engine end to end on real MNIST digits with a tiny timm ViT (CPU, seconds per run)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+
+TINY = json.dumps({"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 1, "num_heads": 2})
+BASE = ["finetune", "--model", "vit_tiny_patch16_224", "--model-kwargs", TINY, "--limit", "128", "--batch-size", "32"]
+
+
+def _finetune(cli, out, *extra):
+    return cli(*BASE, "--out", out, "--quiet", *extra)
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "recipe", ["dense", "ste", "sr-ste", "fixed-mask", "mdgf-linear", "mdgf-exponential", "sdgf-stepwise", "sdgf-geometric", "mdgf-sdgf"]
+)
+def test_every_recipe_gives_an_exactly_compliant_checkpoint(cli, tmp_path, recipe):
+    out = tmp_path / recipe
+    r = _finetune(cli, out, "--recipe", recipe, "--pattern", "1:8", "--epochs", "2", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["final_val_accuracy"] <= 1.0
+    assert (out / "recipe.yaml").is_file() and "pattern: '1:8'" in (out / "recipe.yaml").read_text()
+    report = cli("report", out / "model.safetensors", "--json", *(["--check", "1:8"] if recipe != "dense" else []))
+    assert report.exit_code == 0, report.output
+    data = json.loads(report.stdout)
+    if recipe == "dense":
+        assert summary["all_layers_compliant"] is None and data["summary"]["target_sparsity"] == 0.0
+    else:
+        assert summary["all_layers_compliant"] is True and data["check"]["passed"] is True
+        assert data["summary"]["target_sparsity"] == pytest.approx(7 / 8)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            meta = f.metadata()
+        assert meta["nmsparse.pattern"] == "1:8" and json.loads(meta["nmsparse.recipe"])["name"] == recipe
+    assert data["flops"]["input_shape"] == [1, 1, 28, 28]
+
+
+def test_seed_makes_runs_identical_and_different_seeds_differ(cli, tmp_path):
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert _finetune(cli, tmp_path / name, "--recipe", "sr-ste", "--epochs", "1", "--seed", seed).exit_code == 0
+    a, b, c = (_weights(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_reaches_the_same_final_weights(cli, tmp_path):
+    args = ("--recipe", "mdgf-sdgf", "--pattern", "2:4", "--epochs", "3", "--seed", "5")
+    assert _finetune(cli, tmp_path / "straight", *args).exit_code == 0
+    stopped = _finetune(cli, tmp_path / "split", *args, "--stop-after", "1")
+    assert stopped.exit_code == 0 and not (tmp_path / "split" / "model.safetensors").exists()
+    assert cli(*BASE, "--resume", tmp_path / "split", "--quiet", *args).exit_code == 0
+    straight, split = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert straight.keys() == split.keys()
+    assert all(torch.equal(straight[k], split[k]) for k in straight)
+
+
+def test_resume_refuses_another_recipe(cli, tmp_path):
+    assert _finetune(cli, tmp_path / "run", "--recipe", "ste", "--epochs", "2", "--stop-after", "1").exit_code == 0
+    r = cli(*BASE, "--resume", tmp_path / "run", "--recipe", "sr-ste", "--epochs", "2")
+    assert r.exit_code == 2 and "recipe" in r.stderr and "Traceback" not in r.output
+
+
+def test_gradient_flow_logging_for_dense_and_sparse(cli, tmp_path):
+    for recipe in ("dense", "mdgf-linear"):
+        out = tmp_path / recipe
+        assert _finetune(cli, out, "--recipe", recipe, "--epochs", "1", "--grad-log-every", "1").exit_code == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        flows = [r["gradient_flow"] for r in records if "gradient_flow" in r]
+        assert len(flows) == 4  # 128 samples / batch 32, every step
+        layer = flows[-1]["blocks.0.mlp.fc1"]
+        assert layer["grad_var"] > 0 and 0.0 <= layer["mask_flip_rate"] <= 1.0 and layer["grad_change_norm"] > 0
+
+
+def test_image_folder_data_through_timm(cli, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label, shade in (("cat", 40), ("dog", 200)):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(6):
+                noise = torch.randint(0, 30, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(noise + shade).save(folder / f"{i}.png")
+    kwargs = json.dumps({"img_size": 16, "patch_size": 4, "num_classes": 2, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    r = cli("finetune", "--model", "vit_tiny_patch16_224", "--model-kwargs", kwargs, "--data", tmp_path / "data",
+            "--recipe", "ste", "--epochs", "2", "--batch-size", "4", "--out", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["all_layers_compliant"] is True
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
+        (["--num-classes", "3"], "has 3 outputs but --data mnist5k has 10 classes; pass --num-classes 10"),
+        (["--recipe", "nope"], "unknown recipe 'nope'"),
+        (["--pattern", "1:256"], "no layer of vit_tiny_patch16_224 can take 1:256"),
+        (["--model-kwargs", "{bad json"], "not valid JSON"),
+    ],
+)
+def test_bad_input_is_one_clean_line(cli, tmp_path, extra, message):
+    r = _finetune(cli, tmp_path / "o", "--epochs", "1", *extra)
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and "Traceback" not in r.output
+    assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_head_that_does_not_match_the_data(cli, tmp_path):
+    args = [TINY.replace('"num_classes": 10', '"num_classes": 3') if a == TINY else a for a in BASE]
+    r = cli(*args, "--out", tmp_path / "o", "--epochs", "1")
+    assert r.exit_code == 2 and "the model's head has 3 outputs" in r.stderr and "--num-classes 10" in r.stderr
+
+
+def test_empty_image_folder(cli, tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "d" / split / "a").mkdir(parents=True)
+    r = _finetune(cli, tmp_path / "o", "--data", tmp_path / "d")
+    assert r.exit_code == 2 and "Found 0 images" in r.stderr and "d/train" in r.stderr
+
+
+def test_existing_output_is_not_overwritten(cli, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = _finetune(cli, out, "--epochs", "1")
+    assert r.exit_code == 2 and "--force" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """torchrun, 2 processes, gloo: masks identical on every rank, only rank 0 writes."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "nmcli", *BASE, "--recipe", "sdgf-stepwise", "--pattern", "2:4", "--epochs", "2", "--out", str(out), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["all_layers_compliant"] is True
+    epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l and "event" in l]
+    assert [e["masks_identical_across_ranks"] for e in epochs if e["event"] == "epoch"] == [True, True]

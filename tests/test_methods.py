@@ -1,0 +1,106 @@
+"""Each backward formula of methods.md §3 against hand-computed values, and the recipe rules per step."""
+
+import pytest
+import torch
+from torch import nn
+
+from nmcli.methods.effective import effective_weight
+from nmcli.methods.plan import plan_step, structure_stages, training_density
+from nmcli.methods.sparsifier import Sparsifier
+from nmcli.models import LayerInfo
+from nmcli.nm import LINEAR, NMPattern, compliance
+from nmcli.recipes import load_recipe
+from nmcli.schedules import Phases
+
+W = torch.tensor([[4.0, -3.0, 2.0, 1.0, 0.5, -8.0, 0.25, 6.0]])
+KEEP = torch.tensor([[True, True, False, False, False, True, False, True]])  # 2:4 of W
+G = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])  # upstream dL/dW_eff
+
+
+def _grad(**kwargs):
+    w = W.clone().requires_grad_(True)
+    out = effective_weight(w, KEEP, **kwargs)
+    out.backward(G)
+    return out.detach(), w.grad
+
+
+def test_ste_forward_masks_backward_passes_everything():
+    out, grad = _grad()
+    assert out.tolist() == [[4.0, -3.0, 0.0, 0.0, 0.0, -8.0, 0.0, 6.0]]
+    assert grad.tolist() == G.tolist()
+
+
+def test_sr_ste_adds_lambda_times_pruned_weights():
+    _, grad = _grad(sr_lambda=0.5)
+    # g + 0.5 * (1 - E) * W: pruned entries 2.0, 1.0, 0.5, 0.25 get +1.0, +0.5, +0.25, +0.125
+    assert grad.tolist() == [[1.0, 2.0, 4.0, 4.5, 5.25, 6.0, 7.125, 8.0]]
+
+
+def test_mdgf_ste_and_scaled_backward():
+    out, grad = _grad(alpha=0.25)
+    assert out.tolist() == [[4.0, -3.0, 0.5, 0.25, 0.125, -8.0, 0.0625, 6.0]]
+    assert grad.tolist() == G.tolist()
+    _, scaled = _grad(alpha=0.25, backward="scaled")
+    assert scaled.tolist() == [[1.0, 2.0, 0.75, 1.0, 1.25, 6.0, 1.75, 8.0]]
+
+
+def test_fixed_mask_zeroes_pruned_gradients():
+    _, grad = _grad(backward="scaled")
+    assert grad.tolist() == [[1.0, 2.0, 0.0, 0.0, 0.0, 6.0, 0.0, 8.0]]
+
+
+def test_scaled_backward_equals_plain_autodiff():
+    w = torch.randn(4, 8, requires_grad=True)
+    keep = torch.rand(4, 8) > 0.5
+    effective_weight(w, keep, alpha=0.3, backward="scaled").pow(2).sum().backward()
+    w2 = w.detach().clone().requires_grad_(True)
+    (w2 * (keep.float() + 0.3 * (~keep).float())).pow(2).sum().backward()
+    assert torch.allclose(w.grad, w2.grad)
+
+
+def _plans(name, target="1:8", total=100, **overrides):
+    recipe = load_recipe(name).with_overrides(pattern=target, **overrides)
+    phases = Phases.from_fractions(total, recipe.dense_fraction, recipe.finetune_fraction)
+    return [plan_step(recipe, recipe.target, phases, s) for s in range(total)]
+
+
+def test_recipe_rules():
+    assert all(p.dense for p in _plans("dense"))
+    ste = _plans("ste")
+    assert all(p.pattern == NMPattern(1, 8) and p.alpha == 0 and p.backward == "ste" for p in ste)
+    assert all(p.sr_lambda == 2e-4 for p in _plans("sr-ste"))
+    fixed = _plans("fixed-mask")
+    assert all(p.freeze and p.backward == "scaled" for p in fixed)
+    mdgf = _plans("mdgf-linear")  # finetune 0.2 -> decay steps 0..79, alpha 0 at 80% of 80 = step 64
+    assert mdgf[0].alpha == 1.0 and mdgf[32].alpha == pytest.approx(0.5) and mdgf[64].alpha == pytest.approx(0.0)
+    assert mdgf[80].phase == "finetune" and mdgf[80].alpha == 0.0
+    sdgf = _plans("sdgf-stepwise")
+    assert [str(sdgf[s].pattern) for s in (0, 19, 20, 40, 60, 79, 99)] == ["7:8", "7:8", "4:8", "2:8", "1:8", "1:8", "1:8"]
+    geo = _plans("sdgf-geometric")
+    assert [str(geo[s].pattern) for s in (0, 20, 40, 60, 99)] == ["8:64", "4:32", "2:16", "1:8", "1:8"]
+    combo = _plans("mdgf-sdgf")  # alpha restarts at 1 at every structure stage
+    assert combo[0].alpha == 1.0 and combo[20].alpha == 1.0 and combo[19].alpha < 0.05
+    assert training_density(sdgf[0]) == 7 / 8 and training_density(mdgf[0]) == 1.0 and training_density(ste[0]) == 1 / 8
+
+
+def test_custom_stages_end_at_the_target():
+    recipe = load_recipe("sdgf-stepwise").with_overrides(
+        pattern="1:8", structure_decay={"schedule": "custom", "stages": ["8:8", "4:8"]}
+    )
+    assert [str(s) for s in structure_stages(recipe, recipe.target)] == ["8:8", "4:8", "1:8"]
+
+
+def test_sparsifier_finalize_leaves_exact_zeros_and_plain_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    targets = {"0.weight": LayerInfo("0.weight", "0", LINEAR)}
+    sparsifier = Sparsifier(model, targets).attach()
+    plans = _plans("mdgf-linear", target="2:4", total=10)
+    sparsifier.set_plan(plans[0])
+    assert torch.equal(model[0].weight, sparsifier.original("0"))  # alpha = 1: W_eff = W
+    sparsifier.set_plan(plans[9])
+    assert compliance(model[0].weight, NMPattern(2, 4), LINEAR).compliant
+    sparsifier.finalize(NMPattern(2, 4))
+    assert isinstance(model[0].weight, nn.Parameter) and not hasattr(model[0], "parametrizations")
+    assert compliance(model[0].weight, NMPattern(2, 4), LINEAR).compliant
+    assert int((model[0].weight != 0).sum()) == 8 * 16 // 2
