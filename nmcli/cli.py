@@ -32,6 +32,8 @@ out = Console()
 if not out.is_terminal:  # piped output: wide enough that tables do not fold layer names
     out = Console(width=200)
 err = Console(stderr=True)
+if not err.is_terminal:
+    err = Console(stderr=True, width=200)
 STATE = {"debug": bool(os.environ.get("NMSPARSE_DEBUG"))}
 
 EXIT_ERROR = 2

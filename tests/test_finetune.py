@@ -153,3 +153,26 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert summary["world_size"] == 2 and summary["all_layers_compliant"] is True
     epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l and "event" in l]
     assert [e["masks_identical_across_ranks"] for e in epochs if e["event"] == "epoch"] == [True, True]
+
+
+def test_built_in_example_runs_end_to_end(cli, tmp_path):
+    r = cli("finetune", "--out", tmp_path / "ex", "--limit", "64", "--epochs", "1", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["pattern"] == "1:8" and result["all_layers_compliant"] is True
+    assert {"dense_val_accuracy", "one_shot_val_accuracy", "sparse_val_accuracy"} <= result.keys()
+    assert cli("report", result["sparse_checkpoint"], "--check", "1:8", "--quiet").exit_code == 0
+
+
+def test_recipes_and_recipe_show(cli, tmp_path):
+    listed = json.loads(cli("recipes", "--json").stdout)
+    assert {"sdgf-stepwise", "mdgf-linear", "sr-ste"} <= {r["name"] for r in listed}
+    r = cli("recipe", "show", "sdgf-stepwise", "--pattern", "1:16", "--steps", "1000", "--plot", tmp_path / "s.png")
+    assert r.exit_code == 0, r.output
+    assert "steps    640-799    decay    1:16" in r.stdout and "0.312x" in r.stdout
+    with Image.open(tmp_path / "s.png") as png:
+        assert png.format == "PNG" and png.size[0] > 400
+    data = json.loads(cli("recipe", "show", "mdgf-linear", "--steps", "100", "--json").stdout)
+    assert [a["alpha"] for a in data["alpha"]][0] == 1.0 and data["phases"]["finetune_start"] == 80
+    # methods §5 by hand: 80 decay steps with alpha 0 from step 64 (2:4 -> 0.5), 20 fine-tune steps at 0.5
+    assert data["training_flops_relative_to_dense"] == pytest.approx((64 + 16 * 0.5 + 20 * 0.5) / 100)

@@ -92,6 +92,28 @@ class FinetuneResult:
     summary: dict[str, Any]
 
 
+def train_step(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    autocast: Callable = contextlib.nullcontext,
+    clip_grad: float | None = None,
+    probe: GradientFlowProbe | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One optimizer step; the probe (if any) reads the gradients before the optimizer changes the weights."""
+    with autocast():
+        loss = F.cross_entropy(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip_grad))
+    record = {"gradient_flow": probe.measure()} if probe is not None else {}
+    optimizer.step()
+    return loss.detach(), record
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -233,16 +255,10 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
             plan = plan_step(recipe, target, phases, step)
             sparsifier.set_plan(plan)
             scheduler.step_update(step)
-            with autocast():
-                loss = F.cross_entropy(train_model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.training.get("clip_grad"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(recipe.training["clip_grad"]))
-            record: dict[str, Any] = {}
-            if probe is not None and step % config.grad_log_every == 0:
-                record["gradient_flow"] = probe.measure()
-            optimizer.step()
+            measure = probe if probe is not None and step % config.grad_log_every == 0 else None
+            loss, record = train_step(
+                train_model, images, labels, optimizer, autocast=autocast, clip_grad=recipe.training.get("clip_grad"), probe=measure
+            )
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
             values = {"loss": running, "phase": plan.phase, "alpha": plan.alpha, "pattern": plan.label(), "epoch": epoch}
             if step % config.log_every == 0 or record:

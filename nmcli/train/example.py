@@ -28,10 +28,10 @@ EXAMPLE_KWARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes":
 class ExampleSettings:
     out: Path
     recipe: str = "sdgf-stepwise"
-    pattern: str = "2:4"
-    dense_epochs: int = 12
+    pattern: str = "1:8"
+    dense_epochs: int = 20
     sparse_epochs: int = 8
-    dense_lr: float = 2e-3
+    dense_lr: float = 3e-3
     sparse_lr: float = 1e-3
     seed: int = 0
     limit: int | None = None
