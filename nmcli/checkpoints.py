@@ -10,6 +10,7 @@ import torch
 from nmcli.errors import NMSparseError
 from nmcli.io.metadata import SparsityMetadata, model_from_strings
 from nmcli.io.sources import Checkpoint, in_memory, load_state_dict_file, open_path
+from nmcli.nm import layout_by_name
 from nmcli.models import (
     LayerInfo,
     ModelRef,
@@ -30,6 +31,17 @@ class Resolved:
     model: ModelRef | None
     layers: dict[str, LayerInfo]
     declared: SparsityMetadata | None
+
+    def declared_targets(self) -> dict[str, LayerInfo]:
+        """The N:M layers the file's metadata declares (empty when it declares none)."""
+        if self.declared is None:
+            return {}
+        out = {}
+        for name, entry in self.declared.layers.items():
+            base = self.layers.get(name)
+            module = base.module if base else name.removesuffix(".weight")
+            out[name] = LayerInfo(name, module, layout_by_name(entry["layout"]))
+        return out
 
     @property
     def layers_exact(self) -> bool:
@@ -90,7 +102,9 @@ def resolve(
     else:
         raise NMSparseError(f"SOURCE {source!r} is neither an existing file/folder nor a timm model name")
 
-    if ref is not None:
+    if ckpt.graph_layouts is not None:  # ONNX: names are the graph's, layouts come from the graph
+        layers = {n: LayerInfo(n, n, layout_by_name(l)) for n, l in ckpt.graph_layouts.items()}
+    elif ref is not None:
         arch = build_model(ref)
         check_state_dict_matches(arch, ckpt.infos, ckpt.where, strict=ref.source == "timm")
         layers = {k: v for k, v in layers_of_model(arch, ref).items() if k in ckpt.infos}

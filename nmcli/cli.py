@@ -403,3 +403,62 @@ def recipe_show(
     )
     if plot is not None:
         out.print(f"  plot -> {plot}")
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+@app.command()
+def export(
+    source: Source,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="nm | compressed-tensors | onnx | dense")] = "nm",
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="output file (.safetensors / .onnx) or folder")] = ...,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    pattern: Annotated[
+        Optional[str], typer.Option("--pattern", "-p", help=PATTERN_HELP + "; default: the one the file declares")
+    ] = None,
+    prune_first: Annotated[bool, typer.Option("--prune", help="prune to --pattern on the way")] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    external_data: Annotated[
+        Optional[bool], typer.Option("--external-data/--no-external-data", help="ONNX: weights in a .data file (auto over 2 GB)")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a sparse checkpoint as nm (compressed, any N:M), compressed-tensors (2:4), ONNX, or dense."""
+    from nmcli.checkpoints import resolve
+    from nmcli.export.service import run_export
+
+    with user_errors():
+        nm = parse_pattern(pattern) if pattern else None
+        resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
+        infos = resolved.checkpoint.infos
+        with progress_bar(not (quiet or as_json), unit="bytes") as bar:
+            task = bar.add_task("exporting", total=sum(i.numel * i.dtype.itemsize for i in infos.values()), item="")
+            result = run_export(
+                resolved, fmt, out_path, pattern=nm, include=include or (), exclude=exclude or (), prune=prune_first,
+                force=force, external_data=external_data, progress=lambda name, n: bar.update(task, advance=n, item=name),
+            )
+        dense_bytes = sum(i.numel * i.dtype.itemsize for i in infos.values())
+        written = _size(result.out)
+    payload = {
+        "out": str(result.out), "format": result.format, "nm_layers": result.nm_layers, "dense_layers": result.dense_layers,
+        "bytes": written, "dense_bytes": dense_bytes, "notes": result.notes, "convention": CONVENTION,
+    }
+    if as_json:
+        print_json(payload)
+        return
+    for note in result.notes if not quiet else []:
+        out.print(f"note: {note}")
+    out.print(
+        f"exported {len(result.nm_layers)} N:M layers as {result.format} -> {result.out} "
+        f"({written / 2**20:.2f} MiB, {100 * written / max(dense_bytes, 1):.1f}% of the dense checkpoint)"
+    )

@@ -42,11 +42,15 @@ class ModelRef:
     hf_config: dict | None = field(default=None, hash=False, compare=False)
 
     def to_json(self) -> dict:
-        return {"source": self.source, "name": self.name, "kwargs": self.kwargs}
+        """Self-describing: a Hugging Face model carries its config, so a lone file (or ONNX) can be rebuilt."""
+        data = {"source": self.source, "name": self.name, "kwargs": self.kwargs}
+        if self.hf_config is not None:
+            data["config"] = self.hf_config
+        return data
 
     @classmethod
     def from_json(cls, data: dict, hf_config: dict | None = None) -> ModelRef:
-        return cls(data["source"], data["name"], dict(data.get("kwargs") or {}), hf_config)
+        return cls(data["source"], data["name"], dict(data.get("kwargs") or {}), hf_config or data.get("config"))
 
 
 @dataclass(frozen=True)

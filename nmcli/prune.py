@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from collections import deque
-import shutil
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,15 +10,11 @@ import torch
 
 from nmcli.checkpoints import Resolved
 from nmcli.errors import NMSparseError
-from nmcli.io.atomic import atomic_output
 from nmcli.io.metadata import SparsityMetadata
-from nmcli.io.safetensors_stream import write_streaming
-from nmcli.io.sources import INDEX_NAME, Checkpoint
+from nmcli.io.rewrite import Item, Progress, copy_item, rewrite
+from nmcli.io.sources import Checkpoint
 from nmcli.models import LayerInfo, select_targets
 from nmcli.nm import NMPattern, apply_nm_, count_nonfinite, reduction_length
-
-Progress = Callable[[str, int], None]  # (tensor name, bytes done for it)
-
 
 @dataclass
 class PrunePlan:
@@ -67,30 +58,8 @@ def plan_prune(
     return plan
 
 
-class _BufferPool:
-    """Reusable read buffers: a fresh 100 MB allocation per tensor costs as much in page faults as the read."""
-
-    def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
-            if fits:
-                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
-
-    def give(self, buffer: torch.Tensor) -> None:
-        with self._lock:
-            self._free.append(buffer)
-
-
-def _load_and_prune(ckpt: Checkpoint, name: str, plan: PrunePlan, buffer: torch.Tensor | None) -> torch.Tensor:
-    tensor = ckpt.read(name, into=buffer)
-    layer = plan.targets.get(name)
-    if layer is None:
-        return tensor
+def _load_and_prune(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tensor) -> torch.Tensor:
+    layer = plan.targets[name]
     bad = count_nonfinite(tensor)
     if bad:
         raise NMSparseError(
@@ -100,44 +69,15 @@ def _load_and_prune(ckpt: Checkpoint, name: str, plan: PrunePlan, buffer: torch.
     return apply_nm_(tensor.clone() if ckpt.is_in_memory else tensor, plan.pattern, layer.layout)
 
 
-def _pruned_tensors(ckpt: Checkpoint, names: list[str], plan: PrunePlan, progress: Progress) -> Iterator[torch.Tensor]:
-    """Read and prune the next tensors in a worker thread while the caller writes the current one.
-
-    I/O and torch kernels release the GIL, so reading/masking overlaps writing. The worker runs ahead only
-    while it holds less than the largest tensor's size: peak memory is about twice the largest tensor
-    (under three times in the worst case), and small tensors such as biases do not stall the pipeline.
-    """
-    sizes = [ckpt.infos[n].numel * ckpt.infos[n].dtype.itemsize for n in names]
-    budget = max(sizes, default=0)
-    pool = None if ckpt.is_in_memory else _BufferPool()
-    queue: deque[tuple[Future, torch.Tensor | None]] = deque()
-    ahead = submitted = 0  # bytes submitted but not yet handed over; tensors submitted
-
-    def refill() -> None:
-        nonlocal ahead, submitted
-        while submitted < len(names) and ahead < budget:
-            buffer = pool.take(sizes[submitted]) if pool else None
-            queue.append((worker.submit(_load_and_prune, ckpt, names[submitted], plan, buffer), buffer))
-            ahead += sizes[submitted]
-            submitted += 1
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmsparse-read") as worker:
-        refill()
-        for name, size in zip(names, sizes):
-            future, buffer = queue.popleft()
-            tensor = future.result()
-            ahead -= size
-            refill()  # the worker reads ahead while the caller writes this tensor
-            yield tensor
-            del tensor
-            if pool and buffer is not None:
-                pool.give(buffer)
-            progress(name, size)
-
-
-def _write_file(path: Path, ckpt: Checkpoint, names: list[str], plan: PrunePlan, meta: dict, progress: Progress) -> None:
-    layout = [(n, ckpt.infos[n].shape, ckpt.infos[n].dtype) for n in names]
-    write_streaming(path, layout, _pruned_tensors(ckpt, names, plan, progress), meta)
+def prune_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str]) -> list[Item]:
+    """Each target tensor becomes its pruned self; everything else is copied."""
+    items = []
+    for name in names:
+        item = copy_item(ckpt, name)
+        if name in plan.targets:
+            item.produce = lambda tensors, name=name: [_load_and_prune(ckpt, name, plan, tensors[0])]
+        items.append(item)
+    return items
 
 
 def prune(
@@ -152,21 +92,8 @@ def prune(
     ckpt = resolved.checkpoint
     kept = {k: v for k, v in ckpt.metadata.items() if not k.startswith("nmsparse.")}
     meta = {**kept, **plan.metadata(resolved).to_strings()}
-    if ckpt.folder is None:
-        if out.suffix != ".safetensors":
-            raise NMSparseError(f"--out {out}: the output of a single checkpoint is a .safetensors file")
-        with atomic_output(out, force=force) as tmp:
-            _write_file(tmp, ckpt, list(ckpt.infos), plan, meta, progress)
-    else:
-        with atomic_output(out, force=force, directory=True) as tmp:
-            for item in sorted(ckpt.folder.iterdir()):
-                if item.is_file() and item.suffix != ".safetensors" and item.name != INDEX_NAME:
-                    shutil.copy2(item, tmp / item.name)
-            for shard, names in ckpt.shards.items():
-                _write_file(tmp / shard, ckpt, names, plan, meta, progress)
-            if (ckpt.folder / INDEX_NAME).is_file():
-                index = json.loads((ckpt.folder / INDEX_NAME).read_text())
-                index.setdefault("metadata", {}).update(plan.metadata(resolved).to_strings())
-                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if ckpt.folder is None and out.suffix != ".safetensors":
+        raise NMSparseError(f"--out {out}: the output of a single checkpoint is a .safetensors file")
+    rewrite(ckpt, lambda names: prune_items(ckpt, plan, names), out, meta, force=force, progress=progress)
     total = sum(i.numel * i.dtype.itemsize for i in ckpt.infos.values())
     return PruneResult(out, plan, len(ckpt.infos), total)

@@ -50,6 +50,7 @@ class Checkpoint:
     folder: Path | None = None  # set for folder sources: other files (config, tokenizer) live here
     hf_config: dict | None = None
     _tensors: Mapping[str, torch.Tensor] | None = None
+    graph_layouts: dict[str, str] | None = None  # ONNX: initializer -> layout name, from how the graph uses it
 
     def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         """A tensor the caller owns (in-memory sources return theirs: do not modify it in place).
@@ -155,12 +156,23 @@ def open_folder(folder: Path) -> Checkpoint:
 
 
 def open_path(path: Path) -> Checkpoint:
+    """Any checkpoint on disk; an `nm`-compressed one opens as its dense tensors (see io/nm_format.py)."""
+    from nmcli.io.nm_format import dense_view, is_nm_compressed
+
     if path.is_dir():
-        return open_folder(path)
-    if not path.exists():
+        ckpt = open_folder(path)
+    elif not path.exists():
         raise NMSparseError(f"{path}: no such file or folder")
-    if path.suffix == ".safetensors":
-        return open_safetensors_file(path)
+    elif path.suffix == ".safetensors":
+        ckpt = open_safetensors_file(path)
+    elif path.suffix == ".onnx":
+        from nmcli.io.onnx_source import open_onnx
+
+        return open_onnx(path)
+    else:
+        ckpt = None
+    if ckpt is not None:
+        return dense_view(ckpt) if is_nm_compressed(ckpt.metadata) else ckpt
     raise NMSparseError(
         f"{path}: expected a .safetensors file or a model folder; for a .pth checkpoint give "
         "the timm model name as SOURCE and the file with --checkpoint"

@@ -1,7 +1,7 @@
 """Pure tensor math for N:M sparsity: patterns, reduction-axis layouts, masks, compliance."""
 
 from nmcli.nm.compliance import Compliance, compliance, count_nonfinite, detect_pattern
-from nmcli.nm.layout import CONV, HF_CONV1D, LINEAR, Layout, layout_by_name, reduction_length
+from nmcli.nm.layout import CONV, HF_CONV1D, LINEAR, LINEAR_T, Layout, layout_by_name, reduction_length
 from nmcli.nm.mask import apply_nm, apply_nm_, group_mask, nm_mask
 from nmcli.nm.pattern import CONVENTION, NMPattern, parse_pattern
 
@@ -11,6 +11,7 @@ __all__ = [
     "Compliance",
     "HF_CONV1D",
     "LINEAR",
+    "LINEAR_T",
     "Layout",
     "NMPattern",
     "apply_nm",

@@ -23,7 +23,8 @@ class Layout:
 LINEAR = Layout("linear", 1)  # nn.Linear [out, in]
 CONV = Layout("conv", 1)  # nn.ConvNd [O, I/groups, *k]: channels at each kernel tap
 HF_CONV1D = Layout("hf_conv1d", 0)  # transformers Conv1D [in, out]
-LAYOUTS = {layout.name: layout for layout in (LINEAR, CONV, HF_CONV1D)}
+LINEAR_T = Layout("linear_t", 0)  # a Linear weight stored transposed [in, out], e.g. an ONNX MatMul initializer
+LAYOUTS = {layout.name: layout for layout in (LINEAR, CONV, HF_CONV1D, LINEAR_T)}
 
 
 def layout_by_name(name: str) -> Layout:

@@ -24,12 +24,15 @@ class Flops:
     per_layer: dict[str, int]  # module name -> dense FLOPs of its weight op
 
 
-def example_inputs(model: torch.nn.Module, ref: ModelRef, seq_len: int) -> dict[str, torch.Tensor]:
-    """The model's real input shape (timm data config; token ids for Hugging Face), batch 1, on meta."""
+def example_inputs(
+    model: torch.nn.Module, ref: ModelRef, seq_len: int, device: str = "meta", batch: int = 1
+) -> dict[str, torch.Tensor]:
+    """The model's real input shape (timm data config; token ids for Hugging Face), on `device`."""
     if ref.source == "timm":
-        return {"x": torch.empty(1, *data_config(model, ref)["input_size"], device="meta")}
+        generator = torch.Generator().manual_seed(0) if device != "meta" else None
+        return {"x": torch.randn(batch, *data_config(model, ref)["input_size"], generator=generator, device=device)}
     seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len) or seq_len)
-    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    ids = torch.arange(batch * seq_len, device=device).reshape(batch, seq_len) % 100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 

@@ -9,7 +9,7 @@ import torch
 
 from nmcli.checkpoints import Resolved
 from nmcli.models import LayerInfo, select_targets
-from nmcli.nm import NMPattern, compliance, count_nonfinite, detect_pattern, layout_by_name, parse_pattern, reduction_length
+from nmcli.nm import NMPattern, compliance, count_nonfinite, detect_pattern, parse_pattern, reduction_length
 
 TWO_FOUR = NMPattern(2, 4)
 TC_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "tf32", torch.int8: "int8"}
@@ -54,22 +54,19 @@ def _layer_sets(
 ) -> tuple[dict[str, LayerInfo], dict[str, str], dict[str, NMPattern]]:
     """(targets, skipped reasons, declared patterns): from the file's metadata unless told otherwise."""
     declared = resolved.declared
-    if declared is not None and check is None and not include and not exclude:
-        targets, patterns = {}, {}
-        for name, entry in declared.layers.items():
-            layout = layout_by_name(entry["layout"])
-            base = resolved.layers.get(name)
-            targets[name] = LayerInfo(name, base.module if base else name.removesuffix(".weight"), layout)
-            patterns[name] = parse_pattern(entry["pattern"])
-        return targets, dict(declared.skipped), patterns
-    chosen = select_targets(resolved.layers, include, exclude)
-    skipped = {}
+    if declared is not None and not include and not exclude:
+        targets = resolved.declared_targets()
+        patterns = {name: parse_pattern(entry["pattern"]) for name, entry in declared.layers.items()}
+        skipped = dict(declared.skipped)
+    else:
+        targets, skipped, patterns = select_targets(resolved.layers, include, exclude), {}, {}
     if check is not None:
-        for name, layer in chosen.items():
+        for name, layer in list(targets.items()):
             k = reduction_length(resolved.checkpoint.infos[name].shape, layer.layout)
             if k % check.m:
                 skipped[name] = f"K={k} not divisible by M={check.m}"
-    return chosen, skipped, {}
+                del targets[name]
+    return targets, skipped, patterns
 
 
 def layer_rows(
@@ -103,7 +100,8 @@ def layer_rows(
         if name in skipped:
             row.status, row.reason = "skipped", skipped[name]
         elif name not in targets:
-            row.status, row.reason = "excluded", layer.excluded_by_default or "not selected"
+            why = layer.excluded_by_default or ("not declared N:M" if resolved.declared else "not selected")
+            row.status, row.reason = "excluded", why
         else:
             pattern, row.pattern_source = check, "checked"
             if pattern is None:

@@ -1,0 +1,211 @@
+"""Safetensors-based exports: `nm` (any N:M, compressed), `dense` (back to dense-shaped) and compressed-tensors'
+`sparse-24-bitmask` (2:4 Linear weights, readable by compressed-tensors 0.9-0.14 and the HF loaders of that era).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nmcli.checkpoints import Resolved
+from nmcli.errors import NMSparseError
+from nmcli.io import nm_format
+from nmcli.io.atomic import atomic_output
+from nmcli.io.metadata import DENSE_MASKED, FORMAT
+from nmcli.io.rewrite import Item, Progress, copy_item, rewrite
+from nmcli.io.sources import INDEX_NAME
+from nmcli.models import LayerInfo
+from nmcli.nm import LINEAR, NMPattern, apply_nm_, compliance, group_mask, reduction_length
+from nmcli.prune import PrunePlan, plan_prune
+
+TWO_FOUR = NMPattern(2, 4)
+CT_FORMAT = "sparse-24-bitmask"
+CT_VERSION = "0.14.0.1"  # the last compressed-tensors release with the 2:4 compressors
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: str
+    nm_layers: list[str]  # N:M layers in the output (compressed, or dense-shaped with exact zeros)
+    dense_layers: list[str] = field(default_factory=list)  # N:M-capable layers the format keeps dense
+    notes: list[str] = field(default_factory=list)
+
+
+def sparsity_plan(
+    resolved: Resolved, pattern: NMPattern | None, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> PrunePlan:
+    """The N:M tensors: what the file declares (prune/finetune output), or the targets of `--pattern`."""
+    declared = resolved.declared
+    if pattern is None:
+        if declared is None:
+            raise NMSparseError(
+                f"{resolved.checkpoint.where}: declares no N:M pattern (not written by prune/finetune); "
+                "pass --pattern N:M (and --prune if it is not sparse yet)"
+            )
+        return PrunePlan(declared.pattern, resolved.declared_targets(), dict(declared.skipped))
+    return plan_prune(resolved, pattern, include, exclude)
+
+
+def check_compliance(resolved: Resolved, plan: PrunePlan, pattern: NMPattern, prune: bool) -> None:
+    """A layer that breaks `pattern` is an error listing every offender, unless --prune prunes on the way."""
+    if prune:
+        return
+    offending = [
+        name
+        for name, layer in plan.targets.items()
+        if not compliance(resolved.checkpoint.read(name), pattern, layer.layout).compliant
+    ]
+    if offending:
+        shown = ", ".join(offending[:8]) + (f" and {len(offending) - 8} more" if len(offending) > 8 else "")
+        raise NMSparseError(
+            f"{resolved.checkpoint.where}: {len(offending)} layer(s) are not {pattern} compliant: {shown}; "
+            "pass --prune to prune them on the way"
+        )
+
+
+def _maybe_pruned(tensor: torch.Tensor, pattern: NMPattern, layer: LayerInfo, prune: bool, owned: bool) -> torch.Tensor:
+    if not prune:
+        return tensor
+    return apply_nm_(tensor if owned else tensor.clone(), pattern, layer.layout)
+
+
+def _base_metadata(resolved: Resolved, plan: PrunePlan, fmt: str) -> dict[str, str]:
+    kept = {k: v for k, v in resolved.checkpoint.metadata.items() if not k.startswith("nmsparse.")}
+    meta = plan.metadata(resolved)
+    meta.format = fmt
+    if resolved.declared is not None and resolved.declared.recipe is not None:
+        meta.recipe = resolved.declared.recipe
+    return {**kept, **meta.to_strings()}
+
+
+def export_nm(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, force: bool, progress: Progress) -> ExportResult:
+    ckpt = resolved.checkpoint
+    owned = not ckpt.is_in_memory
+    table = {}
+
+    def items_of(names: list[str]) -> list[Item]:
+        items = []
+        for name in names:
+            layer = plan.targets.get(name)
+            if layer is None:
+                items.append(copy_item(ckpt, name))
+                continue
+            info = ckpt.infos[name]
+            values_shape, positions_bytes = nm_format.packed_shapes(info.shape, plan.pattern, layer.layout)
+
+            def produce(tensors, layer=layer):
+                dense = _maybe_pruned(tensors[0], plan.pattern, layer, prune, owned)
+                return list(nm_format.compress(dense, plan.pattern, layer.layout))
+
+            items.append(Item(
+                [name],
+                [(name + nm_format.VALUES_SUFFIX, values_shape, info.dtype), (name + nm_format.POSITIONS_SUFFIX, (positions_bytes,), torch.uint8)],
+                produce,
+            ))
+        return items
+
+    for name, layer in plan.targets.items():
+        info = ckpt.infos[name]
+        table[name] = nm_format.tensor_entry(name, info.shape, info.dtype, plan.pattern, layer.layout)
+    meta = _base_metadata(resolved, plan, nm_format.FORMAT_NAME)
+    meta[nm_format.VERSION_KEY] = nm_format.FORMAT_VERSION
+    meta[nm_format.TENSORS_KEY] = json.dumps(table, sort_keys=True)
+    rewrite(ckpt, items_of, out, meta, force=force, progress=progress)
+    return ExportResult(out, "nm", list(plan.targets))
+
+
+def export_dense(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, force: bool, progress: Progress) -> ExportResult:
+    """Dense-shaped tensors with exact zeros (what prune writes); from an `nm` file this decompresses."""
+    ckpt = resolved.checkpoint
+    owned = not ckpt.is_in_memory
+
+    def items_of(names: list[str]) -> list[Item]:
+        items = [copy_item(ckpt, name) for name in names]
+        if prune:
+            for item in items:
+                layer = plan.targets.get(item.inputs[0])
+                if layer is not None:
+                    item.produce = lambda t, layer=layer: [_maybe_pruned(t[0], plan.pattern, layer, True, owned)]
+        return items
+
+    meta = _base_metadata(resolved, plan, DENSE_MASKED)
+    rewrite(ckpt, items_of, out, meta, force=force, progress=progress)
+    return ExportResult(out, "dense", list(plan.targets))
+
+
+def _bitmask_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
+    """compressed-tensors' layout: P.shape [2, 1] int64, P.compressed [rows, cols/2], P.bitmask packbits(little)."""
+    keep = group_mask(weight.reshape(-1, 4), 2).reshape(weight.shape)  # exactly 2 of every 4, covering the non-zeros
+    rows, cols = weight.shape
+    compressed = weight[keep].reshape(rows, cols // 2)
+    bitmask = torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little"))
+    return [torch.tensor([rows, cols], dtype=torch.int64).reshape(-1, 1), compressed, bitmask]
+
+
+def export_compressed_tensors(
+    resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, force: bool, progress: Progress
+) -> ExportResult:
+    """A Hugging Face style folder: config.json with quantization_config.sparsity_config + model.safetensors."""
+    ckpt = resolved.checkpoint
+    owned = not ckpt.is_in_memory
+    packable = {
+        name: layer for name, layer in plan.targets.items()
+        if layer.layout == LINEAR and len(ckpt.infos[name].shape) == 2 and reduction_length(ckpt.infos[name].shape, LINEAR) % 4 == 0
+    }
+    dense = sorted(set(resolved.layers) - set(packable))
+
+    def items_of(names: list[str]) -> list[Item]:
+        items = []
+        for name in names:
+            layer = packable.get(name)
+            if layer is None:
+                items.append(copy_item(ckpt, name))
+                continue
+            info = ckpt.infos[name]
+            rows, cols = info.shape
+            prefix = name.removesuffix(".weight")
+
+            def produce(tensors, layer=layer):
+                weight = _maybe_pruned(tensors[0], plan.pattern, layer, prune, owned)
+                return _bitmask_tensors(weight)
+
+            items.append(Item(
+                [name],
+                [(f"{prefix}.shape", (2, 1), torch.int64), (f"{prefix}.compressed", (rows, cols // 2), info.dtype),
+                 (f"{prefix}.bitmask", (rows, (cols + 7) // 8), torch.uint8)],
+                produce,
+            ))
+        return items
+
+    zeros = sum(round(ckpt.infos[n].numel * (1 - plan.pattern.density)) for n in plan.targets)
+    total = sum(i.numel for i in ckpt.infos.values())
+    config = dict(ckpt.hf_config or {"nmsparse_model": resolved.model.to_json() if resolved.model else None})
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "version": CT_VERSION,
+        "sparsity_config": {
+            "format": CT_FORMAT,
+            "targets": ["Linear"],
+            "ignore": sorted({resolved.layers[n].module if n in resolved.layers else n.removesuffix(".weight") for n in dense}),
+            "global_sparsity": zeros / total if total else 0.0,
+            "sparsity_structure": "2:4",
+        },
+    }
+    meta = {k: v for k, v in _base_metadata(resolved, plan, CT_FORMAT).items()}
+    meta["format"] = "pt"
+    with atomic_output(out, force=force, directory=True) as tmp:
+        if ckpt.folder is not None:
+            for item in sorted(ckpt.folder.iterdir()):
+                if item.is_file() and item.suffix != ".safetensors" and item.name not in (INDEX_NAME, "config.json"):
+                    shutil.copy2(item, tmp / item.name)
+        rewrite(ckpt, items_of, tmp / "model.safetensors", meta, force=True, progress=progress, single_file=True)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    notes = [f"kept dense (not 2:4 Linear): {len(dense)} layer(s)"] if dense else []
+    return ExportResult(out, "compressed-tensors", list(packable), dense, notes)

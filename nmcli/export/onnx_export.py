@@ -1,0 +1,146 @@
+"""ONNX export: dense initializers with exact zeros, nmsparse metadata on the model and on each N:M initializer.
+
+No standard N:M layout exists in ONNX (`sparse_initializer` is COO, larger than dense at 50 %, densified by
+onnxruntime and ignored by TensorRT), so the faithful export keeps dense weights with exact zeros and says which
+initializers are N:M, along which axis, in `metadata_props`. A Linear exports either as Gemm(transB=1) [out, in]
+or as MatMul with a transposed [in, out] initializer; the metadata records the axis of the stored initializer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nmcli import __version__
+from nmcli.checkpoints import Resolved
+from nmcli.errors import NMSparseError
+from nmcli.export.formats import ExportResult
+from nmcli.io.atomic import check_writable
+from nmcli.io.metadata import MODEL, SparsityMetadata
+from nmcli.io.onnx_source import weight_layouts
+from nmcli.models import build_model
+from nmcli.nm import apply_nm_
+from nmcli.prune import PrunePlan
+from nmcli.report.flops import example_inputs
+
+EXTERNAL_DATA_BYTES = 2**31 - 2**20  # protobuf's 2 GB limit, with room for the graph
+TENSOR_METADATA_IR = 10  # TensorProto.metadata_props exists from IR version 10
+
+
+def _load_model(resolved: Resolved, plan: PrunePlan, prune: bool) -> torch.nn.Module:
+    if resolved.model is None:
+        raise NMSparseError(
+            f"{resolved.checkpoint.where}: ONNX export needs the architecture: pass --model TIMM_NAME "
+            "(files written by prune/finetune and Hugging Face folders carry it)"
+        )
+    model = build_model(resolved.model, device="cpu").eval()
+    state = {name: resolved.checkpoint.read(name) for name in resolved.checkpoint.infos}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or (missing and resolved.model.source == "timm"):
+        raise NMSparseError(f"{resolved.checkpoint.where}: does not fit {resolved.model.name} ({(unexpected or missing)[0]})")
+    if prune:
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for layer in plan.targets.values():
+                apply_nm_(modules[layer.module].weight.data, plan.pattern, layer.layout)
+    return model
+
+
+def _match_initializers(onnx_model, model: torch.nn.Module, plan: PrunePlan) -> dict[str, tuple[str, object]]:
+    """initializer name -> (source layer, layout of the initializer), matched by value, not by name.
+
+    The exporter may fold BatchNorm into a Conv's weight (a per-channel scale): zeros stay zeros, so a layer
+    whose values differ is matched by its zero pattern instead, which N:M sparsity makes distinctive.
+    """
+    from onnx import numpy_helper
+
+    layouts = weight_layouts(onnx_model.graph)
+    arrays = {i.name: i for i in onnx_model.graph.initializer if i.name in layouts}
+    modules = dict(model.named_modules())
+    found: dict[str, tuple[str, object]] = {}
+    for name, layer in plan.targets.items():
+        if name in arrays:  # the exporter kept the parameter's name
+            found[name] = (name, layouts[name])
+            continue
+        weight = modules[layer.module].weight.detach().numpy()
+        for init_name, proto in arrays.items():
+            if init_name in found or tuple(proto.dims) not in (weight.shape, weight.T.shape):
+                continue
+            stored = numpy_helper.to_array(proto)
+            layout = layouts[init_name]
+            candidate = weight.T if layout.k_axis != layer.layout.k_axis else weight
+            if stored.shape == candidate.shape and (
+                np.array_equal(stored, candidate) or np.array_equal(stored == 0, candidate == 0)
+            ):
+                found[init_name] = (name, layout)
+                break
+        else:
+            raise NMSparseError(f"ONNX export: cannot find the initializer of layer {name} in the exported graph")
+    return found
+
+
+def export_onnx(
+    resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, force: bool, opset: int = 18,
+    external_data: bool | None = None, seq_len: int = 128,
+) -> ExportResult:
+    import onnx
+
+    check_writable(out, force)
+    model = _load_model(resolved, plan, prune)
+    inputs = example_inputs(model, resolved.model, seq_len, device="cpu")
+    names = list(inputs)
+    dynamic = {n: {0: "batch"} for n in names} | {"output": {0: "batch"}}
+    if resolved.model.source == "hf":
+        dynamic = {n: {0: "batch", 1: "sequence"} for n in names} | {"output": {0: "batch"}}
+    notes = []
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow in model code
+            torch.onnx.export(
+                model, (), str(raw), kwargs=inputs, dynamo=False, input_names=names, output_names=["output"],
+                dynamic_axes=dynamic, opset_version=opset,
+                do_constant_folding=False,  # keep the checkpoint's weights as they are (no BatchNorm folding)
+            )
+        onnx_model = onnx.load(str(raw), load_external_data=True)
+        matched = _match_initializers(onnx_model, model, plan)
+        meta = SparsityMetadata(
+            pattern=plan.pattern,
+            layers={
+                init: {"layout": layout.name, "k_axis": layout.k_axis, "pattern": str(plan.pattern), "source": src}
+                for init, (src, layout) in matched.items()
+            },
+            skipped=plan.skipped,
+            model=resolved.model.to_json(),
+        ).to_strings()
+        del onnx_model.metadata_props[:]
+        for key, value in meta.items():
+            onnx_model.metadata_props.add(key=key, value=value)
+        if onnx.IR_VERSION >= TENSOR_METADATA_IR and onnx_model.ir_version < TENSOR_METADATA_IR:
+            onnx_model.ir_version = TENSOR_METADATA_IR
+        for proto in onnx_model.graph.initializer:
+            if proto.name in matched:
+                src, layout = matched[proto.name]
+                for key, value in (("nmsparse.pattern", str(plan.pattern)), ("nmsparse.k_axis", str(layout.k_axis)),
+                                   ("nmsparse.layout", layout.name), ("nmsparse.source", src)):
+                    proto.metadata_props.add(key=key, value=value)
+        size = sum(int(np.prod(p.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(p.data_type)).itemsize
+                   for p in onnx_model.graph.initializer)
+        use_external = size > EXTERNAL_DATA_BYTES if external_data is None else external_data
+        final = Path(tmp) / out.name
+        data_name = out.name + ".data"
+        if use_external:
+            onnx.save_model(onnx_model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=0)
+            notes.append(f"weights in external data file {data_name}")
+            os.replace(Path(tmp) / data_name, out.parent / data_name)
+        else:
+            onnx.save_model(onnx_model, str(final))
+        os.replace(final, out)
+    return ExportResult(out, "onnx", sorted(matched), [], notes)

@@ -1,0 +1,141 @@
+"""Stream a checkpoint into a new one, item by item: read some tensors, turn them into others, write them.
+
+One pipeline serves prune (a tensor -> its pruned self), the `nm` export (a tensor -> values + positions), the
+`dense` export (values + positions -> a tensor) and the compressed-tensors export. A worker thread reads and
+transforms the next items while the caller writes the current one (I/O and torch kernels release the GIL); it runs
+ahead only while it holds less than the largest item, so peak memory is about twice the largest item. Output is
+written atomically: a file, or a folder with the same shards (index rewritten) for a folder source.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nmcli.io.atomic import atomic_output
+from nmcli.io.safetensors_stream import nbytes, write_streaming
+from nmcli.io.sources import INDEX_NAME, Checkpoint
+
+Spec = tuple[str, tuple[int, ...], torch.dtype]
+Progress = Callable[[str, int], None]  # (item name, bytes read for it)
+
+
+@dataclass
+class Item:
+    """`produce(inputs)` turns the tensors named `inputs` into tensors matching `outputs`."""
+
+    inputs: list[str]
+    outputs: list[Spec]
+    produce: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+def copy_item(ckpt: Checkpoint, name: str) -> Item:
+    info = ckpt.infos[name]
+    return Item([name], [(name, info.shape, info.dtype)], lambda tensors: tensors)
+
+
+class _BufferPool:
+    """Reusable read buffers: a fresh 100 MB allocation per tensor costs as much in page faults as the read."""
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> torch.Tensor:
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= size]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        return torch.empty(max(size, 1), dtype=torch.uint8)
+
+    def give(self, buffers: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._free.extend(buffers)
+
+
+def _input_bytes(ckpt: Checkpoint, item: Item) -> int:
+    return sum(nbytes(ckpt.infos[n].shape, ckpt.infos[n].dtype) for n in item.inputs)
+
+
+def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterator[torch.Tensor]:
+    sizes = [_input_bytes(ckpt, item) for item in items]
+    budget = max(sizes, default=0)
+    pool = None if ckpt.is_in_memory else _BufferPool()
+    queue: deque[tuple[Future, list[torch.Tensor]]] = deque()
+    ahead = submitted = 0  # bytes submitted but not yet handed over; items submitted
+
+    def work(item: Item, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        tensors = [ckpt.read(n, into=b) for n, b in zip(item.inputs, buffers)] if pool else [ckpt.read(n) for n in item.inputs]
+        return item.produce(tensors)
+
+    def refill() -> None:
+        nonlocal ahead, submitted
+        while submitted < len(items) and ahead < budget:
+            item = items[submitted]
+            buffers = [pool.take(nbytes(ckpt.infos[n].shape, ckpt.infos[n].dtype)) for n in item.inputs] if pool else []
+            queue.append((worker.submit(work, item, buffers), buffers))
+            ahead += sizes[submitted]
+            submitted += 1
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmsparse-read") as worker:
+        refill()
+        for item, size in zip(items, sizes):
+            future, buffers = queue.popleft()
+            outputs = future.result()
+            ahead -= size
+            refill()  # the worker reads ahead while the caller writes this item
+            yield from outputs
+            del outputs
+            if pool:
+                pool.give(buffers)
+            progress(item.inputs[0] if item.inputs else "", size)
+
+
+def _write(path: Path, ckpt: Checkpoint, items: list[Item], metadata: dict[str, str], progress: Progress) -> None:
+    layout = [spec for item in items for spec in item.outputs]
+    write_streaming(path, layout, _produced(ckpt, items, progress), metadata)
+
+
+def rewrite(
+    ckpt: Checkpoint,
+    items_of: Callable[[list[str]], list[Item]],
+    out: Path,
+    metadata: dict[str, str],
+    *,
+    force: bool,
+    progress: Progress = lambda name, done: None,
+    single_file: bool = False,
+) -> None:
+    """Write `out`: one file (file sources, or `single_file`), else a folder with the source's shards.
+
+    `items_of(names)` says what to write for a group of source tensors (one shard, or all of them).
+    """
+    if ckpt.folder is None or single_file:
+        with atomic_output(out, force=force) as tmp:
+            _write(tmp, ckpt, items_of(list(ckpt.infos)), metadata, progress)
+        return
+    with atomic_output(out, force=force, directory=True) as tmp:
+        for item in sorted(ckpt.folder.iterdir()):
+            if item.is_file() and item.suffix != ".safetensors" and item.name != INDEX_NAME:
+                shutil.copy2(item, tmp / item.name)
+        weight_map: dict[str, str] = {}
+        total = 0
+        for shard, names in ckpt.shards.items():
+            items = items_of(names)
+            _write(tmp / shard, ckpt, items, metadata, progress)
+            for name, shape, dtype in (spec for item in items for spec in item.outputs):
+                weight_map[name] = shard
+                total += nbytes(shape, dtype)
+        if (ckpt.folder / INDEX_NAME).is_file():
+            index = json.loads((ckpt.folder / INDEX_NAME).read_text())
+            index["metadata"] = {**index.get("metadata", {}), **metadata, "total_size": total}
+            index["weight_map"] = weight_map
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
