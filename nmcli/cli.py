@@ -49,6 +49,7 @@ ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="skip
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, only the result")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for random init of a timm SOURCE without --checkpoint")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output")]
 
 
 @contextlib.contextmanager
@@ -120,7 +121,7 @@ def prune(
     checkpoint: CheckpointOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+    force: ForceOpt = False,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -280,7 +281,7 @@ def finetune(
     grad_log_every: Annotated[int, typer.Option("--grad-log-every", help="log gradient variance / mask flips every N steps")] = 0,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="use at most N train and N val samples")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
-    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -428,7 +429,7 @@ def export(
     external_data: Annotated[
         Optional[bool], typer.Option("--external-data/--no-external-data", help="ONNX: weights in a .data file (auto over 2 GB)")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+    force: ForceOpt = False,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -462,3 +463,29 @@ def export(
         f"exported {len(result.nm_layers)} N:M layers as {result.format} -> {result.out} "
         f"({written / 2**20:.2f} MiB, {100 * written / max(dense_bytes, 1):.1f}% of the dense checkpoint)"
     )
+
+
+@app.command()
+def study(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for README.md, plots and results.json")] = Path("docs/results"),
+    quick: Annotated[bool, typer.Option("--quick", help="the whole pipeline on a tiny model and data, in about a minute")] = False,
+    seeds: Annotated[int, typer.Option("--seeds", min=1)] = 3,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="fine-tuning epochs per run")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="runs at a time (one thread each)")] = 2,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare every recipe at 2:4 ... 1:32 over seeds; writes a results page with tables and plots."""
+    from nmcli.study import StudySettings, run_study
+
+    with user_errors():
+        settings = StudySettings(out=out_dir, seeds=seeds, jobs=jobs)
+        if quick:
+            settings = StudySettings(
+                out=out_dir, seeds=min(seeds, 2), jobs=jobs, patterns=("2:4", "1:8"), dense_epochs=2, epochs=1, limit=192,
+                grad_log_every=2, curve_pattern="1:8",
+                model_kwargs={"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 1, "num_heads": 2},
+            )
+        if epochs:
+            settings.epochs = epochs
+        data = run_study(settings, say=(lambda text: None) if quiet else (lambda text: err.print(text, highlight=False)))
+    out.print(f"{len(data['runs'])} runs in {data['wall_minutes']} min -> {out_dir / 'README.md'}")

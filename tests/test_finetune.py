@@ -145,7 +145,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     """torchrun, 2 processes, gloo: masks identical on every rank, only rank 0 writes."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "nmcli", *BASE, "--recipe", "sdgf-stepwise", "--pattern", "2:4", "--epochs", "2", "--out", str(out), "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -57,5 +57,8 @@ def sum_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def shutdown(env: DistEnv) -> None:
+    """Wait for every rank (rank 0 may still be writing) before tearing the group down: a rank that leaves
+    while a peer still holds its gloo connection can abort the peer."""
     if env.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

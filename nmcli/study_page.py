@@ -1,0 +1,181 @@
+"""The study's results page: tables, plots and an outcome stated with its criteria (docs/results/README.md)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from nmcli.nm import parse_pattern
+
+GRADIENT_FLOW = ("mdgf-linear", "mdgf-exponential", "sdgf-stepwise", "sdgf-geometric", "mdgf-sdgf")
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(data: dict[str, Any]) -> dict[tuple[str, str | None], dict[str, float]]:
+    groups: dict[tuple[str, str | None], list[dict]] = defaultdict(list)
+    for run in data["runs"]:
+        groups[(run["recipe"], run["pattern"])].append(run)
+    out = {}
+    for key, runs in groups.items():
+        mean, std = _stats([r["final_val_accuracy"] for r in runs])
+        out[key] = {"mean": mean, "std": std, "n": len(runs), "flops": statistics.fmean(r["training_flops_relative_to_dense"] for r in runs)}
+    return out
+
+
+def outcome(table: dict, patterns: list[str]) -> list[str]:
+    """Per high-sparsity pattern: the best gradient-flow recipe against SR-STE, with the seed spread."""
+    lines = []
+    for pattern in patterns:
+        if ("sr-ste", pattern) not in table:
+            continue
+        candidates = [(table[(r, pattern)]["mean"], r) for r in GRADIENT_FLOW if (r, pattern) in table]
+        if not candidates:
+            continue
+        _, best = max(candidates)
+        gf, sr = table[(best, pattern)], table[("sr-ste", pattern)]
+        diff = 100 * (gf["mean"] - sr["mean"])
+        spread = 100 * (gf["std"] + sr["std"])
+        verdict = "beyond" if abs(diff) > spread else "within"
+        word = "beats" if diff > 0 else ("trails" if diff < 0 else "ties with")
+        lines.append(
+            f"- **{pattern}**: the best gradient-flow recipe, `{best}`, {word} SR-STE by {diff:+.2f} points "
+            f"({100 * gf['mean']:.2f} ± {100 * gf['std']:.2f} vs {100 * sr['mean']:.2f} ± {100 * sr['std']:.2f}); "
+            f"that is {verdict} the seed spread (sum of the two standard deviations, {spread:.2f} points)."
+        )
+    return lines
+
+
+def guidance(table: dict, patterns: list[str]) -> list[str]:
+    lines = []
+    for pattern in patterns:
+        ranked = sorted(((v["mean"], v["std"], r) for (r, p), v in table.items() if p == pattern), reverse=True)
+        if len(ranked) < 2:
+            continue
+        (m1, s1, r1), (m2, s2, r2) = ranked[:2]
+        close = [r for m, s, r in ranked if m1 - m <= s1 + s]
+        tie = f"; statistically tied with {', '.join(f'`{r}`' for r in close if r != r1)}" if len(close) > 1 else ""
+        lines.append(f"- **{pattern}**: `{r1}` ({100 * m1:.2f} ± {100 * s1:.2f}){tie}.")
+    return lines
+
+
+def _plots(data: dict[str, Any], table: dict, patterns: list[str], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = [r for r in dict.fromkeys(run["recipe"] for run in data["runs"]) if r != "dense"]
+    sparsity = {p: 1 - parse_pattern(p).density for p in patterns}
+    files = []
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for recipe in recipes:
+        xs = [sparsity[p] for p in patterns if (recipe, p) in table]
+        ax.errorbar(xs, [100 * table[(recipe, p)]["mean"] for p in patterns if (recipe, p) in table],
+                    yerr=[100 * table[(recipe, p)]["std"] for p in patterns if (recipe, p) in table],
+                    marker="o", capsize=3, label=recipe)
+    dense = next((v for (r, _), v in table.items() if r == "dense"), None)
+    if dense:
+        ax.axhline(100 * dense["mean"], color="black", linestyle="--", label="dense (same budget)")
+    ax.set_xticks(list(sparsity.values()), [f"{p}\n{100 * s:.1f}%" for p, s in sparsity.items()])
+    ax.set_xlabel("N:M pattern (sparsity)")
+    ax.set_ylabel("val accuracy (%), mean ± std over seeds")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_sparsity.png", dpi=120)
+    plt.close(fig)
+    files.append("accuracy_vs_sparsity.png")
+
+    curve_pattern = data["settings"]["curve_pattern"]
+    for key, name, ylabel, log in (("grad_var_curve", "gradient_variance.png", "mean over layers of Var(dL/dW)", True),
+                                    ("mask_flip_curve", "mask_flips.png", f"mask flip rate at {curve_pattern}", False)):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for recipe in ["dense", *recipes]:
+            runs = [r for r in data["runs"] if r["recipe"] == recipe and (r["pattern"] in (curve_pattern, None))]
+            if not runs or not runs[0][key]:
+                continue
+            steps = [s for s, _ in runs[0][key]]
+            values = [statistics.fmean(r[key][i][1] for r in runs if len(r[key]) > i) for i in range(len(steps))]
+            ax.plot(steps, values, label=recipe, linestyle="--" if recipe == "dense" else "-")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{curve_pattern} (dense: same model, no mask), mean over seeds")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        files.append(name)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for recipe in recipes:
+        points = [(table[(recipe, p)]["flops"], 100 * table[(recipe, p)]["mean"]) for p in patterns if (recipe, p) in table]
+        ax.plot(*zip(*points), marker="o", linestyle="none", label=recipe)
+    ax.set_xlabel("training FLOPs relative to dense training (methods §5)")
+    ax.set_ylabel("val accuracy (%), mean over seeds")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_training_flops.png", dpi=120)
+    plt.close(fig)
+    files.append("accuracy_vs_training_flops.png")
+    return files
+
+
+def write_page(data: dict[str, Any], out: Path) -> None:
+    settings = data["settings"]
+    table = summarise(data)
+    patterns = [p for p in settings["patterns"] if any(k[1] == p for k in table)]
+    recipes = list(dict.fromkeys(r["recipe"] for r in data["runs"]))
+    files = _plots(data, table, patterns, out)
+    dense = table.get(next((k for k in table if k[0] == "dense"), ("", None)))
+    lines = [
+        "# Recipe study: SR-STE vs MDGF vs SDGF from 2:4 to 1:32",
+        "",
+        f"Generated by `nmsparse study` ({'quick mode' if settings.get('limit') else 'full run'}): "
+        f"{settings['seeds']} seeds; a ViT (`{settings['model_kwargs']}`) trained dense for {settings['dense_epochs']} "
+        f"epochs per seed on mnist5k (4,000 / 1,000 real MNIST digits{', limited to ' + str(settings['limit']) if settings.get('limit') else ''}); "
+        f"then every recipe fine-tunes that model for {settings['epochs']} epochs (same budget per run; `dense` continues "
+        f"dense training). Wall time {data['wall_minutes']} minutes on a 2-core CPU, {settings['jobs']} runs at a time, "
+        "one thread each. Rerun: `nmsparse study --out docs/results` (or `--quick`).",
+        "",
+        f"Dense models before fine-tuning: {', '.join(f'{100 * a:.2f}' for a in data['pretrained_val_accuracy'])} % val accuracy.",
+        "",
+        "## Outcome at high sparsity (1:8 and above)",
+        "",
+        "Criterion: a difference counts as *beyond the seed spread* when it exceeds the sum of the two standard deviations.",
+        "",
+        *(outcome(table, [p for p in patterns if p in ("1:8", "1:16", "1:32")]) or ["- (no high-sparsity runs)"]),
+        "",
+        "## Which recipe should I pick",
+        "",
+        "The best mean per pattern, with the recipes whose mean lies within the two standard deviations:",
+        "",
+        *guidance(table, patterns),
+        "",
+        "## Validation accuracy (%), mean ± std over seeds",
+        "",
+        "| recipe | " + " | ".join(patterns) + " |",
+        "|---|" + "---|" * len(patterns),
+    ]
+    for recipe in recipes:
+        if recipe == "dense":
+            lines.append(f"| dense (same budget) | " + " | ".join(f"{100 * dense['mean']:.2f} ± {100 * dense['std']:.2f}" for _ in patterns) + " |")
+            continue
+        cells = [f"{100 * table[(recipe, p)]['mean']:.2f} ± {100 * table[(recipe, p)]['std']:.2f}" if (recipe, p) in table else "-" for p in patterns]
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    lines += ["", "## Training FLOPs relative to dense training (methods §5)", "",
+              "| recipe | " + " | ".join(patterns) + " |", "|---|" + "---|" * len(patterns)]
+    for recipe in recipes:
+        if recipe == "dense":
+            continue
+        cells = [f"{table[(recipe, p)]['flops']:.3f}" if (recipe, p) in table else "-" for p in patterns]
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in files]
+    lines += ["", "Raw numbers, gradient-variance and mask-flip curves of every run: `results.json`.", ""]
+    (out / "README.md").write_text("\n".join(lines))
