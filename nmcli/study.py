@@ -9,6 +9,7 @@ validation accuracy, training FLOPs relative to dense (methods.md §5), and grad
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -50,8 +51,12 @@ class StudySettings:
 
 def _run(config: FinetuneConfig) -> dict[str, Any]:
     """One training run in a worker process (one thread each, so results do not depend on --jobs)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    summary = run_finetune(config).summary
+    try:
+        summary = run_finetune(config).summary
+    finally:
+        torch.set_num_threads(threads)
     records = [json.loads(line) for line in (config.out / METRICS_FILE).read_text().splitlines()]
     flows = [(r["step"], r["gradient_flow"]) for r in records if "gradient_flow" in r]
     summary["grad_var_curve"] = [[s, statistics.fmean(v["grad_var"] for v in f.values())] for s, f in flows]
@@ -69,7 +74,8 @@ def _map(jobs: int, configs: list[FinetuneConfig], done: Callable[[FinetuneConfi
             results.append(_run(config))
             done(config, results[-1])
         return results
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    # spawn, not fork: forking a process whose OpenMP threads already ran can deadlock the child
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_run, c) for c in configs]
         results = []
         for config, future in zip(configs, futures):

@@ -165,7 +165,7 @@ def write_page(data: dict[str, Any], out: Path) -> None:
     ]
     for recipe in recipes:
         if recipe == "dense":
-            lines.append(f"| dense (same budget) | " + " | ".join(f"{100 * dense['mean']:.2f} ± {100 * dense['std']:.2f}" for _ in patterns) + " |")
+            lines.append("| dense (same budget) | " + " | ".join(f"{100 * dense['mean']:.2f} ± {100 * dense['std']:.2f}" for _ in patterns) + " |")
             continue
         cells = [f"{100 * table[(recipe, p)]['mean']:.2f} ± {100 * table[(recipe, p)]['std']:.2f}" if (recipe, p) in table else "-" for p in patterns]
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")

@@ -17,7 +17,7 @@ from nmcli.checkpoints import Resolved
 from nmcli.errors import NMSparseError
 from nmcli.io import nm_format
 from nmcli.io.atomic import atomic_output
-from nmcli.io.metadata import DENSE_MASKED, FORMAT
+from nmcli.io.metadata import DENSE_MASKED
 from nmcli.io.rewrite import Item, Progress, copy_item, rewrite
 from nmcli.io.sources import INDEX_NAME
 from nmcli.models import LayerInfo

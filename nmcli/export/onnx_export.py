@@ -8,7 +8,6 @@ or as MatMul with a transposed [in, out] initializer; the metadata records the a
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 import tempfile
@@ -17,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nmcli import __version__
 from nmcli.checkpoints import Resolved
 from nmcli.errors import NMSparseError
 from nmcli.export.formats import ExportResult
 from nmcli.io.atomic import check_writable
-from nmcli.io.metadata import MODEL, SparsityMetadata
+from nmcli.io.metadata import SparsityMetadata
 from nmcli.io.onnx_source import weight_layouts
 from nmcli.models import build_model
 from nmcli.nm import apply_nm_

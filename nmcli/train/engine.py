@@ -22,14 +22,15 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from nmcli.checkpoints import resolve
+from nmcli.checkpoints import Resolved, resolve
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
-from nmcli.io.metadata import SparsityMetadata
+from nmcli.io.metadata import MODEL, SparsityMetadata
 from nmcli.methods.plan import StepPlan, plan_step, relative_training_flops
 from nmcli.methods.sparsifier import Sparsifier
-from nmcli.models import ModelRef, build_model, data_config, layers_of_model, select_targets
+from nmcli.models import ModelRef, build_model, data_config
 from nmcli.nm import compliance
+from nmcli.prune import plan_prune
 from nmcli.recipes import Recipe, to_dict
 from nmcli.report.flops import per_layer_flops
 from nmcli.schedules import Phases
@@ -119,7 +120,7 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _evaluate(model: torch.nn.Module, loader: DataLoader, env: DistEnv, autocast: Callable) -> float:
+def evaluate(model: torch.nn.Module, loader: DataLoader, env: DistEnv, autocast: Callable) -> float:
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad(), autocast():
@@ -141,7 +142,7 @@ def _check_out(config: FinetuneConfig) -> None:
         raise NMSparseError(f"output folder {out.parent} does not exist; create it first")
 
 
-def _build(config: FinetuneConfig, splits_classes: int) -> tuple[torch.nn.Module, ModelRef]:
+def _build(config: FinetuneConfig, splits_classes: int) -> tuple[torch.nn.Module, ModelRef, Resolved]:
     resolved = resolve(config.model, checkpoint=config.checkpoint, seed=config.seed, model_kwargs=config.model_kwargs)
     assert resolved.model is not None
     ref = resolved.model
@@ -157,7 +158,7 @@ def _build(config: FinetuneConfig, splits_classes: int) -> tuple[torch.nn.Module
             f"the model's head has {model.num_classes} outputs but --data {config.data} has {splits_classes} "
             f"classes; pass --num-classes {splits_classes} to re-initialise the head"
         )
-    return model, ref
+    return model, ref, resolved
 
 
 def run_finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> FinetuneResult:
@@ -177,16 +178,11 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
     _seed_everything(config.seed)
     meta_ref = ModelRef("timm", config.model, config.model_kwargs)
     splits = load_data(config.data, data_config(build_model(meta_ref), meta_ref), config.limit)
-    model, ref = _build(config, splits.num_classes)
+    model, ref, resolved = _build(config, splits.num_classes)
     model.to(device)
 
-    layers = select_targets(layers_of_model(model, ref), recipe.include, recipe.exclude)
-    skipped = {}
-    for name, layer in list(layers.items()):
-        k = model.get_submodule(layer.module).weight.shape[layer.layout.k_axis]
-        if k % target.m:
-            skipped[name] = f"K={k} not divisible by M={target.m}"
-            del layers[name]
+    plan = plan_prune(resolved, target, recipe.include, recipe.exclude)  # the same targets prune would choose
+    layers, skipped = plan.targets, plan.skipped
     if not layers:
         raise NMSparseError(f"no layer of {config.model} can take {target}; see `nmsparse report {config.model}`")
     sparsifier = Sparsifier(model, layers).attach()
@@ -239,7 +235,7 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
     start_accuracy = None
     if not config.resume:
         sparsifier.set_plan(StepPlan("dense", (target,), 0))
-        start_accuracy = _evaluate(model, val_loader, env, autocast)
+        start_accuracy = evaluate(model, val_loader, env, autocast)
         reporter.message(f"start: val accuracy {start_accuracy:.4f} ({splits.description})")
         log.write({"event": "start", "val_accuracy": start_accuracy, "step": 0})
 
@@ -265,7 +261,7 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
                 log.write({"step": step, "lr": optimizer.param_groups[0]["lr"], **values, **record})
             reporter.step(step, values)
             step += 1
-        accuracy = _evaluate(model, val_loader, env, autocast)
+        accuracy = evaluate(model, val_loader, env, autocast)
         masks_agree = _masks_agree(sparsifier, env)
         log.write({"event": "epoch", "epoch": epoch, "step": step, "val_accuracy": accuracy, "masks_identical_across_ranks": masks_agree})
         reporter.message(f"epoch {epoch + 1}/{config.epochs}: val accuracy {accuracy:.4f} ({plan.label() if plan else ''})")
@@ -282,7 +278,7 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
 
     sparse = recipe.method != "dense"
     sparsifier.finalize(target if sparse else None)
-    final_accuracy = _evaluate(model, val_loader, env, autocast)
+    final_accuracy = evaluate(model, val_loader, env, autocast)
     summary = _summary(config, model, ref, layers, skipped, phases, start_accuracy, final_accuracy, started, env)
     if env.is_main:
         _write_outputs(config, model, ref, layers, skipped, summary, sparse)
@@ -347,8 +343,6 @@ def _write_outputs(config, model, ref, layers, skipped, summary, sparse) -> None
             recipe=to_dict(config.recipe),
         ).to_strings()
     else:
-        from nmcli.io.metadata import MODEL
-
         meta = {MODEL: json.dumps(ref.to_json(), sort_keys=True)}
     with atomic_output(out / MODEL_FILE, force=True) as tmp:
         save_file(tensors, str(tmp), metadata=meta)

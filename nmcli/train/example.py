@@ -18,7 +18,7 @@ from nmcli.prune import plan_prune
 from nmcli.recipes import load_recipe
 from nmcli.train.data import load_data
 from nmcli.train.distributed import DistEnv
-from nmcli.train.engine import MODEL_FILE, FinetuneConfig, Reporter, _evaluate, run_finetune
+from nmcli.train.engine import MODEL_FILE, FinetuneConfig, Reporter, evaluate, run_finetune
 
 EXAMPLE_MODEL = "vit_tiny_patch16_224"
 EXAMPLE_KWARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96, "depth": 4, "num_heads": 3}
@@ -52,7 +52,7 @@ def one_shot_accuracy(checkpoint: Path, pattern: str, limit: int | None) -> floa
     splits = load_data("mnist5k", data_config(model, resolved.model), limit)
     from torch.utils.data import DataLoader
 
-    return _evaluate(model, DataLoader(splits.val, batch_size=256), DistEnv(), torch.no_grad)
+    return evaluate(model, DataLoader(splits.val, batch_size=256), DistEnv(), torch.no_grad)
 
 
 def run_example(settings: ExampleSettings, reporter: Reporter) -> dict[str, Any]:

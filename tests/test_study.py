@@ -1,0 +1,39 @@
+"""The study pipeline end to end in quick mode, and the page's verdicts on hand-made numbers."""
+
+import json
+
+from PIL import Image
+
+from nmcli.study_page import guidance, outcome
+
+
+def test_quick_study_writes_the_page_plots_and_raw_results(cli, tmp_path):
+    r = cli("study", "--quick", "--out", tmp_path, "--jobs", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "results.json").read_text())
+    runs = data["runs"]
+    assert len(runs) == 2 * (8 * 2 + 1)  # 2 seeds x (8 sparse recipes x 2 patterns + dense)
+    assert {r["recipe"] for r in runs} >= {"sr-ste", "mdgf-linear", "sdgf-geometric", "mdgf-sdgf", "dense"}
+    assert all(r["grad_var_curve"] for r in runs)
+    page = (tmp_path / "README.md").read_text()
+    assert "| sr-ste |" in page and "## Outcome at high sparsity" in page and "## Which recipe should I pick" in page
+    for name in ("accuracy_vs_sparsity.png", "gradient_variance.png", "mask_flips.png", "accuracy_vs_training_flops.png"):
+        with Image.open(tmp_path / name) as png:
+            assert png.format == "PNG"
+        assert f"]({name})" in page
+
+
+def test_outcome_and_guidance_state_the_spread():
+    table = {
+        ("sr-ste", "1:8"): {"mean": 0.85, "std": 0.01},
+        ("mdgf-linear", "1:8"): {"mean": 0.90, "std": 0.01},
+        ("sdgf-stepwise", "1:8"): {"mean": 0.86, "std": 0.01},
+        ("sr-ste", "1:16"): {"mean": 0.80, "std": 0.03},
+        ("sdgf-stepwise", "1:16"): {"mean": 0.81, "std": 0.02},
+    }
+    lines = outcome(table, ["1:8", "1:16"])
+    assert "`mdgf-linear`, beats SR-STE by +5.00 points" in lines[0] and "beyond the seed spread" in lines[0]
+    assert "`sdgf-stepwise`, beats SR-STE by +1.00 points" in lines[1] and "within the seed spread" in lines[1]
+    advice = guidance(table, ["1:8", "1:16"])
+    assert advice[0].startswith("- **1:8**: `mdgf-linear` (90.00 ± 1.00).")
+    assert "tied with `sr-ste`" in advice[1]
