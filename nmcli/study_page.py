@@ -73,17 +73,17 @@ def _plots(data: dict[str, Any], table: dict, patterns: list[str], out: Path) ->
     sparsity = {p: 1 - parse_pattern(p).density for p in patterns}
     files = []
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for recipe in recipes:
-        xs = [sparsity[p] for p in patterns if (recipe, p) in table]
-        ax.errorbar(xs, [100 * table[(recipe, p)]["mean"] for p in patterns if (recipe, p) in table],
-                    yerr=[100 * table[(recipe, p)]["std"] for p in patterns if (recipe, p) in table],
-                    marker="o", capsize=3, label=recipe)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, recipe in enumerate(recipes):
+        shown = [(j, table[(recipe, p)]) for j, p in enumerate(patterns) if (recipe, p) in table]
+        dodge = (i - (len(recipes) - 1) / 2) * 0.04  # side by side, so error bars stay readable
+        ax.errorbar([j + dodge for j, _ in shown], [100 * v["mean"] for _, v in shown],
+                    yerr=[100 * v["std"] for _, v in shown], marker="o", capsize=3, label=recipe)
     dense = next((v for (r, _), v in table.items() if r == "dense"), None)
     if dense:
         ax.axhline(100 * dense["mean"], color="black", linestyle="--", label="dense (same budget)")
-    ax.set_xticks(list(sparsity.values()), [f"{p}\n{100 * s:.1f}%" for p, s in sparsity.items()])
-    ax.set_xlabel("N:M pattern (sparsity)")
+    ax.set_xticks(range(len(patterns)), [f"{p}\n{100 * sparsity[p]:.1f}% sparse" for p in patterns])
+    ax.set_xlabel("N:M pattern")
     ax.set_ylabel("val accuracy (%), mean ± std over seeds")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
