@@ -37,3 +37,21 @@ def test_outcome_and_guidance_state_the_spread():
     advice = guidance(table, ["1:8", "1:16"])
     assert advice[0].startswith("- **1:8**: `mdgf-linear` (90.00 ± 1.00).")
     assert "tied with `sr-ste`" in advice[1]
+
+
+def test_paired_comparison_and_gradient_summary_on_hand_made_runs():
+    from nmcli.study_page import gradient_summary, paired
+
+    def run(recipe, seed, acc, curve):
+        return {"recipe": recipe, "pattern": None if recipe == "dense" else "1:8", "seed": seed,
+                "final_val_accuracy": acc, "grad_var_curve": [[0, curve[0]], [10, curve[1]]]}
+
+    data = {"settings": {"curve_pattern": "1:8"}, "runs": [
+        run("dense", 0, 0.9, [1.0, 1.0]), run("dense", 1, 0.7, [1.0, 1.0]),
+        run("sr-ste", 0, 0.80, [100.0, 2.0]), run("sr-ste", 1, 0.60, [300.0, 4.0]),
+        run("mdgf-linear", 0, 0.82, [1.0, 3.0]), run("mdgf-linear", 1, 0.63, [1.0, 5.0]),
+    ]}
+    assert [round(d, 6) for d in paired(data, "mdgf-linear", "sr-ste", "1:8")] == [2.0, 3.0]
+    lines = gradient_summary(data)
+    assert "- `sr-ste`: 200.0x at the first step, 101.5x over the run" in lines
+    assert "- `mdgf-linear`: 1.0x at the first step, 2.5x over the run" in lines
