@@ -91,6 +91,13 @@ def progress_bar(enabled: bool, unit: str = "tensors") -> Progress:
     )
 
 
+def with_byte_progress(label: str, infos: dict, enabled: bool, work):  # noqa: ANN001, ANN201
+    """Run `work(progress)` under a bar measured in bytes of the source checkpoint."""
+    with progress_bar(enabled, unit="bytes") as bar:
+        task = bar.add_task(label, total=sum(i.numel * i.dtype.itemsize for i in infos.values()), item="")
+        return work(lambda name, n: bar.update(task, advance=n, item=name))
+
+
 def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -139,13 +146,11 @@ def prune(
         plan = plan_prune(resolved, nm, include or (), exclude or ())
         if not plan.targets:
             raise NMSparseError(f"{resolved.checkpoint.where}: no layer can take {nm}; see `nmsparse report`")
-        infos = resolved.checkpoint.infos
         started = time.perf_counter()
-        with progress_bar(not (quiet or as_json), unit="bytes") as bar:
-            task = bar.add_task("pruning", total=sum(i.numel * i.dtype.itemsize for i in infos.values()), item="")
-            result = run_prune(
-                resolved, plan, out_path, force=force, progress=lambda name, n: bar.update(task, advance=n, item=name)
-            )
+        result = with_byte_progress(
+            "pruning", resolved.checkpoint.infos, not (quiet or as_json),
+            lambda progress: run_prune(resolved, plan, out_path, force=force, progress=progress),
+        )
         seconds = time.perf_counter() - started
     payload = {
         "out": str(result.out),
@@ -442,12 +447,13 @@ def export(
         nm = parse_pattern(pattern) if pattern else None
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         infos = resolved.checkpoint.infos
-        with progress_bar(not (quiet or as_json), unit="bytes") as bar:
-            task = bar.add_task("exporting", total=sum(i.numel * i.dtype.itemsize for i in infos.values()), item="")
-            result = run_export(
+        result = with_byte_progress(
+            "exporting", infos, not (quiet or as_json),
+            lambda progress: run_export(
                 resolved, fmt, out_path, pattern=nm, include=include or (), exclude=exclude or (), prune=prune_first,
-                force=force, external_data=external_data, progress=lambda name, n: bar.update(task, advance=n, item=name),
-            )
+                force=force, external_data=external_data, progress=progress,
+            ),
+        )
         dense_bytes = sum(i.numel * i.dtype.itemsize for i in infos.values())
         written = _size(result.out)
     payload = {

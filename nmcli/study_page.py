@@ -87,6 +87,18 @@ def guidance(table: dict, patterns: list[str]) -> list[str]:
     return lines
 
 
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
 def _plots(data: dict[str, Any], table: dict, patterns: list[str], out: Path) -> list[str]:
     import matplotlib
 
@@ -107,13 +119,7 @@ def _plots(data: dict[str, Any], table: dict, patterns: list[str], out: Path) ->
     if dense:
         ax.axhline(100 * dense["mean"], color="black", linestyle="--", label="dense (same budget)")
     ax.set_xticks(range(len(patterns)), [f"{p}\n{100 * sparsity[p]:.1f}% sparse" for p in patterns])
-    ax.set_xlabel("N:M pattern")
-    ax.set_ylabel("val accuracy (%), mean ± std over seeds")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_sparsity.png", dpi=120)
-    plt.close(fig)
-    files.append("accuracy_vs_sparsity.png")
+    files.append(_save(fig, ax, out / "accuracy_vs_sparsity.png", "N:M pattern", "val accuracy (%), mean ± std over seeds"))
 
     curve_pattern = data["settings"]["curve_pattern"]
     for key, name, ylabel, log in (("grad_var_curve", "gradient_variance.png", "mean over layers of Var(dL/dW)", True),
@@ -128,26 +134,15 @@ def _plots(data: dict[str, Any], table: dict, patterns: list[str], out: Path) ->
             ax.plot(steps, values, label=recipe, linestyle="--" if recipe == "dense" else "-")
         if log:
             ax.set_yscale("log")
-        ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel(ylabel)
         ax.set_title(f"{curve_pattern} (dense: same model, no mask), mean over seeds")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, ax, out / name, "fine-tuning step", ylabel))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for recipe in recipes:
         points = [(table[(recipe, p)]["flops"], 100 * table[(recipe, p)]["mean"]) for p in patterns if (recipe, p) in table]
         ax.plot(*zip(*points), marker="o", linestyle="none", label=recipe)
-    ax.set_xlabel("training FLOPs relative to dense training (methods §5)")
-    ax.set_ylabel("val accuracy (%), mean over seeds")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_training_flops.png", dpi=120)
-    plt.close(fig)
-    files.append("accuracy_vs_training_flops.png")
+    files.append(_save(fig, ax, out / "accuracy_vs_training_flops.png",
+                       "training FLOPs relative to dense training (methods §5)", "val accuracy (%), mean over seeds"))
     return files
 
 
