@@ -155,3 +155,12 @@ def test_tensor_core_eligibility_rules():
     assert _tc24(torch.ones(8, 16), LayerInfo("w", "m", LINEAR)) == "no: not 2:4"
     assert _tc24(two_four.double(), LayerInfo("w", "m", LINEAR)).startswith("no: dtype")
     assert _tc24(two_four.reshape(8, 16, 1, 1), LayerInfo("w", "m", CONV)) == "yes"
+
+
+def test_in_place_and_streaming_writers_agree(cli, tmp_path, resnet_file):
+    """A file source is pruned in a memory-mapped output; a timm name goes through the streaming writer."""
+    from_file, from_name = tmp_path / "f.safetensors", tmp_path / "n.safetensors"
+    assert cli("prune", resnet_file, "--model", "resnet18", "-p", "2:4", "-o", from_file, "-q").exit_code == 0
+    assert cli("prune", "resnet18", "--seed", "0", "-p", "2:4", "-o", from_name, "-q").exit_code == 0
+    a, b = load_file(str(from_file)), load_file(str(from_name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
