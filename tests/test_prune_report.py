@@ -157,8 +157,8 @@ def test_tensor_core_eligibility_rules():
     assert _tc24(two_four.reshape(8, 16, 1, 1), LayerInfo("w", "m", CONV)) == "yes"
 
 
-def test_in_place_and_streaming_writers_agree(cli, tmp_path, resnet_file):
-    """A file source is pruned in a memory-mapped output; a timm name goes through the streaming writer."""
+def test_file_and_in_memory_sources_prune_alike(cli, tmp_path, resnet_file):
+    """A file source is read into reused buffers, a timm name's tensors are in memory: same output."""
     from_file, from_name = tmp_path / "f.safetensors", tmp_path / "n.safetensors"
     assert cli("prune", resnet_file, "--model", "resnet18", "-p", "2:4", "-o", from_file, "-q").exit_code == 0
     assert cli("prune", "resnet18", "--seed", "0", "-p", "2:4", "-o", from_name, "-q").exit_code == 0

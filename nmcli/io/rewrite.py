@@ -1,18 +1,16 @@
 """Stream a checkpoint into a new one, item by item: read some tensors, turn them into others, write them.
 
 One pipeline serves prune (a tensor -> its pruned self), the `nm` export (a tensor -> values + positions), the
-`dense` export (values + positions -> a tensor) and the compressed-tensors export. When every item keeps its
-tensor's name, shape and dtype (prune, dense) and the source is a file, each tensor is read straight into a
-memory-mapped window of the output and transformed there: no second copy, memory near one tensor. Otherwise a
-worker thread reads and transforms the next items while the caller writes the current one; it runs ahead only while
-it holds less than the largest item, so peak memory is about twice the largest item. Output is written atomically:
+`dense` export (values + positions -> a tensor) and the compressed-tensors export. A worker thread reads and
+transforms the next items while the caller writes the current one (I/O and torch kernels release the GIL); it runs
+ahead only while it holds less than the largest item, so peak memory is about twice the largest item. Output is written atomically:
 a file, or a folder with the same shards (index rewritten) for a folder source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import mmap
 import shutil
 import threading
 from collections import deque
@@ -24,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nmcli.io.atomic import atomic_output
-from nmcli.io.safetensors_stream import check_tensor, encode_header, nbytes, write_streaming
+from nmcli.io.safetensors_stream import nbytes, write_streaming
 from nmcli.io.sources import INDEX_NAME, Checkpoint
 
 Spec = tuple[str, tuple[int, ...], torch.dtype]
@@ -102,51 +100,23 @@ def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterat
             progress(item.inputs[0] if item.inputs else "", size)
 
 
-def _same_shape(ckpt: Checkpoint, items: list[Item]) -> bool:
-    """Every item turns one tensor into one of the same name, shape and dtype (prune, dense export)."""
-    return all(
-        len(item.inputs) == 1 and item.outputs == [(item.inputs[0], ckpt.infos[item.inputs[0]].shape, ckpt.infos[item.inputs[0]].dtype)]
-        for item in items
-    )
-
-
-def _write_in_place(path: Path, ckpt: Checkpoint, items: list[Item], metadata: dict[str, str], progress: Progress) -> None:
-    """Read each tensor straight into a memory-mapped window of the output file and transform it there.
-
-    This saves a full copy pass over the data compared with read-buffer-then-write; only the current window is
-    mapped, so memory stays near one tensor.
-    """
-    layout = [spec for item in items for spec in item.outputs]
-    head, offsets = encode_header(layout, metadata)
-    total = offsets[-1] + nbytes(*layout[-1][1:]) if layout else len(head)
-    granularity = mmap.ALLOCATIONGRANULARITY
-    with open(path, "w+b") as f:
-        f.truncate(total)
-        f.write(head)
-        f.flush()
-        for item, (name, shape, dtype), start in zip(items, layout, offsets, strict=True):
-            size = nbytes(shape, dtype)
-            if size:
-                base = start - start % granularity
-                window = mmap.mmap(f.fileno(), start + size - base, offset=base)
-                try:
-                    target = torch.frombuffer(window, dtype=torch.uint8, offset=start - base, count=size)
-                    (produced,) = item.produce([ckpt.read(name, into=target)])
-                    check_tensor(name, produced, shape, dtype)
-                    if produced.data_ptr() != target.data_ptr():
-                        target.view(dtype).view(shape).copy_(produced)
-                    del target, produced
-                finally:
-                    window.close()
-            progress(name, size)
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """The worker's torch kernels on one core, the writer's copies on the other: with two OpenMP threads the
+    worker competes with the writer for both cores (measured on 2 cores, 2 GiB: 1.1-2.0x the time of a plain
+    copy, against 1.2-2.3x with two threads and 1.7-2.6x when reading into a memory-mapped output instead)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _write(path: Path, ckpt: Checkpoint, items: list[Item], metadata: dict[str, str], progress: Progress) -> None:
-    if not ckpt.is_in_memory and _same_shape(ckpt, items):
-        _write_in_place(path, ckpt, items, metadata, progress)
-        return
     layout = [spec for item in items for spec in item.outputs]
-    write_streaming(path, layout, _produced(ckpt, items, progress), metadata)
+    with _one_torch_thread():
+        write_streaming(path, layout, _produced(ckpt, items, progress), metadata)
 
 
 def rewrite(
