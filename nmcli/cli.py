@@ -94,7 +94,7 @@ def progress_bar(enabled: bool, unit: str = "tensors") -> Progress:
 def with_byte_progress(label: str, infos: dict, enabled: bool, work):  # noqa: ANN001, ANN201
     """Run `work(progress)` under a bar measured in bytes of the source checkpoint."""
     with progress_bar(enabled, unit="bytes") as bar:
-        task = bar.add_task(label, total=sum(i.numel * i.dtype.itemsize for i in infos.values()), item="")
+        task = bar.add_task(label, total=sum(i.nbytes for i in infos.values()), item="")
         return work(lambda name, n: bar.update(task, advance=n, item=name))
 
 
@@ -454,7 +454,7 @@ def export(
                 force=force, external_data=external_data, progress=progress,
             ),
         )
-        dense_bytes = sum(i.numel * i.dtype.itemsize for i in infos.values())
+        dense_bytes = sum(i.nbytes for i in infos.values())
         written = _size(result.out)
     payload = {
         "out": str(result.out), "format": result.format, "nm_layers": result.nm_layers, "dense_layers": result.dense_layers,

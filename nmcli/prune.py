@@ -95,5 +95,5 @@ def prune(
     if ckpt.folder is None and out.suffix != ".safetensors":
         raise NMSparseError(f"--out {out}: the output of a single checkpoint is a .safetensors file")
     rewrite(ckpt, lambda names: prune_items(ckpt, plan, names), out, meta, force=force, progress=progress)
-    total = sum(i.numel * i.dtype.itemsize for i in ckpt.infos.values())
+    total = sum(i.nbytes for i in ckpt.infos.values())
     return PruneResult(out, plan, len(ckpt.infos), total)

@@ -3,8 +3,8 @@
 One pipeline serves prune (a tensor -> its pruned self), the `nm` export (a tensor -> values + positions), the
 `dense` export (values + positions -> a tensor) and the compressed-tensors export. A worker thread reads and
 transforms the next items while the caller writes the current one (I/O and torch kernels release the GIL); it runs
-ahead only while it holds less than the largest item, so peak memory is about twice the largest item. Output is written atomically:
-a file, or a folder with the same shards (index rewritten) for a folder source.
+ahead only while it holds less than the largest item, so peak memory is about twice the largest item. Output is
+written atomically: a file, or a folder with the same shards (index rewritten) for a folder source.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class _BufferPool:
 
 
 def _input_bytes(ckpt: Checkpoint, item: Item) -> int:
-    return sum(nbytes(ckpt.infos[n].shape, ckpt.infos[n].dtype) for n in item.inputs)
+    return sum(ckpt.infos[n].nbytes for n in item.inputs)
 
 
 def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterator[torch.Tensor]:
@@ -81,7 +81,7 @@ def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterat
         nonlocal ahead, submitted
         while submitted < len(items) and ahead < budget:
             item = items[submitted]
-            buffers = [pool.take(nbytes(ckpt.infos[n].shape, ckpt.infos[n].dtype)) for n in item.inputs] if pool else []
+            buffers = [pool.take(ckpt.infos[n].nbytes) for n in item.inputs] if pool else []
             queue.append((worker.submit(work, item, buffers), buffers))
             ahead += sizes[submitted]
             submitted += 1

@@ -9,6 +9,7 @@ back by the safetensors library in the tests.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,33 +36,26 @@ DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
-def encode_header(
-    layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None
-) -> tuple[bytes, list[int]]:
-    """The 8-byte length + JSON header of a file holding `layout` in order, and each tensor's data offset."""
+def encode_header(layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length + JSON header of a file holding `layout` in order."""
     if sys.byteorder != "little":
         raise NMSparseError("writing safetensors needs a little-endian machine")
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
-    offset, starts = 0, []
+    offset = 0
     for name, shape, dtype in layout:
         if dtype not in DTYPE_NAMES:
             raise NMSparseError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
         size = nbytes(shape, dtype)
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        starts.append(offset)
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    head = len(blob).to_bytes(8, "little") + blob
-    return head, [len(head) + start for start in starts]
+    return len(blob).to_bytes(8, "little") + blob
 
 
 def write_streaming(
@@ -71,17 +65,14 @@ def write_streaming(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write `tensors` (yielded in `layout` order, each matching its declared shape and dtype) to `path`."""
-    head, _ = encode_header(layout, metadata)
     with open(path, "wb") as f:
-        f.write(head)
+        f.write(encode_header(layout, metadata))
         for (name, shape, dtype), tensor in zip(layout, tensors, strict=True):
-            check_tensor(name, tensor, shape, dtype)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise NMSparseError(
+                    f"tensor {name}: got {tuple(tensor.shape)} {tensor.dtype}, declared {tuple(shape)} {dtype}"
+                )
             data = tensor.detach().to("cpu").contiguous().reshape(-1)
             if data.numel():
                 f.write(data.view(torch.uint8).numpy().data)
             del tensor, data  # let the producer's next tensor reuse this memory
-
-
-def check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-        raise NMSparseError(f"tensor {name}: got {tuple(tensor.shape)} {tensor.dtype}, declared {tuple(shape)} {dtype}")

@@ -8,6 +8,7 @@ Nothing here unpickles untrusted data: `.pth` files go through `torch.load(weigh
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from nmcli.errors import NMSparseError
-from nmcli.io.safetensors_stream import DTYPES_BY_NAME
+from nmcli.io.safetensors_stream import DTYPES_BY_NAME, nbytes
 
 INDEX_NAME = "model.safetensors.index.json"
 STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state", "module")
@@ -33,10 +34,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.shape, self.dtype)
 
 
 @dataclass
@@ -63,12 +65,11 @@ class Checkpoint:
         if self._tensors is not None:
             return self._tensors[name]
         path = (self.folder / info.shard) if self.folder is not None else Path(self.where)
-        nbytes = info.numel * info.dtype.itemsize
         if into is None:
             tensor = torch.empty(info.shape, dtype=info.dtype)
         else:
-            tensor = into[:nbytes].view(info.dtype).view(info.shape)
-        buffer = tensor.view(-1).view(torch.uint8).numpy() if nbytes else None
+            tensor = into[: info.nbytes].view(info.dtype).view(info.shape)
+        buffer = tensor.view(-1).view(torch.uint8).numpy() if info.nbytes else None
         try:
             with open(path, "rb") as f:
                 f.seek(info.offset)
