@@ -58,7 +58,8 @@ def plan_prune(
     return plan
 
 
-def _load_and_prune(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tensor) -> torch.Tensor:
+def prune_tensor(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tensor) -> torch.Tensor:
+    """Target `name` of `ckpt` pruned to the plan's pattern; NaN/Inf weights are refused, not hidden."""
     layer = plan.targets[name]
     bad = count_nonfinite(tensor)
     if bad:
@@ -75,7 +76,7 @@ def prune_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str]) -> list[Ite
     for name in names:
         item = copy_item(ckpt, name)
         if name in plan.targets:
-            item.produce = lambda tensors, name=name: [_load_and_prune(ckpt, name, plan, tensors[0])]
+            item.produce = lambda tensors, name=name: [prune_tensor(ckpt, name, plan, tensors[0])]
         items.append(item)
     return items
 

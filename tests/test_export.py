@@ -210,3 +210,16 @@ def test_export_refuses_to_overwrite(cli, tmp_path):
     out.write_text("keep")
     r = cli("export", path, "--pattern", "2:4", "--out", out)
     assert r.exit_code == 2 and "--force" in r.stderr and out.read_text() == "keep"
+
+
+def test_prune_on_the_way_prunes_every_target_like_prune_does(cli, tmp_path, resnet_file):
+    """--prune goes through prune's own per-tensor step: convs kept dense by compressed-tensors are pruned too."""
+    out = tmp_path / "ct"
+    r = cli("export", resnet_file, "--model", "resnet18", "--format", "compressed-tensors", "--pattern", "2:4",
+            "--prune", "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    pruned = tmp_path / "p.safetensors"
+    cli("prune", resnet_file, "--model", "resnet18", "-p", "2:4", "-o", pruned, "-q")
+    expected, restored = load_file(str(pruned)), _ct_decompress(out)
+    assert torch.equal(restored["layer1.0.conv1.weight"], expected["layer1.0.conv1.weight"])
+    assert all(torch.equal(restored[k], v) for k, v in expected.items())

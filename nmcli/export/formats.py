@@ -19,10 +19,9 @@ from nmcli.io import nm_format
 from nmcli.io.atomic import atomic_output
 from nmcli.io.metadata import DENSE_MASKED
 from nmcli.io.rewrite import Item, Progress, copy_item, rewrite
-from nmcli.io.sources import INDEX_NAME
-from nmcli.models import LayerInfo
-from nmcli.nm import LINEAR, NMPattern, apply_nm_, compliance, group_mask, reduction_length
-from nmcli.prune import PrunePlan, plan_prune
+from nmcli.io.sources import INDEX_NAME, Checkpoint
+from nmcli.nm import LINEAR, NMPattern, compliance, group_mask, reduction_length
+from nmcli.prune import PrunePlan, plan_prune, prune_items
 
 TWO_FOUR = NMPattern(2, 4)
 CT_FORMAT = "sparse-24-bitmask"
@@ -70,10 +69,9 @@ def check_compliance(resolved: Resolved, plan: PrunePlan, pattern: NMPattern, pr
         )
 
 
-def _maybe_pruned(tensor: torch.Tensor, pattern: NMPattern, layer: LayerInfo, prune: bool, owned: bool) -> torch.Tensor:
-    if not prune:
-        return tensor
-    return apply_nm_(tensor if owned else tensor.clone(), pattern, layer.layout)
+def _source_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str], prune: bool) -> list[Item]:
+    """The tensors as they are, or (--prune) with the targets pruned exactly as `nmsparse prune` does."""
+    return prune_items(ckpt, plan, names) if prune else [copy_item(ckpt, name) for name in names]
 
 
 def _base_metadata(resolved: Resolved, plan: PrunePlan, fmt: str) -> dict[str, str]:
@@ -87,28 +85,25 @@ def _base_metadata(resolved: Resolved, plan: PrunePlan, fmt: str) -> dict[str, s
 
 def export_nm(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, force: bool, progress: Progress) -> ExportResult:
     ckpt = resolved.checkpoint
-    owned = not ckpt.is_in_memory
     table = {}
 
     def items_of(names: list[str]) -> list[Item]:
-        items = []
-        for name in names:
-            layer = plan.targets.get(name)
+        items = _source_items(ckpt, plan, names, prune)
+        for i, item in enumerate(items):
+            layer = plan.targets.get(item.inputs[0])
             if layer is None:
-                items.append(copy_item(ckpt, name))
                 continue
-            info = ckpt.infos[name]
+            name, info = item.inputs[0], ckpt.infos[item.inputs[0]]
             values_shape, positions_bytes = nm_format.packed_shapes(info.shape, plan.pattern, layer.layout)
 
-            def produce(tensors, layer=layer):
-                dense = _maybe_pruned(tensors[0], plan.pattern, layer, prune, owned)
-                return list(nm_format.compress(dense, plan.pattern, layer.layout))
+            def produce(tensors, source=item.produce, layer=layer):
+                return list(nm_format.compress(source(tensors)[0], plan.pattern, layer.layout))
 
-            items.append(Item(
+            items[i] = Item(
                 [name],
                 [(name + nm_format.VALUES_SUFFIX, values_shape, info.dtype), (name + nm_format.POSITIONS_SUFFIX, (positions_bytes,), torch.uint8)],
                 produce,
-            ))
+            )
         return items
 
     for name, layer in plan.targets.items():
@@ -124,19 +119,8 @@ def export_nm(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, fo
 def export_dense(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, force: bool, progress: Progress) -> ExportResult:
     """Dense-shaped tensors with exact zeros (what prune writes); from an `nm` file this decompresses."""
     ckpt = resolved.checkpoint
-    owned = not ckpt.is_in_memory
-
-    def items_of(names: list[str]) -> list[Item]:
-        items = [copy_item(ckpt, name) for name in names]
-        if prune:
-            for item in items:
-                layer = plan.targets.get(item.inputs[0])
-                if layer is not None:
-                    item.produce = lambda t, layer=layer: [_maybe_pruned(t[0], plan.pattern, layer, True, owned)]
-        return items
-
     meta = _base_metadata(resolved, plan, DENSE_MASKED)
-    rewrite(ckpt, items_of, out, meta, force=force, progress=progress)
+    rewrite(ckpt, lambda names: _source_items(ckpt, plan, names, prune), out, meta, force=force, progress=progress)
     return ExportResult(out, "dense", list(plan.targets))
 
 
@@ -154,7 +138,6 @@ def export_compressed_tensors(
 ) -> ExportResult:
     """A Hugging Face style folder: config.json with quantization_config.sparsity_config + model.safetensors."""
     ckpt = resolved.checkpoint
-    owned = not ckpt.is_in_memory
     packable = {
         name: layer for name, layer in plan.targets.items()
         if layer.layout == LINEAR and len(ckpt.infos[name].shape) == 2 and reduction_length(ckpt.infos[name].shape, LINEAR) % 4 == 0
@@ -162,26 +145,24 @@ def export_compressed_tensors(
     dense = sorted(set(resolved.layers) - set(packable))
 
     def items_of(names: list[str]) -> list[Item]:
-        items = []
-        for name in names:
-            layer = packable.get(name)
-            if layer is None:
-                items.append(copy_item(ckpt, name))
+        items = _source_items(ckpt, plan, names, prune)  # --prune prunes every target, packed or kept dense
+        for i, item in enumerate(items):
+            name = item.inputs[0]
+            if name not in packable:
                 continue
             info = ckpt.infos[name]
             rows, cols = info.shape
             prefix = name.removesuffix(".weight")
 
-            def produce(tensors, layer=layer):
-                weight = _maybe_pruned(tensors[0], plan.pattern, layer, prune, owned)
-                return _bitmask_tensors(weight)
+            def produce(tensors, source=item.produce):
+                return _bitmask_tensors(source(tensors)[0])
 
-            items.append(Item(
+            items[i] = Item(
                 [name],
                 [(f"{prefix}.shape", (2, 1), torch.int64), (f"{prefix}.compressed", (rows, cols // 2), info.dtype),
                  (f"{prefix}.bitmask", (rows, (cols + 7) // 8), torch.uint8)],
                 produce,
-            ))
+            )
         return items
 
     zeros = sum(round(ckpt.infos[n].numel * (1 - plan.pattern.density)) for n in plan.targets)
