@@ -1,7 +1,8 @@
-"""nmsparse's N:M mask against torch.topk + scatter on a 4096x4096 fp32 weight, measured in one run.
+"""nmsparse's N:M mask against torch.topk + scatter on a 4096x4096 fp32 weight, idle and with a competing process.
 
-Prints the median time of each over interleaved repeats, their ratio, and checks both masks are identical.
-Target (issue 2): at least 4x faster than topk at 2:4 and at 1:32.
+Prints, for each condition, the median time of each over interleaved repeats, their ratio, and checks that both
+masks are identical (the weight is seeded and has no ties that topk could break differently).
+Targets (issues 2, 12): at least 4x topk at 2:4 and 1:32 in both conditions; at least 10x at 2:4 when idle.
     python bench/mask.py [--repeats 15]
 """
 
@@ -13,13 +14,34 @@ import time
 
 import torch
 
+from contention import CONDITIONS, describe
 from nmcli.nm import LINEAR, nm_mask, parse_pattern
+
+PATTERNS = ("2:4", "1:4", "1:8", "1:16", "1:32")
 
 
 def topk_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     groups = weight.abs().reshape(-1, m)
     index = groups.topk(n, dim=1).indices
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, index, True).reshape(weight.shape)
+
+
+def target(pattern: str, ratio: float, condition: str) -> str:
+    need = 10 if (pattern == "2:4" and condition == "idle") else 4 if pattern in ("2:4", "1:32") else None
+    return "" if need is None else f">= {need}x: " + ("met" if ratio >= need else "MISSED")
+
+
+def measure(weight: torch.Tensor, text: str, repeats: int) -> tuple[float, float, bool]:
+    pattern = parse_pattern(text)
+    ours, ref = [], []
+    same = torch.equal(nm_mask(weight, pattern, LINEAR), topk_mask(weight, pattern.n, pattern.m))
+    for _ in range(repeats):
+        for fn, times in ((lambda: nm_mask(weight, pattern, LINEAR), ours),
+                          (lambda: topk_mask(weight, pattern.n, pattern.m), ref)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ours) * 1e3, statistics.median(ref) * 1e3, same
 
 
 def main() -> None:
@@ -29,21 +51,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     weight = torch.randn(args.size, args.size)
-    print(f"weight {args.size}x{args.size} fp32, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'pattern':>8} {'nmsparse ms':>12} {'topk ms':>9} {'speed-up':>9}  identical  target")
-    for text in ("2:4", "1:4", "1:8", "1:16", "1:32"):
-        pattern = parse_pattern(text)
-        ours, ref = [], []
-        same = torch.equal(nm_mask(weight, pattern, LINEAR), topk_mask(weight, pattern.n, pattern.m))
-        for _ in range(args.repeats):
-            for fn, times in ((lambda: nm_mask(weight, pattern, LINEAR), ours),
-                              (lambda: topk_mask(weight, pattern.n, pattern.m), ref)):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-        a, b = statistics.median(ours) * 1e3, statistics.median(ref) * 1e3
-        target = ">= 4x: " + ("met" if b / a >= 4 else "MISSED") if text in ("2:4", "1:32") else ""
-        print(f"{text:>8} {a:12.1f} {b:9.1f} {b / a:8.2f}x  {str(same):>9}  {target}")
+    print(f"weight {args.size}x{args.size} fp32, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+    nm_mask(weight, parse_pattern("2:4"), LINEAR)  # compile (or load the cached kernel) before timing
+    for label, condition in CONDITIONS:
+        with condition() as busy:
+            print(f"\n{describe(label, busy)}")
+            print(f"{'pattern':>8} {'nmsparse ms':>12} {'topk ms':>9} {'speed-up':>9}  identical  target")
+            for text in PATTERNS:
+                ours, ref, same = measure(weight, text, args.repeats)
+                print(f"{text:>8} {ours:12.1f} {ref:9.1f} {ref / ours:8.2f}x  {str(same):>9}  {target(text, ref / ours, label)}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each recipe trains the small ViT of the built-in example (mnist5k size, 28x28, embed 96, depth 4) on one fixed
 batch, with its step plan taken at points spread over a 1,000-step schedule (so MDGF runs with alpha > 0 and
 SDGF at every stage). Recipes are timed round-robin and the median step is compared with dense's.
-Target (issue 3): at most 1.10x for every recipe at 2:4 and at 1:16.
+Both conditions: idle, and with a competing busy process per core minus one (bench/contention.py).
+Target (issues 3, 12): at most 1.10x for every recipe at 2:4 and at 1:16, in both conditions.
     python bench/step_overhead.py [--rounds 5] [--steps 10] [--batch 64]
 """
 
@@ -16,6 +17,7 @@ import time
 import timm.optim
 import torch
 
+from contention import CONDITIONS, describe
 from nmcli.methods.plan import plan_step
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models import ModelRef, build_model, layers_of_model, select_targets
@@ -25,6 +27,7 @@ from nmcli.train.engine import train_step
 from nmcli.train.example import EXAMPLE_KWARGS, EXAMPLE_MODEL
 
 SCHEDULE_STEPS = 1000
+PATTERNS = ("2:4", "1:16")
 
 
 PLAIN = "(plain model)"
@@ -63,22 +66,33 @@ def main() -> None:
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     batch = (torch.randn(args.batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (args.batch,), generator=gen))
-    print(f"{EXAMPLE_MODEL} {EXAMPLE_KWARGS}, batch {args.batch}, {torch.get_num_threads()} threads")
-    for pattern in ("2:4", "1:16"):
-        runners = {name: make_runner(name, pattern, batch) for name in [PLAIN, *builtin_names()]}
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for run in runners.values():
-            run(2)  # warm-up
-        for _ in range(args.rounds):
-            for name, run in runners.items():
-                times[name].append(run(args.steps))
-        dense = statistics.median(times["dense"])
-        print(f"\npattern {pattern}: dense step {dense * 1e3:.1f} ms")
-        for name in runners:
-            ratio = statistics.median(times[name]) / dense
-            verdict = "reference" if name in (PLAIN, "dense") else ("met" if ratio <= 1.10 else "MISSED")
-            print(f"  {name:<18} {statistics.median(times[name]) * 1e3:7.1f} ms  {ratio:5.3f}x  ({verdict})")
+    print(f"{EXAMPLE_MODEL} {EXAMPLE_KWARGS}, batch {args.batch}, {torch.get_num_threads()} torch threads")
+    runners = {pattern: {name: make_runner(name, pattern, batch) for name in [PLAIN, *builtin_names()]} for pattern in PATTERNS}
+    for by_name in runners.values():
+        for run in by_name.values():
+            run(2)  # warm-up (and the mask kernel's compilation)
+    for label, condition in CONDITIONS:
+        with condition() as busy:
+            print(f"\n{describe(label, busy)}")
+            for pattern, by_name in runners.items():
+                report(pattern, time_round_robin(by_name, args.rounds, args.steps))
 
+
+def time_round_robin(runners: dict, rounds: int, steps: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            times[name].append(run(steps))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def report(pattern: str, medians: dict[str, float]) -> None:
+    dense = medians["dense"]
+    print(f"pattern {pattern}: dense step {dense * 1e3:.1f} ms")
+    for name, median in medians.items():
+        ratio = median / dense
+        verdict = "reference" if name in (PLAIN, "dense") else ("met" if ratio <= 1.10 else "MISSED")
+        print(f"  {name:<18} {median * 1e3:7.1f} ms  {ratio:5.3f}x  ({verdict})")
 
 if __name__ == "__main__":
     main()

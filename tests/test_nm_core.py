@@ -97,11 +97,53 @@ def test_apply_nm_keeps_dtype_and_zeros_exactly(dtype):
 def test_in_place_and_chunked_apply_equal_brute_force(layout, shape, monkeypatch):
     import nmcli.nm.mask
 
-    monkeypatch.setattr(nmcli.nm.mask, "CHUNK_ELEMENTS", 20)  # many small chunks, a ragged last one
+    # the thread pool on many small chunks with a ragged last one, as on a large tensor
+    monkeypatch.setattr(nmcli.nm.mask, "CHUNK_ELEMENTS", 20)
+    monkeypatch.setattr(nmcli.nm.mask, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     w = _tie_heavy(shape, 7)
     expected = w * brute_force_mask(w, 2, 4, layout.k_axis)
     assert torch.equal(apply_nm(w, NMPattern(2, 4), layout), expected)
     assert torch.equal(apply_nm_(w.clone(), NMPattern(2, 4), layout), expected)
+
+
+def test_in_place_apply_on_a_non_contiguous_view_writes_through():
+    base = _tie_heavy((64, 8), 8)
+    view = base.t()  # [8, 64] with K = 64 not innermost in memory
+    expected = view * brute_force_mask(view, 1, 8, k_axis=1)
+    assert apply_nm_(view, NMPattern(1, 8), LINEAR) is view
+    assert torch.equal(base.t(), expected)
+
+
+def test_nan_group_and_tied_group_together_stay_exact():
+    """Issue 10: a NaN group (too few kept at a NaN threshold) next to an all-tie group (too many) used to
+    cancel out in a chunk-wide count, leaving 0 and 4 kept."""
+    groups = torch.tensor([[math.nan, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
+    assert group_mask(groups, 2).tolist() == [[True, True, False, False], [True, False, False, True]]
+
+
+def test_nans_of_any_payload_tie_with_each_other():
+    """A NaN with a larger payload must not outrank an earlier NaN: all NaNs tie, the lower index wins."""
+    bits = torch.tensor([[0x7FC00000, 0x7FC00123, 0, 0], [0x7F800001, -0x00400000, 0, 0]], dtype=torch.int32)
+    groups = bits.view(torch.float32)  # row 1: a signalling NaN, then a negative quiet NaN
+    assert groups.isnan()[:, :2].all()
+    assert group_mask(groups, 1).tolist() == [[True, False, False, False]] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cpu_kernel_agrees_with_the_sorting_path_of_other_devices(dtype, pattern):
+    """Two independent implementations (compiled CPU pass; stable sort used for CUDA) on ties, NaN and Inf."""
+    from nmcli.nm.mask import _sorted_group_mask
+
+    p = parse_pattern(pattern)
+    g = torch.Generator().manual_seed(11)
+    groups = torch.randint(-3, 4, (2000, p.m), generator=g).to(dtype) / 4  # many exact ties and signed zeros
+    groups[::13, 0] = math.nan
+    groups[5::17, -1] = -math.inf
+    groups[7::19] = torch.randn(groups[7::19].shape, generator=g).to(dtype)
+    assert torch.equal(group_mask(groups, p.n), _sorted_group_mask(groups, p.n))
+    assert torch.all(group_mask(groups, p.n).sum(1) == p.n)
 
 
 def test_in_place_apply_with_inf_and_nan_leaves_exact_zeros():

@@ -1,68 +1,143 @@
-"""Exact N:M magnitude masks: keep the N largest |w| of each group, ties to the lower index.
+"""Exact N:M magnitude masks: keep the N largest |w| of each group, ties to the lower index; NaN counts as the
+largest magnitude (so it is kept and later reported rather than silently hidden).
 
-Fast path: find each group's N-th largest magnitude with a cheap reduction (max for N = 1, a min/max network
-for M = 4, topk values otherwise), keep everything at or above it, and count the kept entries once. Only the
-groups where ties at the threshold (or NaNs) kept a wrong count are redone exactly with a stable sort. This is
-several times faster than topk + scatter, and gets ties right where `>= kthvalue` alone does not.
-The groups are processed in cache-sized chunks written into one preallocated mask: large temporaries cost more
-in page faults than in arithmetic.
-NaN counts as the largest magnitude, so it is kept and later reported rather than silently hidden.
+Magnitudes are compared as integers: the bits of a float with its sign cleared order exactly like |w| (every NaN is
+mapped to one value above Inf, so NaNs tie with each other). That works the same for fp16, bf16, fp32 and fp64.
+
+CPU tensors go through one compiled pass over the groups (numba, `nogil`, no full-size temporaries). Large
+tensors are split into row chunks that a small pool of threads takes one at a time, each chunk single-threaded. So
+there is no barrier between threads except the final one, and a thread whose core is busy with another process
+just takes fewer chunks: the cost no longer depends on every core being free (bench/mask.py measures both).
+Other devices (CUDA while training) sort the same integer keys, stably.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
+import numpy as np
 import torch
 
 from nmcli.nm.layout import Layout, from_groups, to_groups
 from nmcli.nm.pattern import NMPattern
 
-
-def _exact_group_mask(magnitudes: torch.Tensor, n: int) -> torch.Tensor:
-    """Slow exact path: a stable descending sort puts equal values in index order (and NaN first)."""
-    order = torch.sort(magnitudes, dim=1, descending=True, stable=True).indices[:, :n]
-    return torch.zeros_like(magnitudes, dtype=torch.bool).scatter_(1, order, True)
-
-
-def _nth_largest(magnitudes: torch.Tensor, n: int) -> torch.Tensor:
-    m = magnitudes.shape[1]
-    if n == 1:
-        return magnitudes.amax(dim=1)
-    if m == 4:
-        a, b, c, d = magnitudes.unbind(1)
-        hi1, lo1 = torch.maximum(a, b), torch.minimum(a, b)
-        hi2, lo2 = torch.maximum(c, d), torch.minimum(c, d)
-        if n == 2:
-            return torch.maximum(torch.minimum(hi1, hi2), torch.maximum(lo1, lo2))
-        return torch.minimum(torch.maximum(lo1, lo2), torch.minimum(hi1, hi2))  # n == 3
-    return magnitudes.topk(n, dim=1, sorted=False).values.amin(dim=1)
+# float dtype -> (integer dtype of the same width, mask clearing the sign bit, bits of +Inf)
+_BITS = {
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+CHUNK_ELEMENTS = 1 << 18  # elements a worker takes at a time: cache-sized, and 64 chunks per 4096x4096
+PARALLEL_MIN_ELEMENTS = 1 << 18  # below this a pool costs more than it saves
 
 
-CHUNK_ELEMENTS = 1 << 18  # about 1 MB of fp32: measured fastest on 2-core CPUs (bench/mask.py)
+def magnitude_keys(groups: torch.Tensor) -> torch.Tensor:
+    """Integer keys ordered exactly like |w| (all NaNs equal, above Inf), same shape as `groups`."""
+    if not groups.dtype.is_floating_point:
+        return groups.abs()
+    int_dtype, abs_mask, inf_bits = _BITS[groups.dtype]
+    keys = groups.contiguous().view(int_dtype) & abs_mask
+    return keys.clamp_(max=inf_bits + 1)
 
 
-def _chunk_masks(groups: torch.Tensor, n: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """Keep masks of consecutive cache-sized chunks of a [G, M] tensor of groups (with the chunk's |w|)."""
-    g, m = groups.shape
+@numba.njit(nogil=True, cache=True, inline="always")
+def _exact_keep(keys, n, keep):  # pragma: no cover - compiled
+    """Rank every key of one group (greater keys, then equal keys at a lower index, rank first); keep rank < N."""
+    m = keys.shape[0]
+    for j in range(m):
+        rank = 0
+        for i in range(m):
+            rank += (keys[i] > keys[j]) | ((keys[i] == keys[j]) & (i < j))
+        keep[j] = rank < n
+
+
+@numba.njit(nogil=True, cache=True)
+def _keep_groups(bits, n, abs_mask, nan_key, out):  # pragma: no cover - compiled
+    """`out[g, j]`: is entry j among the N largest magnitudes of group g (rows of raw float bits)?
+
+    Fast path without data-dependent branches: the N-th largest key of the group (a min/max network for M = 4,
+    the maximum for N = 1), keep what is at or above it. Only a group whose kept count is then not N (a tie at
+    the threshold) is ranked exactly; for other N:M every group is ranked.
+    """
+    groups, m = bits.shape
+    keys = np.empty(m, np.int64)
+    keep = np.empty(m, np.bool_)
+    for g in range(groups):
+        threshold = -1
+        for j in range(m):
+            keys[j] = min(bits[g, j] & abs_mask, nan_key)
+            threshold = max(threshold, keys[j])
+        if m == 4 and n > 1:
+            hi1, lo1 = max(keys[0], keys[1]), min(keys[0], keys[1])
+            hi2, lo2 = max(keys[2], keys[3]), min(keys[2], keys[3])
+            if n == 2:
+                threshold = max(min(hi1, hi2), max(lo1, lo2))
+            else:
+                threshold = min(max(lo1, lo2), min(hi1, hi2))
+        elif n > 1:
+            threshold = nan_key + 1  # nothing passes: every group is ranked exactly
+        kept = 0
+        for j in range(m):
+            out[g, j] = keys[j] >= threshold
+            kept += keys[j] >= threshold
+        if kept != n:
+            _exact_keep(keys, n, keep)
+            for j in range(m):
+                out[g, j] = keep[j]
+
+
+@numba.njit(nogil=True, cache=True)
+def _zero_dropped(bits, keep):  # pragma: no cover - compiled
+    """Set the entries outside `keep` to +0.0 (all-zero bits) in place; a multiply, not a branch (half the
+    entries go each way, which a branch predictor cannot guess)."""
+    flat_bits, flat_keep = bits.reshape(-1), keep.reshape(-1)
+    for i in range(flat_bits.shape[0]):
+        flat_bits[i] *= flat_keep[i]
+
+
+def _for_row_chunks(rows: int, m: int, work) -> None:  # noqa: ANN001 - work(start, stop)
+    """Run `work` over consecutive cache-sized row ranges. Large tensors: torch's thread count of workers, each
+    taking the next chunk when it is done with one (a shared counter), so a slow core simply does fewer chunks."""
     step = max(1, CHUNK_ELEMENTS // m)
-    for start in range(0, g, step):
-        rows = slice(start, start + step)
-        magnitudes = groups[rows].abs()
-        keep = magnitudes >= _nth_largest(magnitudes, n).unsqueeze(1)
-        if int(keep.count_nonzero()) != keep.shape[0] * n:  # ties at the threshold, or NaN
-            wrong = (keep.view(torch.uint8).sum(dim=1, dtype=torch.int16) != n).nonzero().squeeze(1)
-            keep[wrong] = _exact_group_mask(magnitudes[wrong], n)
-        yield rows, keep, magnitudes
+    starts = iter(range(0, rows, step))  # next() on a range iterator is atomic under the GIL
+
+    def worker() -> None:
+        for start in starts:
+            work(start, min(start + step, rows))
+
+    threads = torch.get_num_threads()
+    if threads == 1 or rows * m < PARALLEL_MIN_ELEMENTS:
+        worker()
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(worker) for _ in range(threads)]:
+            future.result()
+
+
+def _cpu_bits(groups: torch.Tensor) -> tuple[np.ndarray, int, int]:
+    int_dtype, abs_mask, inf_bits = _BITS[groups.dtype]
+    return groups.view(int_dtype).numpy(), abs_mask, inf_bits + 1
+
+
+def _sorted_group_mask(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Any device: a stable descending sort of the integer keys puts equal magnitudes in index order."""
+    index = magnitude_keys(groups).sort(dim=1, descending=True, stable=True).indices[:, :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, index, True)
 
 
 def group_mask(groups: torch.Tensor, n: int) -> torch.Tensor:
     """Keep mask for a [G, M] tensor of groups: exactly `n` True per row."""
     if n >= groups.shape[1]:
         return torch.ones_like(groups, dtype=torch.bool)
+    if groups.device.type != "cpu" or groups.dtype not in _BITS:
+        return _sorted_group_mask(groups, n)
+    groups = groups.contiguous()
     mask = torch.empty_like(groups, dtype=torch.bool)
-    for rows, keep, _ in _chunk_masks(groups, n):
-        mask[rows] = keep
+    bits, abs_mask, nan_key = _cpu_bits(groups)
+    out = mask.numpy()
+    _for_row_chunks(groups.shape[0], groups.shape[1], lambda s, e: _keep_groups(bits[s:e], n, abs_mask, nan_key, out[s:e]))
     return mask
 
 
@@ -78,19 +153,26 @@ def apply_nm(weight: torch.Tensor, pattern: NMPattern, layout: Layout) -> torch.
 
 
 def apply_nm_(weight: torch.Tensor, pattern: NMPattern, layout: Layout) -> torch.Tensor:
-    """In-place `apply_nm`, chunk by chunk: no full-size mask, so peak memory stays near the tensor itself
-    (plus one copy for conv layouts, whose K axis is not contiguous).
+    """In-place `apply_nm`: no full-size mask, so peak memory stays near the tensor itself (plus one copy for
+    conv layouts, whose K axis is not contiguous). Dropped entries become +0.0.
 
     Used by the streaming prune, where the largest tensor of a checkpoint bounds the memory needed.
     """
+    if pattern.n >= pattern.m:
+        return weight
     groups = to_groups(weight, layout, pattern.m)
-    if pattern.n < pattern.m:
-        for rows, keep, magnitudes in _chunk_masks(groups, pattern.n):
-            # multiplying by the mask is ~8x faster than masked_fill, but 0 * inf is NaN: finite chunks only
-            if bool(torch.isfinite(magnitudes.amax())):
-                groups[rows].mul_(keep)
-            else:
-                groups[rows].masked_fill_(keep.logical_not_(), 0)
-    if groups.data_ptr() != weight.data_ptr() or not groups.is_contiguous():
+    if groups.device.type != "cpu" or groups.dtype not in _BITS:
+        groups = groups.masked_fill(~_sorted_group_mask(groups, pattern.n), 0)
+    else:
+        groups = groups.contiguous()  # a copy only when the K axis is not the innermost one
+        bits, abs_mask, nan_key = _cpu_bits(groups)
+
+        def zero_chunk(start: int, stop: int) -> None:
+            keep = np.empty((stop - start, pattern.m), dtype=np.bool_)
+            _keep_groups(bits[start:stop], pattern.n, abs_mask, nan_key, keep)
+            _zero_dropped(bits[start:stop], keep)
+
+        _for_row_chunks(groups.shape[0], groups.shape[1], zero_chunk)
+    if groups.data_ptr() != weight.data_ptr():
         weight.copy_(from_groups(groups, weight.shape, layout))
     return weight
