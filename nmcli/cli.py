@@ -161,6 +161,7 @@ def prune(
         "tensors": result.tensors,
         "bytes": result.bytes,
         "seconds": round(seconds, 3),
+        "notes": result.notes,
     }
     if as_json:
         print_json(payload)
@@ -168,6 +169,8 @@ def prune(
     if not quiet:
         for name, why in plan.skipped.items():
             out.print(f"[yellow]skipped[/yellow] {name}: {why}")
+        for note in result.notes:
+            out.print(f"note: {note}")
     out.print(
         f"pruned {len(plan.targets)} layers to {nm} ({len(plan.skipped)} skipped) in {seconds:.2f}s -> {result.out}"
     )

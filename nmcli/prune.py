@@ -42,6 +42,7 @@ class PruneResult:
     plan: PrunePlan
     tensors: int
     bytes: int
+    notes: list[str] = field(default_factory=list)
 
 
 def plan_prune(
@@ -95,6 +96,6 @@ def prune(
     meta = {**kept, **plan.metadata(resolved).to_strings()}
     if ckpt.folder is None and out.suffix != ".safetensors":
         raise NMSparseError(f"--out {out}: the output of a single checkpoint is a .safetensors file")
-    rewrite(ckpt, lambda names: prune_items(ckpt, plan, names), out, meta, force=force, progress=progress)
+    notes = rewrite(ckpt, lambda names: prune_items(ckpt, plan, names), out, meta, force=force, progress=progress)
     total = sum(i.nbytes for i in ckpt.infos.values())
-    return PruneResult(out, plan, len(ckpt.infos), total)
+    return PruneResult(out, plan, len(ckpt.infos), total, notes)

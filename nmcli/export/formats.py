@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from nmcli.errors import NMSparseError
 from nmcli.io import nm_format
 from nmcli.io.atomic import atomic_output
 from nmcli.io.metadata import DENSE_MASKED
-from nmcli.io.rewrite import Item, Progress, copy_item, rewrite
+from nmcli.io.rewrite import Item, Progress, copy_item, copy_side_files, rewrite
 from nmcli.io.sources import INDEX_NAME, Checkpoint
 from nmcli.nm import LINEAR, NMPattern, compliance, group_mask, reduction_length
 from nmcli.prune import PrunePlan, plan_prune, prune_items
@@ -112,16 +111,16 @@ def export_nm(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, fo
     meta = _base_metadata(resolved, plan, nm_format.FORMAT_NAME)
     meta[nm_format.VERSION_KEY] = nm_format.FORMAT_VERSION
     meta[nm_format.TENSORS_KEY] = json.dumps(table, sort_keys=True)
-    rewrite(ckpt, items_of, out, meta, force=force, progress=progress)
-    return ExportResult(out, "nm", list(plan.targets))
+    notes = rewrite(ckpt, items_of, out, meta, force=force, progress=progress)
+    return ExportResult(out, "nm", list(plan.targets), notes=notes)
 
 
 def export_dense(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, force: bool, progress: Progress) -> ExportResult:
     """Dense-shaped tensors with exact zeros (what prune writes); from an `nm` file this decompresses."""
     ckpt = resolved.checkpoint
     meta = _base_metadata(resolved, plan, DENSE_MASKED)
-    rewrite(ckpt, lambda names: _source_items(ckpt, plan, names, prune), out, meta, force=force, progress=progress)
-    return ExportResult(out, "dense", list(plan.targets))
+    notes = rewrite(ckpt, lambda names: _source_items(ckpt, plan, names, prune), out, meta, force=force, progress=progress)
+    return ExportResult(out, "dense", list(plan.targets), notes=notes)
 
 
 def _bitmask_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
@@ -181,12 +180,11 @@ def export_compressed_tensors(
     }
     meta = {k: v for k, v in _base_metadata(resolved, plan, CT_FORMAT).items()}
     meta["format"] = "pt"
+    notes = []
     with atomic_output(out, force=force, directory=True) as tmp:
         if ckpt.folder is not None:
-            for item in sorted(ckpt.folder.iterdir()):
-                if item.is_file() and item.suffix != ".safetensors" and item.name not in (INDEX_NAME, "config.json"):
-                    shutil.copy2(item, tmp / item.name)
+            notes = copy_side_files(ckpt.folder, tmp, {INDEX_NAME, "config.json"})
         rewrite(ckpt, items_of, tmp / "model.safetensors", meta, force=True, progress=progress, single_file=True)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    notes = [f"kept dense (not 2:4 Linear): {len(dense)} layer(s)"] if dense else []
+    notes += [f"kept dense (not 2:4 Linear): {len(dense)} layer(s)"] if dense else []
     return ExportResult(out, "compressed-tensors", list(packable), dense, notes)

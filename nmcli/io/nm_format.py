@@ -49,9 +49,9 @@ def packed_shapes(shape: tuple[int, ...], pattern: NMPattern, layout: Layout) ->
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Little-endian bit stream of `codes` (each < 2**bits)."""
-    c = codes.to(torch.uint8).reshape(-1, 1).numpy()
-    planes = (c >> np.arange(bits, dtype=np.uint8)) & 1  # [codes, bits], bit 0 first
+    """Little-endian bit stream of `codes` (each < 2**bits, any width: M > 256 needs more than 8 bits)."""
+    c = codes.to(torch.int64).reshape(-1, 1).numpy()
+    planes = ((c >> np.arange(bits, dtype=np.int64)) & 1).astype(np.uint8)  # [codes, bits], bit 0 first
     return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
 
 
@@ -73,8 +73,17 @@ def compress(weight: torch.Tensor, pattern: NMPattern, layout: Layout) -> tuple[
 def decompress(
     values: torch.Tensor, positions: torch.Tensor, shape: tuple[int, ...], pattern: NMPattern, layout: Layout
 ) -> torch.Tensor:
+    """The dense tensor; positions that are out of range or not strictly increasing in a group are refused
+    (a corrupt file would otherwise decode to other weights that still look N:M)."""
     groups_count = values.numel() // pattern.n
     index = unpack_bits(positions, index_bits(pattern.m), groups_count * pattern.n).reshape(groups_count, pattern.n)
+    bad = (index >= pattern.m).any(dim=1) | (index[:, 1:] <= index[:, :-1]).any(dim=1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise NMSparseError(
+            f"corrupt positions in group {first} ({index[first].tolist()} for {pattern}): each group needs "
+            f"{pattern.n} strictly increasing positions below {pattern.m}"
+        )
     groups = torch.zeros(groups_count, pattern.m, dtype=values.dtype)
     groups.scatter_(1, index, values.reshape(groups_count, pattern.n))
     return from_groups(groups, shape, layout).contiguous()
@@ -131,7 +140,10 @@ class DenseView(Checkpoint):
             return self.packed.read(name, into=into)
         values = self.packed.read(name + VALUES_SUFFIX)
         positions = self.packed.read(name + POSITIONS_SUFFIX)
-        return decompress(values, positions, entry.info.shape, entry.pattern, entry.layout)
+        try:
+            return decompress(values, positions, entry.info.shape, entry.pattern, entry.layout)
+        except NMSparseError as exc:
+            raise NMSparseError(f"{self.where}: tensor {name}: {exc}; the file is damaged, re-export it") from None
 
 
 def dense_view(packed: Checkpoint) -> DenseView:
@@ -153,8 +165,13 @@ def dense_view(packed: Checkpoint) -> DenseView:
         got_positions = packed.infos.get(name + POSITIONS_SUFFIX)
         if got_values is None or got_positions is None:
             raise NMSparseError(f"{packed.where}: tensor {name} is listed as nm-compressed but its data is missing")
-        if got_values.shape != values_shape or got_positions.numel != positions_bytes:
+        if got_values.shape != values_shape or got_positions.numel != positions_bytes or len(got_positions.shape) != 1:
             raise NMSparseError(f"{packed.where}: tensor {name}: stored sizes do not match its pattern {entry.pattern}")
+        if got_values.dtype != entry.info.dtype or got_positions.dtype != torch.uint8:
+            raise NMSparseError(
+                f"{packed.where}: tensor {name}: stored as {got_values.dtype} values / {got_positions.dtype} positions, "
+                f"but the table says {entry.info.dtype} / torch.uint8; the file is damaged, re-export it"
+            )
     return DenseView(packed, entries)
 
 

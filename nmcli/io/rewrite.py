@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
 from nmcli.io.safetensors_stream import nbytes, write_streaming
-from nmcli.io.sources import INDEX_NAME, Checkpoint
+from nmcli.io.sources import INDEX_NAME, Checkpoint, side_files
 
 Spec = tuple[str, tuple[int, ...], torch.dtype]
 Progress = Callable[[str, int], None]  # (item name, bytes read for it)
@@ -113,8 +114,21 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _check_unique(ckpt: Checkpoint, layout: list[Spec]) -> None:
+    """A layout's added names (`X.nm_values`, `P.compressed`, ...) must not collide with tensors already there."""
+    seen: set[str] = set()
+    for name, _, _ in layout:
+        if name in seen:
+            raise NMSparseError(
+                f"{ckpt.where}: the output would hold two tensors named {name} (the source already has a tensor of "
+                "the name this format adds); rename that tensor or choose another format"
+            )
+        seen.add(name)
+
+
 def _write(path: Path, ckpt: Checkpoint, items: list[Item], metadata: dict[str, str], progress: Progress) -> None:
     layout = [spec for item in items for spec in item.outputs]
+    _check_unique(ckpt, layout)
     with _one_torch_thread():
         write_streaming(path, layout, _produced(ckpt, items, progress), metadata)
 
@@ -128,19 +142,18 @@ def rewrite(
     force: bool,
     progress: Progress = lambda name, done: None,
     single_file: bool = False,
-) -> None:
-    """Write `out`: one file (file sources, or `single_file`), else a folder with the source's shards.
+) -> list[str]:
+    """Write `out`: one file (file sources, or `single_file`), else a folder with the source's shards and its
+    other regular files. Returns notes for the user (side files not copied, and why).
 
     `items_of(names)` says what to write for a group of source tensors (one shard, or all of them).
     """
     if ckpt.folder is None or single_file:
         with atomic_output(out, force=force) as tmp:
             _write(tmp, ckpt, items_of(list(ckpt.infos)), metadata, progress)
-        return
+        return []
     with atomic_output(out, force=force, directory=True) as tmp:
-        for item in sorted(ckpt.folder.iterdir()):
-            if item.is_file() and item.suffix != ".safetensors" and item.name != INDEX_NAME:
-                shutil.copy2(item, tmp / item.name)
+        notes = copy_side_files(ckpt.folder, tmp, {INDEX_NAME})
         weight_map: dict[str, str] = {}
         total = 0
         for shard, names in ckpt.shards.items():
@@ -154,3 +167,12 @@ def rewrite(
             index["metadata"] = {**index.get("metadata", {}), **metadata, "total_size": total}
             index["weight_map"] = weight_map
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return notes
+
+
+def copy_side_files(folder: Path, out: Path, skip: set[str]) -> list[str]:
+    """Copy the source folder's regular side files (config, tokenizer) into `out`; notes name what was skipped."""
+    files, skipped = side_files(folder, skip)
+    for item in files:
+        shutil.copy2(item, out / item.name)
+    return [f"not copied (a symlink or folder, not a regular file of the source folder): {name}" for name in skipped]

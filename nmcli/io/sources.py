@@ -123,37 +123,88 @@ def _load_json(path: Path) -> dict:
         raise NMSparseError(f"{path}: not valid JSON ({exc})") from None
 
 
+def _inside(folder: Path, name: str, where: Path) -> Path:
+    """`folder/name` for a plain file name that resolves to a regular file in `folder` itself, else an error:
+    names read from a file never lead outside the source folder (no `..`, no absolute path, no sub-folder, no
+    symlink pointing elsewhere)."""
+    path = folder / name
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise NMSparseError(f"{where}: shard {name!r} is not a plain file name in {folder}; shards must sit beside the index")
+    if path.resolve().parent != folder.resolve() or (path.exists() and not path.resolve().is_file()):
+        raise NMSparseError(f"{where}: shard {name!r} does not resolve to a regular file inside {folder}")
+    return path
+
+
+def _index_shards(folder: Path, index_path: Path) -> tuple[dict[str, str], list[str]]:
+    data = _load_json(index_path)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+    ):
+        raise NMSparseError(
+            f"{index_path}: no 'weight_map' object of tensor name -> shard file name; is this a Hugging Face sharded index?"
+        )
+    shard_names = list(dict.fromkeys(weight_map.values()))
+    for shard in shard_names:
+        _inside(folder, shard, index_path)
+    return weight_map, shard_names
+
+
 def open_folder(folder: Path) -> Checkpoint:
     """A sharded folder (index.json) or a Hugging Face folder with a single model.safetensors."""
     index_path = folder / INDEX_NAME
+    weight_map: dict[str, str] = {}
     if index_path.is_file():
-        weight_map = _load_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise NMSparseError(f"{index_path}: no 'weight_map'; is this a Hugging Face sharded index?")
-        shard_names = list(dict.fromkeys(weight_map.values()))
+        weight_map, shard_names = _index_shards(folder, index_path)
     else:
         shard_names = sorted(p.name for p in folder.glob("*.safetensors"))
         if len(shard_names) != 1:
             raise NMSparseError(
                 f"{folder}: expected {INDEX_NAME} or exactly one .safetensors file, found {len(shard_names)}"
             )
+        _inside(folder, shard_names[0], folder)
     infos: dict[str, TensorInfo] = {}
     shards: dict[str, list[str]] = {}
     metadata: dict[str, str] = {}
     for shard in shard_names:
         shard_infos, shard_meta = _read_header(folder / shard)
+        for name in shard_infos:
+            if name in infos:
+                raise NMSparseError(
+                    f"{folder}: tensor {name} is stored in both {infos[name].shard} and {shard}; "
+                    "a checkpoint must hold each tensor once"
+                )
+            if weight_map and weight_map.get(name, shard) != shard:
+                raise NMSparseError(f"{index_path}: tensor {name} is listed in {weight_map[name]} but stored in {shard}")
         infos.update(shard_infos)
         shards[shard] = list(shard_infos)
         metadata = metadata or shard_meta
-    if index_path.is_file():
-        missing = sorted(set(weight_map) - set(infos))
-        if missing:
-            raise NMSparseError(f"{index_path}: tensor {missing[0]} is listed but not found in its shard")
+    missing = sorted(set(weight_map) - set(infos))
+    if missing:
+        raise NMSparseError(f"{index_path}: tensor {missing[0]} is listed but not found in its shard")
     config_path = folder / "config.json"
     hf_config = _load_json(config_path) if config_path.is_file() else None
+    if hf_config is not None and not isinstance(hf_config, dict):
+        raise NMSparseError(f"{config_path}: expected a JSON object")
     return Checkpoint(
         where=str(folder), infos=infos, metadata=metadata, shards=shards, folder=folder, hf_config=hf_config
     )
+
+
+def side_files(folder: Path, skip: set[str]) -> tuple[list[Path], list[str]]:
+    """The folder's other files (config, tokenizer, ...) to copy into an output: regular files only, never what a
+    symlink points to (it could be any file on the machine). Returns (files, names of skipped links/folders)."""
+    files, skipped = [], []
+    for item in sorted(folder.iterdir()):
+        if item.suffix == ".safetensors" or item.name in skip:
+            continue
+        if item.is_symlink() or not item.is_file():
+            skipped.append(item.name)
+        else:
+            files.append(item)
+    return files, skipped
 
 
 def open_path(path: Path) -> Checkpoint:

@@ -1,0 +1,156 @@
+"""Hostile or careless inputs found by the bad-input audit (issue 10): each is refused with one clear line, exit 2,
+and nothing outside the output path is created or changed; or, where the input is legal, the result is exact."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nmcli.io.nm_format import POSITIONS_SUFFIX, load_nm
+from nmcli.nm import LINEAR, NMPattern, apply_nm
+from tests.test_cli_errors import _assert_clean_error
+
+
+def _sharded(folder, shards: dict[str, dict[str, torch.Tensor]], weight_map=None):
+    """A folder with the given shard files and an index (by default the true one)."""
+    folder.mkdir()
+    true_map = {}
+    for shard, tensors in shards.items():
+        save_file(tensors, str(folder / shard))
+        true_map.update({name: shard for name in tensors})
+    index = {"metadata": {}, "weight_map": true_map if weight_map is None else weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _w(seed=0):
+    return torch.randn(8, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _snapshot(path):
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+@pytest.mark.parametrize("escape", ["../victim.safetensors", "ABSOLUTE"])
+def test_an_index_cannot_name_a_shard_outside_its_folder(cli, tmp_path, escape):
+    victim = tmp_path / "victim.safetensors"
+    save_file({"other": torch.ones(50, 50)}, str(victim))
+    before = _snapshot(victim)
+    shard = str(victim) if escape == "ABSOLUTE" else escape
+    folder = _sharded(tmp_path / "src", {"a.safetensors": {"fc.weight": _w()}}, {"fc.weight": shard})
+    out = tmp_path / "out"
+    for args in (("prune", folder, "--out", out), ("export", folder, "--format", "dense", "--pattern", "2:4",
+                                                    "--prune", "--out", out), ("report", folder)):
+        _assert_clean_error(cli(*args), "shard", repr(shard))
+    assert _snapshot(victim) == before and not out.exists()
+
+
+def test_a_shard_that_is_a_symlink_out_of_the_folder_is_refused(cli, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file({"fc.weight": _w()}, str(outside))
+    folder = _sharded(tmp_path / "src", {"a.safetensors": {"x": torch.ones(2)}}, {"x": "a.safetensors", "fc.weight": "b.safetensors"})
+    (folder / "b.safetensors").symlink_to(outside)
+    _assert_clean_error(cli("report", folder), "'b.safetensors'", "inside")
+
+
+def test_shards_in_a_sub_folder_get_a_clear_message(cli, tmp_path):
+    folder = _sharded(tmp_path / "src", {"a.safetensors": {"fc.weight": _w()}}, {"fc.weight": "sub/a.safetensors"})
+    _assert_clean_error(cli("report", folder), "'sub/a.safetensors'", "plain file name")
+
+
+def test_a_tensor_stored_in_two_shards_is_an_error_not_a_silent_pick(cli, tmp_path):
+    shards = {"a.safetensors": {"fc.weight": _w(0)}, "b.safetensors": {"fc.weight": _w(1), "y": torch.ones(2)}}
+    folder = _sharded(tmp_path / "src", shards, {"fc.weight": "a.safetensors", "y": "b.safetensors"})
+    _assert_clean_error(cli("prune", folder, "--out", tmp_path / "o"), "fc.weight", "a.safetensors", "b.safetensors")
+
+
+def test_an_index_that_points_at_the_wrong_shard_is_an_error(cli, tmp_path):
+    folder = _sharded(tmp_path / "src", {"a.safetensors": {"x": torch.ones(2)}, "b.safetensors": {"fc.weight": _w()}},
+                      {"x": "a.safetensors", "fc.weight": "a.safetensors"})
+    _assert_clean_error(cli("report", folder), "fc.weight", "listed but not found in its shard")
+
+
+@pytest.mark.parametrize("index", [[1, 2], {"weight_map": ["a"]}, {"weight_map": {"fc.weight": 3}}, "text"])
+def test_an_index_that_is_not_an_object_of_strings_is_an_error(cli, tmp_path, index):
+    folder = _sharded(tmp_path / "src", {"a.safetensors": {"fc.weight": _w()}})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    _assert_clean_error(cli("report", folder), "weight_map")
+
+
+def test_symlinked_side_files_are_not_copied_by_value(cli, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    os.chmod(secret, 0o600)
+    folder = _sharded(tmp_path / "src", {"model.safetensors": {"fc.weight": _w()}})
+    (folder / "tokenizer.json").symlink_to(secret)
+    (folder / "vocab.txt").write_text("a\nb\n")
+    out = tmp_path / "out"
+    r = cli("prune", folder, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "vocab.txt").read_text() == "a\nb\n"
+    assert not (out / "tokenizer.json").exists()
+    assert "not copied" in r.output and "tokenizer.json" in r.output
+
+
+@pytest.mark.parametrize("m", [256, 257, 512])
+def test_nm_export_stores_positions_of_any_group_size_exactly(cli, tmp_path, m):
+    k = 2 * m if m != 257 else 257
+    w = torch.randn(3, k, generator=torch.Generator().manual_seed(m))
+    src = tmp_path / "w.safetensors"
+    save_file({"fc.weight": w}, str(src))
+    out = tmp_path / "nm.safetensors"
+    r = cli("export", src, "--format", "nm", "--pattern", f"1:{m}", "--prune", "--out", out)
+    assert r.exit_code == 0, r.output
+    expected = apply_nm(w, NMPattern(1, m), LINEAR)
+    assert torch.equal(load_nm(out)["fc.weight"], expected)
+    assert cli("report", out, "--check", f"1:{m}", "-q").exit_code == 0
+
+
+def _nm_file(cli, tmp_path):
+    src = tmp_path / "w.safetensors"
+    save_file({"fc.weight": _w()}, str(src))
+    out = tmp_path / "nm.safetensors"
+    assert cli("export", src, "--format", "nm", "--pattern", "2:4", "--prune", "--out", out).exit_code == 0
+    return out
+
+
+def _rewrite(path, change):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("corruption", ["duplicate", "descending"])
+def test_corrupt_nm_positions_are_refused_by_name(cli, tmp_path, corruption):
+    out = _nm_file(cli, tmp_path)
+    key = "fc.weight" + POSITIONS_SUFFIX
+
+    def corrupt(tensors):  # 2-bit codes, 2 per group: byte 0 holds group 0 (codes 0, 1) and group 1 (codes 2, 3)
+        codes = [1, 1] if corruption == "duplicate" else [3, 0]
+        tensors[key][0] = (tensors[key][0] & 0xF0) | codes[0] | (codes[1] << 2)
+
+    _rewrite(out, corrupt)
+    _assert_clean_error(cli("report", out, "--check", "2:4"), "fc.weight", "corrupt positions")
+    with pytest.raises(Exception, match="corrupt positions"):
+        load_nm(out)
+
+
+def test_nm_tables_of_the_wrong_dtype_are_refused(cli, tmp_path):
+    out = _nm_file(cli, tmp_path)
+    _rewrite(out, lambda t: t.__setitem__("fc.weight" + POSITIONS_SUFFIX, t["fc.weight" + POSITIONS_SUFFIX].to(torch.int8)))
+    _assert_clean_error(cli("report", out), "fc.weight", "positions")
+
+
+@pytest.mark.parametrize("fmt,clash", [("nm", "fc.weight.nm_values"), ("compressed-tensors", "fc.compressed")])
+def test_names_that_collide_with_a_formats_added_names_are_refused(cli, tmp_path, fmt, clash):
+    src = tmp_path / "w.safetensors"
+    save_file({"fc.weight": apply_nm(_w(), NMPattern(2, 4), LINEAR), clash: torch.ones(3)}, str(src))
+    out = tmp_path / ("out.safetensors" if fmt == "nm" else "out")
+    _assert_clean_error(cli("export", src, "--format", fmt, "--pattern", "2:4", "--out", out), clash, "two tensors")
+    assert not out.exists()
