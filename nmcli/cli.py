@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from nmcli import __version__
@@ -60,7 +61,7 @@ def user_errors() -> Iterator[None]:
     except NMSparseError as exc:
         if STATE["debug"]:
             raise
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_ERROR) from None
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]: nothing was written")
@@ -71,7 +72,7 @@ def user_errors() -> Iterator[None]:
         if STATE["debug"]:
             raise
         err.print(
-            f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (run `nmsparse --debug ...` for the traceback)",
+            f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(str(exc))} (run `nmsparse --debug ...` for the traceback)",
             highlight=False,
             soft_wrap=True,
         )
@@ -197,7 +198,7 @@ def report(
     from nmcli.report import build_report, render_report
 
     with user_errors():
-        check_pattern = parse_pattern(check) if check else None
+        check_pattern = parse_pattern(check) if check is not None else None
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         with progress_bar(not (quiet or as_json)) as bar:
             task = bar.add_task("reading", total=len(resolved.layers) or None, item="")
@@ -312,7 +313,7 @@ def finetune(
             result = run_example(settings, reporter)
         else:
             chosen = load_recipe(recipe).with_overrides(
-                pattern=str(parse_pattern(pattern)) if pattern else None, epochs=epochs, lr=lr, batch_size=batch_size
+                pattern=str(parse_pattern(pattern)) if pattern is not None else None, epochs=epochs, lr=lr, batch_size=batch_size
             )
             if resume is not None and out_dir is not None and out_dir.resolve() != resume.resolve():
                 raise NMSparseError(f"--resume {resume} continues in that folder; drop --out {out_dir} or make it the same")
@@ -391,7 +392,7 @@ def recipe_show(
     from nmcli.schedule_report import describe_schedule, plot_schedule
 
     with user_errors():
-        chosen = load_recipe(name).with_overrides(pattern=str(parse_pattern(pattern)) if pattern else None)
+        chosen = load_recipe(name).with_overrides(pattern=str(parse_pattern(pattern)) if pattern is not None else None)
         ref = ModelRef("timm", model, _json_option(model_kwargs, "--model-kwargs")) if model else None
         described = describe_schedule(chosen, chosen.target, steps, ref)
         if plot is not None:
@@ -447,7 +448,7 @@ def export(
     from nmcli.export.service import run_export
 
     with user_errors():
-        nm = parse_pattern(pattern) if pattern else None
+        nm = parse_pattern(pattern) if pattern is not None else None
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         infos = resolved.checkpoint.infos
         result = with_byte_progress(

@@ -154,3 +154,17 @@ def test_names_that_collide_with_a_formats_added_names_are_refused(cli, tmp_path
     out = tmp_path / ("out.safetensors" if fmt == "nm" else "out")
     _assert_clean_error(cli("export", src, "--format", fmt, "--pattern", "2:4", "--out", out), clash, "two tensors")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--check", "--pattern"])
+def test_an_empty_pattern_is_an_error_not_the_gate_switched_off(cli, tmp_path, option):
+    src = tmp_path / "dense.safetensors"
+    save_file({"fc.weight": _w()}, str(src))
+    args = ("report", src, "--check", "") if option == "--check" else ("export", src, "--format", "nm", "--pattern", "",
+                                                                       "--out", tmp_path / "o.safetensors")
+    _assert_clean_error(cli(*args), "invalid N:M pattern ''")
+
+
+def test_paths_with_rich_markup_are_printed_as_they_are(cli, tmp_path):
+    missing = tmp_path / "x[/]y[bold].safetensors"
+    _assert_clean_error(cli("report", missing), "x[/]y[bold].safetensors")
