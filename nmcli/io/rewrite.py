@@ -24,7 +24,7 @@ import torch
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
 from nmcli.io.safetensors_stream import nbytes, write_streaming
-from nmcli.io.sources import INDEX_NAME, Checkpoint, side_files
+from nmcli.io.sources import INDEX_NAME, Checkpoint
 
 Spec = tuple[str, tuple[int, ...], torch.dtype]
 Progress = Callable[[str, int], None]  # (item name, bytes read for it)
@@ -171,8 +171,14 @@ def rewrite(
 
 
 def copy_side_files(folder: Path, out: Path, skip: set[str]) -> list[str]:
-    """Copy the source folder's regular side files (config, tokenizer) into `out`; notes name what was skipped."""
-    files, skipped = side_files(folder, skip)
-    for item in files:
-        shutil.copy2(item, out / item.name)
-    return [f"not copied (a symlink or folder, not a regular file of the source folder): {name}" for name in skipped]
+    """Copy the source folder's other files (config, tokenizer, ...) into `out`: regular files only, never what a
+    symlink points to (it could be any file on the machine). Returns notes naming what was skipped."""
+    notes = []
+    for item in sorted(folder.iterdir()):
+        if item.suffix == ".safetensors" or item.name in skip:
+            continue
+        if item.is_symlink() or not item.is_file():
+            notes.append(f"not copied (a symlink or folder, not a regular file of the source folder): {item.name}")
+        else:
+            shutil.copy2(item, out / item.name)
+    return notes

@@ -123,8 +123,8 @@ def _load_json(path: Path) -> dict:
         raise NMSparseError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _inside(folder: Path, name: str, where: Path) -> Path:
-    """`folder/name` for a plain file name that resolves to a regular file in `folder` itself, else an error:
+def _inside(folder: Path, name: str, where: Path) -> None:
+    """Accept a plain file name that resolves to a regular file in `folder` itself, else an error:
     names read from a file never lead outside the source folder (no `..`, no absolute path, no sub-folder, no
     symlink pointing elsewhere)."""
     path = folder / name
@@ -132,7 +132,6 @@ def _inside(folder: Path, name: str, where: Path) -> Path:
         raise NMSparseError(f"{where}: shard {name!r} is not a plain file name in {folder}; shards must sit beside the index")
     if path.resolve().parent != folder.resolve() or (path.exists() and not path.resolve().is_file()):
         raise NMSparseError(f"{where}: shard {name!r} does not resolve to a regular file inside {folder}")
-    return path
 
 
 def _index_shards(folder: Path, index_path: Path) -> tuple[dict[str, str], list[str]]:
@@ -191,20 +190,6 @@ def open_folder(folder: Path) -> Checkpoint:
     return Checkpoint(
         where=str(folder), infos=infos, metadata=metadata, shards=shards, folder=folder, hf_config=hf_config
     )
-
-
-def side_files(folder: Path, skip: set[str]) -> tuple[list[Path], list[str]]:
-    """The folder's other files (config, tokenizer, ...) to copy into an output: regular files only, never what a
-    symlink points to (it could be any file on the machine). Returns (files, names of skipped links/folders)."""
-    files, skipped = [], []
-    for item in sorted(folder.iterdir()):
-        if item.suffix == ".safetensors" or item.name in skip:
-            continue
-        if item.is_symlink() or not item.is_file():
-            skipped.append(item.name)
-        else:
-            files.append(item)
-    return files, skipped
 
 
 def open_path(path: Path) -> Checkpoint:

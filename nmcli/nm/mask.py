@@ -34,8 +34,9 @@ PARALLEL_MIN_ELEMENTS = 1 << 18  # below this a pool costs more than it saves
 
 
 def magnitude_keys(groups: torch.Tensor) -> torch.Tensor:
-    """Integer keys ordered exactly like |w| (all NaNs equal, above Inf), same shape as `groups`."""
-    if not groups.dtype.is_floating_point:
+    """Integer keys ordered exactly like |w| (all NaNs equal, above Inf), same shape as `groups`; |w| itself for
+    dtypes without a bit layout here (integers, fp8)."""
+    if groups.dtype not in _BITS:
         return groups.abs()
     int_dtype, abs_mask, inf_bits = _BITS[groups.dtype]
     keys = groups.contiguous().view(int_dtype) & abs_mask
