@@ -37,19 +37,19 @@ from safetensors.torch import load_file, save_file
 from nmcli.checkpoints import resolve
 from nmcli.nm import parse_pattern
 from nmcli.prune import plan_prune, prune
-imported = rss("VmRSS:")
+imported, loading = rss("VmRSS:"), time.perf_counter()
 if job != "copy":  # the mask kernel's one-time load (numba cache) is measured apart from streaming memory
     import torch
     from nmcli.nm import LINEAR, apply_nm_
     apply_nm_(torch.ones(4, 8), parse_pattern(job), LINEAR)
-base = rss("VmRSS:")
+base, loaded = rss("VmRSS:"), time.perf_counter() - loading
 start = time.perf_counter()
 if job == "copy":
     save_file(load_file(src), dst)
 else:
     resolved = resolve(src)
     prune(resolved, plan_prune(resolved, parse_pattern(job)), Path(dst), force=True)
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_above_base": rss("VmHWM:") - base, "kernel_load": base - imported}))
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_above_base": rss("VmHWM:") - base, "kernel_load": base - imported, "kernel_seconds": loaded}))
 """
 
 
@@ -109,9 +109,10 @@ def summarize(copies: list[dict], prunes: list[dict], largest: int) -> None:
     copy_rss = max(r["peak_above_base"] for r in copies)
     prune_rss = max(r["peak_above_base"] for r in prunes)
     print(f"copy  (load_file + save_file): {copy_s:6.2f}s  peak RSS above baseline {copy_rss / 2**20:7.0f} MiB")
-    kernel = max(r["kernel_load"] for r in prunes)
-    print(f"prune (streaming)            : {prune_s:6.2f}s  peak RSS above baseline {prune_rss / 2**20:7.0f} MiB "
-          f"(+ {kernel / 2**20:.0f} MiB once for loading the mask kernel, before the baseline)")
+    kernel, kernel_s = max(r["kernel_load"] for r in prunes), max(r["kernel_seconds"] for r in prunes)
+    print(f"prune (streaming)            : {prune_s:6.2f}s  peak RSS above baseline {prune_rss / 2**20:7.0f} MiB")
+    print(f"  not counted above: loading the compiled mask kernel once per process, {kernel_s:.2f}s and "
+          f"{kernel / 2**20:.0f} MiB (like the imports)")
     ratio, mem = prune_s / copy_s, prune_rss / largest
     print(f"time ratio prune/copy: {ratio:.2f}x (target <= 1.5x: {'met' if ratio <= 1.5 else 'MISSED'})")
     print(f"prune peak RSS / largest tensor: {mem:.2f}x (target about <= 2x: {'met' if mem <= 2.2 else 'MISSED'})")
