@@ -303,13 +303,21 @@ def finetune(
         if model is None:
             from nmcli.train.example import ExampleSettings, run_example
 
-            settings = ExampleSettings(out=out_dir or Path("nmsparse-example"), seed=seed, limit=limit, force=force)
-            if pattern:
+            _refuse_for_example({
+                "--model-kwargs": model_kwargs, "--checkpoint": checkpoint, "--data": None if data == "mnist5k" else data,
+                "--batch-size": batch_size, "--num-classes": num_classes, "--bf16": bf16 or None, "--resume": resume,
+                "--stop-after": stop_after, "--grad-log-every": grad_log_every or None,
+                "--device": None if device == "cpu" else device,
+            })
+            settings = ExampleSettings(
+                out=out_dir or Path("nmsparse-example"), seed=seed, limit=limit, force=force, recipe=load_recipe(recipe)
+            )
+            if pattern is not None:
                 settings.pattern = str(parse_pattern(pattern))
-            if recipe != "sdgf-stepwise":
-                settings.recipe = recipe
             if epochs:
                 settings.sparse_epochs = epochs
+            if lr is not None:
+                settings.sparse_lr = lr
             result = run_example(settings, reporter)
         else:
             chosen = load_recipe(recipe).with_overrides(
@@ -346,6 +354,16 @@ def finetune(
             f"{_fmt_accuracy(result['start_val_accuracy'])} -> "
             f"{result['final_val_accuracy']:.4f} | compliant: {result['all_layers_compliant']} | training FLOPs vs dense "
             f"{result['training_flops_relative_to_dense']:.3f}x | {result['wall_seconds']}s -> {out_path}"
+        )
+
+
+def _refuse_for_example(options: dict[str, object]) -> None:
+    """With no --model the built-in example runs: an option it cannot honour is an error, never ignored."""
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise NMSparseError(
+            f"{', '.join(given)}: not used by the built-in example (no --model); give --model to fine-tune your own "
+            "model, or drop them (the example takes --recipe, --pattern, --epochs, --lr, --out, --seed, --limit)"
         )
 
 

@@ -27,6 +27,8 @@ DEFAULT_SR_STE_LAMBDA = 2e-4
 DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05}
 DEFAULT_SCHEDULER = {"name": "cosine", "warmup_fraction": 0.05}
 DEFAULT_TRAINING = {"epochs": 3, "batch_size": 64}
+MAX_RECIPE_BYTES = 64 * 1024  # the built-ins are under 1 KB
+MAX_PROBLEM_CHARS = 200  # longest problem text in an error message
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,9 @@ class _Checker:
         self.source = source
 
     def fail(self, key: str, problem: str) -> NMSparseError:
+        """The message names the file and key; a huge value is cut, never printed whole."""
+        if len(problem) > MAX_PROBLEM_CHARS:
+            problem = problem[:MAX_PROBLEM_CHARS] + f"... ({len(problem)} characters)"
         return NMSparseError(f"{self.source}: {key}: {problem}")
 
     def section(self, data: dict, key: str, allowed: set[str]) -> dict:
@@ -294,8 +299,23 @@ def builtin_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml"))
 
 
-def _load_text(text: str, source: str) -> Recipe:
+def _load_text(raw: bytes, source: str) -> Recipe:
+    """Safe YAML with no anchors or aliases: a recipe has no use for them, and a few hundred bytes of nested
+    aliases expand to gigabytes (an "alias bomb"). Checked on the event stream, before anything is built."""
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise NMSparseError(f"{source}: {len(raw)} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES})")
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NMSparseError(f"{source}: not a text file (a recipe is UTF-8 YAML)") from None
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                mark = event.start_mark
+                raise NMSparseError(
+                    f"{source}: line {mark.line + 1}: YAML anchors and aliases (&, *) are not allowed in recipes; "
+                    "write the values out"
+                )
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise NMSparseError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
@@ -308,10 +328,14 @@ def load_recipe(name_or_path: str) -> Recipe:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise NMSparseError(f"{path}: recipe file not found")
-        return _load_text(path.read_text(), str(path))
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise NMSparseError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+        return _load_text(raw, str(path))
     if name_or_path not in builtin_names():
         raise NMSparseError(
             f"unknown recipe {name_or_path!r}; built-ins: {', '.join(builtin_names())} (or give a .yaml path)"
         )
-    text = resources.files("nmcli.builtin_recipes").joinpath(f"{name_or_path}.yaml").read_text()
-    return _load_text(text, f"recipes/{name_or_path}.yaml")
+    raw = resources.files("nmcli.builtin_recipes").joinpath(f"{name_or_path}.yaml").read_bytes()
+    return _load_text(raw, f"recipes/{name_or_path}.yaml")

@@ -168,3 +168,46 @@ def test_an_empty_pattern_is_an_error_not_the_gate_switched_off(cli, tmp_path, o
 def test_paths_with_rich_markup_are_printed_as_they_are(cli, tmp_path):
     missing = tmp_path / "x[/]y[bold].safetensors"
     _assert_clean_error(cli("report", missing), "x[/]y[bold].safetensors")
+
+
+def _recipe(tmp_path, text: str | bytes):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(cli, tmp_path):
+    levels = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    levels += [f"a{i}: &a{i} [{','.join(['*a' + str(i - 1)] * 9)}]" for i in range(1, 9)]
+    bomb = "\n".join(levels) + "\nname: bomb\nmethod: ste\ntargets: {include: *a8}\n"  # 9**9 strings if expanded
+    assert len(bomb) < 1000
+    path = _recipe(tmp_path, bomb)
+    _assert_clean_error(cli("recipe", "show", path), str(path), "anchors and aliases")
+
+
+def test_recipe_errors_never_print_a_huge_value_whole(cli, tmp_path):
+    path = _recipe(tmp_path, "name: big\nmethod: ste\ntargets: {include: " + "x" * 50_000 + "}\n")
+    r = cli("recipe", "show", path)
+    _assert_clean_error(r, str(path), "targets.include")
+    assert len(r.stderr) < 600
+
+
+@pytest.mark.parametrize("content,needle", [(b"\xff\xfe\x00binary", "not a text file"), (b"#" * 70_000, "too large")])
+def test_binary_or_oversized_recipe_files_are_named(cli, tmp_path, content, needle):
+    path = _recipe(tmp_path, content)
+    _assert_clean_error(cli("recipe", "show", path), str(path), needle)
+
+
+@pytest.mark.parametrize("extra", [("--bf16",), ("--batch-size", "8"), ("--data", "elsewhere"), ("--device", "cuda"),
+                                   ("--grad-log-every", "5"), ("--checkpoint", "w.pth")])
+def test_the_built_in_example_refuses_options_it_would_ignore(cli, tmp_path, extra):
+    out = tmp_path / "ex"
+    _assert_clean_error(cli("finetune", "--out", out, *extra), extra[0], "built-in example")
+    assert not out.exists()
+
+
+def test_the_built_in_example_reads_its_recipe_before_any_training(cli, tmp_path):
+    path = _recipe(tmp_path, "name: broken\nmethod: nonsense\n")
+    out = tmp_path / "ex"
+    _assert_clean_error(cli("finetune", "--recipe", path, "--out", out), str(path), "method")
+    assert not out.exists()

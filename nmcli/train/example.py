@@ -5,7 +5,7 @@ Runs on CPU in a few minutes. It is the same engine a user drives with their own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from nmcli.checkpoints import resolve
 from nmcli.models import build_model, data_config
 from nmcli.nm import apply_nm_
 from nmcli.prune import plan_prune
-from nmcli.recipes import load_recipe
+from nmcli.recipes import Recipe, load_recipe
 from nmcli.train.data import load_data
 from nmcli.train.distributed import DistEnv
 from nmcli.train.engine import MODEL_FILE, FinetuneConfig, Reporter, evaluate, run_finetune
@@ -27,7 +27,7 @@ EXAMPLE_KWARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes":
 @dataclass
 class ExampleSettings:
     out: Path
-    recipe: str = "sdgf-stepwise"
+    recipe: Recipe = field(default_factory=lambda: load_recipe("sdgf-stepwise"))
     pattern: str = "1:8"
     dense_epochs: int = 20
     sparse_epochs: int = 8
@@ -69,8 +69,8 @@ def run_example(settings: ExampleSettings, reporter: Reporter) -> dict[str, Any]
     checkpoint = settings.out / "dense" / MODEL_FILE
     one_shot = one_shot_accuracy(checkpoint, settings.pattern, settings.limit)
     reporter.message(f"2/3 one-shot magnitude {settings.pattern}: val accuracy {one_shot:.4f} (no training)")
-    reporter.message(f"3/3 sparse fine-tuning: recipe {settings.recipe} at {settings.pattern}, {settings.sparse_epochs} epochs")
-    recipe = load_recipe(settings.recipe).with_overrides(
+    reporter.message(f"3/3 sparse fine-tuning: recipe {settings.recipe.name} at {settings.pattern}, {settings.sparse_epochs} epochs")
+    recipe = settings.recipe.with_overrides(
         pattern=settings.pattern, epochs=settings.sparse_epochs, lr=settings.sparse_lr
     )
     sparse = run_finetune(
@@ -82,7 +82,7 @@ def run_example(settings: ExampleSettings, reporter: Reporter) -> dict[str, Any]
         "one_shot_val_accuracy": one_shot,
         "sparse_val_accuracy": sparse.summary["final_val_accuracy"],
         "pattern": settings.pattern,
-        "recipe": settings.recipe,
+        "recipe": settings.recipe.name,
         "all_layers_compliant": sparse.summary["all_layers_compliant"],
         "sparse_checkpoint": str(settings.out / "sparse" / MODEL_FILE),
         "flops": sparse.summary["flops"],
