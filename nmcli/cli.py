@@ -401,6 +401,7 @@ def recipe_show(
     model: Annotated[Optional[str], typer.Option("--model", help="timm model, for whole-model training FLOPs")] = None,
     model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="JSON kwargs for timm.create_model")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="write the schedule as a PNG")] = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The schedule a recipe follows: phases, stages, alpha at key points, training FLOPs vs dense."""
@@ -414,7 +415,7 @@ def recipe_show(
         ref = ModelRef("timm", model, _json_option(model_kwargs, "--model-kwargs")) if model else None
         described = describe_schedule(chosen, chosen.target, steps, ref)
         if plot is not None:
-            with atomic_output(plot, force=True) as tmp:
+            with atomic_output(plot, force=force) as tmp:
                 plot_schedule(described, tmp.with_suffix(".png"))
                 tmp.with_suffix(".png").replace(tmp)
     if as_json:

@@ -16,10 +16,13 @@ import torch
 from safetensors.torch import save_file
 
 from nmcli.errors import NMSparseError
-from nmcli.io.atomic import atomic_output
+from nmcli.io.atomic import atomic_output, recover
 from nmcli.io.sources import open_safetensors_file
 
 CHECKPOINT_DIR = "checkpoint"
+STATE_KEYS = frozenset(
+    {"epoch", "step", "optimizer", "scheduler", "masks", "fingerprint", "torch_rng", "python_rng"}
+)  # what the engine saves (plus the RNG states added here); a state.pt without them is not ours
 
 
 def save_training_checkpoint(out: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
@@ -33,12 +36,16 @@ def save_training_checkpoint(out: Path, model: torch.nn.Module, state: dict[str,
 def load_training_checkpoint(run: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state, training state) of `run`, refusing a run of another model, recipe or setting."""
     folder = run / CHECKPOINT_DIR
+    recover(folder)  # a run killed while replacing its checkpoint resumes from the previous complete one
     if not (folder / "state.pt").is_file():
         raise NMSparseError(f"--resume {run}: no training checkpoint in {folder}; is this a finetune --out folder?")
     try:
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise NMSparseError(f"{folder / 'state.pt'}: cannot read the training state ({exc})") from None
+    missing = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["(not a dict)"]
+    if missing:
+        raise NMSparseError(f"{folder / 'state.pt'}: not an nmsparse training state (missing {', '.join(missing)})")
     saved = json.loads(state["fingerprint"])
     for key in sorted(set(saved) | set(fingerprint)):
         if saved.get(key) != fingerprint.get(key):

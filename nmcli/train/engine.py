@@ -231,6 +231,8 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / METRICS_FILE).unlink(missing_ok=True)
     log = MetricsLog(config.out / METRICS_FILE if env.is_main else None)
+    if config.resume:
+        log.rewind(first_epoch, step)
 
     start_accuracy = None
     if not config.resume:
@@ -283,7 +285,6 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
     if env.is_main:
         _write_outputs(config, model, ref, layers, skipped, summary, sparse)
     log.write({"event": "final", "val_accuracy": final_accuracy, "step": step})
-    log.close()
     return FinetuneResult(config.out, summary)
 
 

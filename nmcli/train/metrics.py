@@ -1,4 +1,4 @@
-"""Training metrics: JSONL (always), TensorBoard (when installed), and the gradient-flow measurements of
+"""Training metrics: JSONL records, and the gradient-flow measurements of
 methods.md §5: per target layer, the variance of dL/dW, the norm of its change since the last log, and the
 mask flip rate at the target pattern ("sparse architecture divergence"), logged for every recipe incl. dense.
 """
@@ -11,35 +11,36 @@ from typing import Any
 
 import torch
 
+from nmcli.io.atomic import atomic_output
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.nm import NMPattern, nm_mask
 
 
 class MetricsLog:
-    def __init__(self, path: Path | None, tensorboard_dir: Path | None = None):
-        self.path = path
-        self.writer = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+    """One JSON record per line, appended as training goes (nothing is written where `path` is None)."""
 
-                self.writer = SummaryWriter(str(tensorboard_dir))
-            except ImportError:  # TensorBoard is optional
-                self.writer = None
+    def __init__(self, path: Path | None):
+        self.path = path
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, record.get("step", 0))
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def rewind(self, epoch: int, step: int) -> None:
+        """Resuming from the checkpoint taken after `epoch` epochs (`step` steps): drop what the interrupted run
+        logged after it, which the resumed run logs again, so that every record appears exactly once."""
+        if self.path is None or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line)
+            event = record.get("event")
+            if event == "start" or (event is None and record["step"] < step) or (event == "epoch" and record["epoch"] < epoch):
+                kept.append(line + "\n")
+        with atomic_output(self.path, force=True) as tmp:
+            tmp.write_text("".join(kept))
 
 
 class GradientFlowProbe:
