@@ -8,23 +8,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nmcli.methods.plan import plan_step, relative_training_flops, training_density
+from nmcli.methods.plan import plan_spans, plan_step, relative_training_flops, training_density
 from nmcli.models import ModelRef
 from nmcli.nm import NMPattern
 from nmcli.recipes import Recipe
 from nmcli.schedules import Phases
 
 
+CURVE_POINTS = 2000  # steps sampled for the plot: enough for a smooth line, bounded for any run length
+
+
 def describe_schedule(recipe: Recipe, target: NMPattern, steps: int, model: ModelRef | None = None) -> dict[str, Any]:
+    """Phases, stages, alpha and cost of a run of `steps`, computed per span of constant plan (never per step)."""
     phases = Phases.from_fractions(steps, recipe.dense_fraction, recipe.finetune_fraction)
-    plans = [plan_step(recipe, target, phases, s) for s in range(steps)]
     segments: list[dict[str, Any]] = []
-    for step, plan in enumerate(plans):
+    for start, end in plan_spans(recipe, target, phases):
+        plan = plan_step(recipe, target, phases, start)
         key = (plan.phase, str(plan.pattern) if not plan.dense else "dense")
-        if not segments or (segments[-1]["phase"], segments[-1]["pattern"]) != key:
-            segments.append({"phase": key[0], "pattern": key[1], "start": step, "end": step + 1})
+        if segments and (segments[-1]["phase"], segments[-1]["pattern"]) == key:
+            segments[-1]["end"] = end
         else:
-            segments[-1]["end"] = step + 1
+            segments.append({"phase": key[0], "pattern": key[1], "start": start, "end": end})
     decay = range(phases.dense_end, phases.finetune_start)
     key_points = sorted({decay[int(f * (len(decay) - 1))] for f in (0, 0.25, 0.5, 0.75, 1.0)} if decay else set())
     if model is not None:
@@ -38,11 +42,13 @@ def describe_schedule(recipe: Recipe, target: NMPattern, steps: int, model: Mode
             l.module: (per_layer.get(l.module, 0), meta.get_submodule(l.module).weight.shape[l.layout.k_axis])
             for l in targets.values()
         }
-        cost = relative_training_flops(recipe, target, phases, layers, total)
         cost_scope = f"whole model {model.name}"
-    else:
-        cost = sum(training_density(p) for p in plans) / steps
+    else:  # one stand-in layer holding all the FLOPs: the target layers' average density
+        layers, total = {"targets": (1, None)}, 1
         cost_scope = "target layers only (pass --model for the whole model)"
+    curve_steps = sorted({round(i * (steps - 1) / max(1, CURVE_POINTS - 1)) for i in range(min(steps, CURVE_POINTS))}
+                         | {s["start"] for s in segments})
+    curve = [(s, plan_step(recipe, target, phases, s)) for s in curve_steps]
     return {
         "recipe": recipe.name,
         "method": recipe.method,
@@ -50,10 +56,10 @@ def describe_schedule(recipe: Recipe, target: NMPattern, steps: int, model: Mode
         "steps": steps,
         "phases": {"dense_end": phases.dense_end, "finetune_start": phases.finetune_start, "total": steps},
         "segments": segments,
-        "alpha": [{"step": s, "alpha": plans[s].alpha} for s in key_points],
-        "training_flops_relative_to_dense": cost,
+        "alpha": [{"step": s, "alpha": plan_step(recipe, target, phases, s).alpha} for s in key_points],
+        "training_flops_relative_to_dense": relative_training_flops(recipe, target, phases, layers, total),
         "training_flops_scope": cost_scope,
-        "curve": [{"step": s, "alpha": p.alpha, "density": training_density(p), "pattern": p.label()} for s, p in enumerate(plans)],
+        "curve": [{"step": s, "alpha": p.alpha, "density": training_density(p), "pattern": p.label()} for s, p in curve],
     }
 
 

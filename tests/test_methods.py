@@ -1,15 +1,17 @@
 """Each backward formula of methods.md §3 against hand-computed values, and the recipe rules per step."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from nmcli.methods.effective import effective_weight
-from nmcli.methods.plan import plan_step, structure_stages, training_density
+from nmcli.methods.plan import plan_step, relative_training_flops, structure_stages, training_density
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models import LayerInfo
 from nmcli.nm import LINEAR, NMPattern, compliance
-from nmcli.recipes import load_recipe
+from nmcli.recipes import builtin_names, from_dict, load_recipe, to_dict
 from nmcli.schedules import Phases
 
 W = torch.tensor([[4.0, -3.0, 2.0, 1.0, 0.5, -8.0, 0.25, 6.0]])
@@ -104,3 +106,35 @@ def test_sparsifier_finalize_leaves_exact_zeros_and_plain_parameters():
     assert isinstance(model[0].weight, nn.Parameter) and not hasattr(model[0], "parametrizations")
     assert compliance(model[0].weight, NMPattern(2, 4), LINEAR).compliant
     assert int((model[0].weight != 0).sum()) == 8 * 16 // 2
+
+
+def _per_step_reference(recipe, target, phases, layers, total):
+    """The definition of methods.md §5, step by step (what relative_training_flops computed before spans)."""
+    spent = 0.0
+    for step in range(phases.total):
+        plan = plan_step(recipe, target, phases, step)
+        spent += total - sum(f * (1 - training_density(plan, k)) for f, k in layers.values())
+    return spent / (phases.total * total)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 97, 1000])
+@pytest.mark.parametrize("pattern", ["2:4", "1:8", "1:16"])
+def test_training_flops_over_spans_equal_the_per_step_sum(steps, pattern):
+    layers = {"a": (300, 64), "b": (500, 12), "c": (200, None)}  # b: K=12 holds at a later SDGF stage
+    extra = {"mdgf-stepped": {"method": "mdgf", "mask_decay": {"schedule": "stepped", "step_size": 0.3, "interval": 3}}}
+    recipes = [load_recipe(n) for n in builtin_names()]
+    recipes += [from_dict({**to_dict(recipes[0]), "name": k, **v}, k) for k, v in extra.items()]
+    for recipe in recipes:
+        recipe = recipe.with_overrides(pattern=pattern)
+        phases = Phases.from_fractions(steps, recipe.dense_fraction or 0.1, recipe.finetune_fraction)
+        expected = _per_step_reference(recipe, recipe.target, phases, layers, 1000)
+        got = relative_training_flops(recipe, recipe.target, phases, layers, 1000)
+        assert got == pytest.approx(expected, rel=1e-12), (recipe.name, steps, pattern)
+
+
+def test_recipe_show_describes_a_very_long_run_without_a_plan_per_step(cli):
+    r = cli("recipe", "show", "mdgf-sdgf", "--pattern", "1:16", "--steps", "30000000", "--json")
+    assert r.exit_code == 0, r.output
+    described = json.loads(r.stdout)
+    assert [s["pattern"] for s in described["segments"]] == ["15:16", "8:16", "4:16", "2:16", "1:16", "1:16"]
+    assert described["segments"][-1]["end"] == 30_000_000

@@ -103,18 +103,47 @@ def training_density(plan: StepPlan, reduction_length: int | None = None) -> flo
     return pattern_for_layer(list(plan.stages), plan.stage, reduction_length).density
 
 
+def plan_spans(recipe: Recipe, target: NMPattern, phases: Phases) -> list[tuple[int, int]]:
+    """[start, end) step ranges over which phase and structure stage stay the same (alpha may still decay)."""
+    cuts = {0, phases.dense_end, phases.finetune_start, phases.total}
+    if "sdgf" in recipe.method:
+        count = len(structure_stages(recipe, target))
+        cuts |= {phases.dense_end + stage_bounds(i, phases.decay_length, count)[0] for i in range(count)}
+    ordered = sorted(c for c in cuts if 0 <= c <= phases.total)
+    return [(a, b) for a, b in zip(ordered, ordered[1:]) if a < b]
+
+
+def uniform_spans(recipe: Recipe, target: NMPattern, phases: Phases) -> list[tuple[int, int, StepPlan]]:
+    """Spans over which the training density of every layer is constant, with the plan at each span's start.
+
+    Within a span of `plan_spans` alpha never increases, so one bisection finds where it reaches 0: the cost of a
+    schedule is a sum over a handful of spans, not a loop over (possibly millions of) steps.
+    """
+    out = []
+    for start, end in plan_spans(recipe, target, phases):
+        lo, hi = start, end
+        while lo < hi:  # first step of the span with alpha == 0
+            mid = (lo + hi) // 2
+            if plan_step(recipe, target, phases, mid).alpha > 0:
+                lo = mid + 1
+            else:
+                hi = mid
+        out += [(a, b, plan_step(recipe, target, phases, a)) for a, b in ((start, lo), (lo, end)) if a < b]
+    return out
+
+
 def relative_training_flops(
-    recipe: Recipe, target: NMPattern, phases: Phases, layers: dict[str, tuple[int, int]], total_flops: int
+    recipe: Recipe, target: NMPattern, phases: Phases, layers: dict[str, tuple[int, int | None]], total_flops: int
 ) -> float:
     """Training FLOPs of the recipe relative to dense training of the same steps (methods.md §5).
 
-    `layers`: target module -> (dense forward FLOPs, reduction length K). Training costs ~3x the forward pass
-    per step, with each target layer scaled by its density at that step; the factor 3 cancels in the ratio.
+    `layers`: target module -> (dense forward FLOPs, reduction length K, or None for the pattern's own density).
+    Training costs ~3x the forward pass per step, with each target layer scaled by its density at that step; the
+    factor 3 cancels in the ratio.
     """
     if total_flops <= 0 or phases.total <= 0:
         return 1.0
     spent = 0.0
-    for step in range(phases.total):
-        plan = plan_step(recipe, target, phases, step)
-        spent += total_flops - sum(f * (1 - training_density(plan, k)) for f, k in layers.values())
+    for start, end, plan in uniform_spans(recipe, target, phases):
+        spent += (end - start) * (total_flops - sum(f * (1 - training_density(plan, k)) for f, k in layers.values()))
     return spent / (phases.total * total_flops)
