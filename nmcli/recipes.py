@@ -8,6 +8,7 @@ naming the file and the key. YAML is loaded with `yaml.safe_load` only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -27,6 +28,8 @@ DEFAULT_SR_STE_LAMBDA = 2e-4
 DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05}
 DEFAULT_SCHEDULER = {"name": "cosine", "warmup_fraction": 0.05}
 DEFAULT_TRAINING = {"epochs": 3, "batch_size": 64}
+SCHEDULERS = ("cosine", "tanh", "poly", "step", "multistep")  # timm schedulers driven by step updates alone
+MAX_EPOCHS, MAX_BATCH = 100_000, 1_000_000  # beyond these a value is a typo, not a plan
 MAX_RECIPE_BYTES = 64 * 1024  # the built-ins are under 1 KB
 MAX_PROBLEM_CHARS = 200  # longest problem text in an error message
 
@@ -36,7 +39,7 @@ class MaskDecay:
     schedule: str = "linear"
     rate: float | None = None  # c per step; or derive it from reach_at
     reach_at: float | None = None  # fraction of the decay phase (or SDGF frame) where alpha hits 0 / 0.01
-    interval: int = 1  # stepped: mask updates every `interval` steps
+    interval: int = 1  # stepped: alpha drops by step_size every `interval` steps (the mask is re-derived every step)
     step_size: float | None = None  # stepped: w
     backward: str = "ste"
 
@@ -128,6 +131,8 @@ class _Checker:
     def number(self, value: Any, key: str, low: float | None = None, high: float | None = None, integer: bool = False):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
             raise self.fail(key, f"expected {'an integer' if integer else 'a number'}, got {value!r}")
+        if not math.isfinite(value):
+            raise self.fail(key, f"{value!r} is not a finite number")
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
             raise self.fail(key, f"{value!r} is outside {bounds}")
@@ -185,8 +190,13 @@ def from_dict(data: Any, source: str) -> Recipe:
         if schedule == "stepped":
             if md.get("step_size") is None:
                 raise c.fail("mask_decay.step_size", "the stepped schedule needs step_size (w in alpha = 1 - k w)")
+            for key in ("rate", "reach_at"):
+                if md.get(key) is not None:
+                    raise c.fail(f"mask_decay.{key}", "the stepped schedule takes step_size and interval, not rate or reach_at")
             c.number(md["step_size"], "mask_decay.step_size", 1e-9, 1)
             c.number(md.get("interval", 1), "mask_decay.interval", 1, integer=True)
+        elif any(md.get(key) is not None for key in ("step_size", "interval")):
+            raise c.fail("mask_decay", f"step_size and interval belong to the stepped schedule, not {schedule}")
         elif (rate is None) == (reach_at is None):
             raise c.fail("mask_decay", "give exactly one of rate (c per step) or reach_at (fraction of the phase)")
         if rate is not None:
@@ -214,6 +224,12 @@ def from_dict(data: Any, source: str) -> Recipe:
         if (schedule == "custom") != bool(stages):
             raise c.fail("structure_decay.stages", "a list of stages goes with (and only with) schedule: custom")
         stages = tuple(c.pattern(s, f"structure_decay.stages[{i}]", allow_dense=True) for i, s in enumerate(stages))
+        densities = [parse_pattern(s, allow_dense=True).density for s in stages] + [parse_pattern(pattern).density]
+        if any(later > earlier for earlier, later in zip(densities, densities[1:])):
+            raise c.fail(
+                "structure_decay.stages",
+                f"stages must go from dense toward the target {pattern} (density never rising); got {', '.join(stages)}",
+            )
         structure = StructureDecay(schedule, stages)
     elif "sdgf" in method:
         structure = StructureDecay()
@@ -228,20 +244,20 @@ def from_dict(data: Any, source: str) -> Recipe:
         sr_ste_lambda = DEFAULT_SR_STE_LAMBDA
 
     targets = c.section(data, "targets", _SECTION_KEYS["targets"])
-    optimizer = {**DEFAULT_OPTIMIZER, **c.section(data, "optimizer", _SECTION_KEYS["optimizer"])}
-    if not isinstance(optimizer.get("name", "adamw"), str):
-        raise c.fail("optimizer.name", "expected a timm optimizer name such as adamw or sgd")
-    c.number(optimizer.get("lr", 5e-4), "optimizer.lr", 0)
-    c.number(optimizer.get("weight_decay", 0.0), "optimizer.weight_decay", 0)
+    optimizer = _optimizer(c, data)
     scheduler = {**DEFAULT_SCHEDULER, **c.section(data, "scheduler", _SECTION_KEYS["scheduler"])}
+    c.choice(scheduler["name"], "scheduler.name", SCHEDULERS)
     c.number(scheduler.get("warmup_fraction", 0.0), "scheduler.warmup_fraction", 0, 1)
+    c.number(scheduler.get("min_lr", 0.0), "scheduler.min_lr", 0)
     training = dict(c.section(data, "training", _SECTION_KEYS["training"]))
     if "epochs" in training:
-        c.number(training["epochs"], "training.epochs", 1, integer=True)
+        c.number(training["epochs"], "training.epochs", 1, MAX_EPOCHS, integer=True)
     if "batch_size" in training:
-        c.number(training["batch_size"], "training.batch_size", 1, integer=True)
+        c.number(training["batch_size"], "training.batch_size", 1, MAX_BATCH, integer=True)
     if "clip_grad" in training and training["clip_grad"] is not None:
         c.number(training["clip_grad"], "training.clip_grad", 0)
+    if not isinstance(training.get("bf16", False), bool):
+        raise c.fail("training.bf16", f"expected true or false, got {training['bf16']!r}")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise c.fail("description", "expected a string")
@@ -265,6 +281,27 @@ def from_dict(data: Any, source: str) -> Recipe:
     )
 
 
+def _optimizer(c: _Checker, data: dict) -> dict[str, Any]:
+    """A timm optimizer by name, with finite hyper-parameters in range."""
+    import timm.optim
+
+    optimizer = {**DEFAULT_OPTIMIZER, **c.section(data, "optimizer", _SECTION_KEYS["optimizer"])}
+    name = optimizer["name"]
+    if not isinstance(name, str) or name.lower() not in timm.optim.list_optimizers():
+        raise c.fail("optimizer.name", f"{name!r} is not a timm optimizer (e.g. adamw, sgd, lamb)")
+    c.number(optimizer["lr"], "optimizer.lr", 0)
+    c.number(optimizer.get("weight_decay", 0.0), "optimizer.weight_decay", 0)
+    if "momentum" in optimizer:
+        c.number(optimizer["momentum"], "optimizer.momentum", 0, 1)
+    if "betas" in optimizer:
+        betas = optimizer["betas"]
+        if not isinstance(betas, list) or len(betas) != 2:
+            raise c.fail("optimizer.betas", f"expected two numbers such as [0.9, 0.999], got {betas!r}")
+        for i, beta in enumerate(betas):
+            c.number(beta, f"optimizer.betas[{i}]", 0, 1)
+    return optimizer
+
+
 def to_dict(recipe: Recipe) -> dict[str, Any]:
     """The YAML form of a recipe (what `from_dict` reads back to an equal recipe)."""
     out: dict[str, Any] = {
@@ -279,7 +316,10 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
         },
     }
     if recipe.mask_decay is not None:
-        out["mask_decay"] = {k: v for k, v in dataclasses.asdict(recipe.mask_decay).items() if v is not None}
+        stepped_only = () if recipe.mask_decay.schedule == "stepped" else ("interval", "step_size")
+        out["mask_decay"] = {
+            k: v for k, v in dataclasses.asdict(recipe.mask_decay).items() if v is not None and k not in stepped_only
+        }
     if recipe.structure_decay is not None:
         sd = {"schedule": recipe.structure_decay.schedule}
         if recipe.structure_decay.stages:

@@ -176,3 +176,54 @@ def test_recipes_and_recipe_show(cli, tmp_path):
     assert [a["alpha"] for a in data["alpha"]][0] == 1.0 and data["phases"]["finetune_start"] == 80
     # methods §5 by hand: 80 decay steps with alpha 0 from step 64 (2:4 -> 0.5), 20 fine-tune steps at 0.5
     assert data["training_flops_relative_to_dense"] == pytest.approx((64 + 16 * 0.5 + 20 * 0.5) / 100)
+
+
+def test_an_infinite_learning_rate_is_refused_before_training(cli, tmp_path):
+    r = _finetune(cli, tmp_path / "run", "--recipe", "ste", "--lr", "inf")
+    assert r.exit_code == 2 and "optimizer.lr: inf is not a finite number" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_and_writes_no_model(cli, tmp_path):
+    r = _finetune(cli, tmp_path / "run", "--recipe", "ste", "--lr", "1e30", "--epochs", "1")
+    assert r.exit_code == 2 and "diverged" in r.stderr and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_bf16_from_the_flag_or_the_recipe_is_the_same_autocast(cli, tmp_path):
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text("name: bf16\nmethod: ste\npattern: '2:4'\ntraining: {bf16: true}\n")
+    runs = {"plain": ("--recipe", "ste"), "flag": ("--recipe", "ste", "--bf16"), "recipe": ("--recipe", recipe)}
+    for name, args in runs.items():
+        assert _finetune(cli, tmp_path / name, *args, "--epochs", "1").exit_code == 0
+    plain, flag, from_recipe = (_weights(tmp_path / n) for n in runs)
+    assert not all(torch.equal(plain[k], flag[k]) for k in plain)  # bf16 autocast changes the numbers
+    assert all(torch.equal(flag[k], from_recipe[k]) for k in flag)  # and the recipe key is the same switch
+
+
+def _flows(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["gradient_flow"] for r in records if "gradient_flow" in r]
+
+
+def test_mask_flips_are_those_of_the_mask_in_use(cli, tmp_path):
+    """fixed-mask never changes its mask, so its flip rate is 0 (the probe used to follow a magnitude mask the run
+    did not use); a dense run has no mask and is measured against the target pattern's, and says so."""
+    fixed, dense = tmp_path / "fixed", tmp_path / "dense"
+    for out, recipe in ((fixed, "fixed-mask"), (dense, "dense")):
+        args = ("--recipe", recipe, "--epochs", "2", "--grad-log-every", "1", "--lr", "0.05")
+        assert _finetune(cli, out, *args).exit_code == 0
+    rates = [v["mask_flip_rate"] for flow in _flows(fixed) for v in flow.values() if "mask_flip_rate" in v]
+    assert len(rates) > 10 and set(rates) == {0.0}
+    assert {v["mask"] for flow in _flows(fixed) for v in flow.values()} == {"in use"}
+    assert {v["mask"] for flow in _flows(dense) for v in flow.values()} == {"target"}
+    assert any(v.get("mask_flip_rate", 0) > 0 for flow in _flows(dense) for v in flow.values())
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_validation_shards_count_every_sample_exactly_once(world):
+    from nmcli.train.distributed import DistEnv, shard
+
+    data = list(range(10))  # 10 samples do not split evenly over 3 or 4 ranks
+    seen = [i for rank in range(world) for i in shard(data, DistEnv(rank, world))]
+    assert sorted(seen) == data

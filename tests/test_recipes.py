@@ -79,3 +79,43 @@ def test_invalid_yaml(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(NMSparseError, match="not valid YAML"):
         load_recipe(str(path))
+
+
+MDGF = {"method": "mdgf", "mask_decay": {"schedule": "linear", "reach_at": 0.8}}
+SDGF = {"method": "sdgf", "structure_decay": {"schedule": "custom"}}
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"optimizer": {"lr": float("inf")}}, "optimizer.lr: inf is not a finite number"),
+        ({"optimizer": {"lr": float("nan")}}, "optimizer.lr: nan is not a finite number"),
+        ({"optimizer": {"lr": -1e-3}}, "optimizer.lr: -0.001 is outside"),
+        ({"optimizer": {"name": "adamww"}}, "optimizer.name: 'adamww' is not a timm optimizer"),
+        ({"optimizer": {"betas": [0.9]}}, "optimizer.betas: expected two numbers"),
+        ({"optimizer": {"momentum": 1.5}}, "optimizer.momentum: 1.5 is outside"),
+        ({"scheduler": {"name": "plateau"}}, "scheduler.name: 'plateau' is not one of"),
+        ({"scheduler": {"min_lr": float("nan")}}, "scheduler.min_lr: nan is not a finite number"),
+        ({"training": {"epochs": 10**9}}, "training.epochs: 1000000000 is outside"),
+        ({"training": {"bf16": "yes"}}, "training.bf16: expected true or false"),
+        ({**MDGF, "mask_decay": {"schedule": "linear", "reach_at": "0.8"}}, "mask_decay.reach_at: expected a number"),
+        ({**MDGF, "mask_decay": {"schedule": "stepped", "step_size": 0.1, "interval": "3"}}, "mask_decay.interval: expected an integer"),
+        ({**MDGF, "mask_decay": {"schedule": "stepped", "step_size": 0.1, "rate": 1e-3}}, "mask_decay.rate: the stepped schedule takes step_size"),
+        ({**MDGF, "mask_decay": {"schedule": "linear", "reach_at": 0.8, "step_size": 0.1}}, "mask_decay: step_size and interval belong to the stepped"),
+        ({**SDGF, "structure_decay": {"schedule": "custom", "stages": ["2:4", "3:4"]}}, "structure_decay.stages: stages must go from dense"),
+        ({**SDGF, "pattern": "2:4", "structure_decay": {"schedule": "custom", "stages": ["4:4", "1:4"]}}, "structure_decay.stages: stages must go from dense"),
+    ],
+)
+def test_every_value_is_checked_when_the_recipe_is_loaded(tmp_path, change, message):
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "method": "ste", "pattern": "2:4", **change}))
+    with pytest.raises(NMSparseError) as info:
+        load_recipe(str(path))
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value), str(info.value)
+
+
+def test_a_well_ordered_custom_stage_list_is_accepted(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "pattern": "1:8", **SDGF,
+                                    "structure_decay": {"schedule": "custom", "stages": ["8:8", "4:8", "2:8"]}}))
+    assert load_recipe(str(path)).structure_decay.stages == ("8:8", "4:8", "2:8")

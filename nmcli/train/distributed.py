@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,14 @@ class DistEnv:
     @property
     def enabled(self) -> bool:
         return self.world > 1
+
+
+def shard(dataset: Dataset, env: DistEnv) -> Dataset:
+    """This rank's share for evaluation: every `world`-th sample from its rank, so each sample is counted exactly
+    once over all ranks (DistributedSampler pads the set to equal shares, counting some twice)."""
+    if not env.enabled:
+        return dataset
+    return Subset(dataset, range(env.rank, len(dataset), env.world))
 
 
 def init_distributed(device: torch.device) -> DistEnv:

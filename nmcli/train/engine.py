@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -29,14 +30,14 @@ from nmcli.io.metadata import MODEL, SparsityMetadata
 from nmcli.methods.plan import StepPlan, plan_step, relative_training_flops
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models import ModelRef, build_model, data_config
-from nmcli.nm import compliance
+from nmcli.nm import compliance, count_nonfinite
 from nmcli.prune import plan_prune
 from nmcli.recipes import Recipe, to_dict
 from nmcli.report.flops import per_layer_flops
 from nmcli.schedules import Phases
 from nmcli.train.checkpointing import load_training_checkpoint, restore_rng, save_training_checkpoint
 from nmcli.train.data import load_data
-from nmcli.train.distributed import DistEnv, all_equal, init_distributed, mean_over_ranks, shutdown, sum_over_ranks
+from nmcli.train.distributed import DistEnv, all_equal, init_distributed, mean_over_ranks, shard, shutdown, sum_over_ranks
 from nmcli.train.metrics import GradientFlowProbe, MetricsLog
 
 MODEL_FILE, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE = "model.safetensors", "summary.json", "recipe.yaml", "metrics.jsonl"
@@ -60,6 +61,11 @@ class FinetuneConfig:
     limit: int | None = None
     force: bool = False
     device: str = "cpu"
+
+    @property
+    def use_bf16(self) -> bool:
+        """bf16 autocast: --bf16, or the recipe's training.bf16."""
+        return self.bf16 or bool(self.recipe.training.get("bf16"))
 
     @property
     def epochs(self) -> int:
@@ -189,8 +195,7 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
 
     sampler = DistributedSampler(splits.train, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed)
     train_loader = DataLoader(splits.train, batch_size=config.batch_size, sampler=sampler, drop_last=False)
-    val_sampler = DistributedSampler(splits.val, num_replicas=env.world, rank=env.rank, shuffle=False)
-    val_loader = DataLoader(splits.val, batch_size=256, sampler=val_sampler)
+    val_loader = DataLoader(shard(splits.val, env), batch_size=256)
     steps_per_epoch = len(train_loader)
     phases = Phases.from_fractions(config.epochs * steps_per_epoch, recipe.dense_fraction, recipe.finetune_fraction)
 
@@ -213,7 +218,7 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
         updates_per_epoch=steps_per_epoch,
     )
     train_model = DistributedDataParallel(model) if env.enabled else model
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.bf16 else contextlib.nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.use_bf16 else contextlib.nullcontext
     probe = GradientFlowProbe(sparsifier, target) if config.grad_log_every else None
 
     first_epoch, step = 0, 0
@@ -257,7 +262,13 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
             loss, record = train_step(
                 train_model, images, labels, optimizer, autocast=autocast, clip_grad=recipe.training.get("clip_grad"), probe=measure
             )
-            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NMSparseError(
+                    f"step {step}: the training loss is {value}; the weights diverged, so no model is written "
+                    "(lower --lr or the recipe's optimizer.lr)"
+                )
+            running = 0.9 * running + 0.1 * value if step else value
             values = {"loss": running, "phase": plan.phase, "alpha": plan.alpha, "pattern": plan.label(), "epoch": epoch}
             if step % config.log_every == 0 or record:
                 log.write({"step": step, "lr": optimizer.param_groups[0]["lr"], **values, **record})
@@ -279,6 +290,7 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
         return FinetuneResult(config.out, {"stopped_after_epoch": last_epoch})
 
     sparse = recipe.method != "dense"
+    _check_finite(model)
     sparsifier.finalize(target if sparse else None)
     final_accuracy = evaluate(model, val_loader, env, autocast)
     summary = _summary(config, model, ref, layers, skipped, phases, start_accuracy, final_accuracy, started, env)
@@ -286,6 +298,17 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
         _write_outputs(config, model, ref, layers, skipped, summary, sparse)
     log.write({"event": "final", "val_accuracy": final_accuracy, "step": step})
     return FinetuneResult(config.out, summary)
+
+
+def _check_finite(model: torch.nn.Module) -> None:
+    """Training that diverged in its last step leaves NaN/Inf weights behind a finite loss: never write them."""
+    for name, param in model.named_parameters():
+        bad = count_nonfinite(param.detach())
+        if bad:
+            raise NMSparseError(
+                f"{name}: {bad} NaN/Inf weights after training; the run diverged, so no model is written "
+                "(lower --lr or the recipe's optimizer.lr)"
+            )
 
 
 def _masks_agree(sparsifier: Sparsifier, env: DistEnv) -> bool:

@@ -44,7 +44,12 @@ class MetricsLog:
 
 
 class GradientFlowProbe:
-    """Per-layer gradient variance, gradient change and mask flips between logs."""
+    """Per-layer gradient variance, gradient change and mask flips between logs.
+
+    Flips are those of the mask the layer actually uses at that step (a frozen mask, the current SDGF stage, MDGF's
+    binary E). A dense step has no mask: there the probe follows the magnitude mask at the target pattern, so that
+    dense training can be compared with the sparse recipes (methods.md §5); `mask` in each record says which.
+    """
 
     def __init__(self, sparsifier: Sparsifier, target: NMPattern):
         self.sparsifier = sparsifier
@@ -59,8 +64,9 @@ class GradientFlowProbe:
             if weight.grad is None:
                 continue
             grad = weight.grad.detach().float()
-            mask = nm_mask(weight.detach(), self.target, param.layout)
-            entry = {"grad_var": float(grad.var()), "grad_norm": float(grad.norm())}
+            in_use = param.pattern() is not None
+            mask = param.keep_mask(weight) if in_use else nm_mask(weight.detach(), self.target, param.layout)
+            entry = {"grad_var": float(grad.var()), "grad_norm": float(grad.norm()), "mask": "in use" if in_use else "target"}
             if name in self.last_grad:
                 entry["grad_change_norm"] = float((grad - self.last_grad[name]).norm())
                 entry["mask_flip_rate"] = float((mask != self.last_mask[name]).float().mean())
