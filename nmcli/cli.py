@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from nmcli import __version__
 from nmcli.errors import NMSparseError
@@ -29,12 +29,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+# No markup or emoji in anything printed: paths, layer names and messages are shown as they are ("x[/].pt" or
+# "N:M:" would otherwise be read as markup or an emoji code); the few styled words use explicit styles.
+_PLAIN = {"markup": False, "emoji": False, "highlight": False}
+out = Console(**_PLAIN)
 if not out.is_terminal:  # piped output: wide enough that tables do not fold layer names
-    out = Console(width=200)
-err = Console(stderr=True)
+    out = Console(width=200, **_PLAIN)
+err = Console(stderr=True, **_PLAIN)
 if not err.is_terminal:
-    err = Console(stderr=True, width=200)
+    err = Console(stderr=True, width=200, **_PLAIN)
 STATE = {"debug": bool(os.environ.get("NMSPARSE_DEBUG"))}
 
 EXIT_ERROR = 2
@@ -61,10 +64,10 @@ def user_errors() -> Iterator[None]:
     except NMSparseError as exc:
         if STATE["debug"]:
             raise
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error:", "red"), f" {exc}"), soft_wrap=True)
         raise typer.Exit(EXIT_ERROR) from None
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: nothing was written")
+        err.print(Text.assemble(("interrupted", "red"), ": nothing was written"))
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -72,8 +75,7 @@ def user_errors() -> Iterator[None]:
         if STATE["debug"]:
             raise
         err.print(
-            f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(str(exc))} (run `nmsparse --debug ...` for the traceback)",
-            highlight=False,
+            Text.assemble(("error:", "red"), f" unexpected {type(exc).__name__}: {exc} (run `nmsparse --debug ...` for the traceback)"),
             soft_wrap=True,
         )
         raise typer.Exit(EXIT_ERROR) from None
@@ -85,7 +87,7 @@ def progress_bar(enabled: bool, unit: str = "tensors") -> Progress:
         BarColumn(),
         MofNCompleteColumn() if unit == "tensors" else TextColumn("{task.percentage:>5.1f}%"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[item]}", style="dim"),
+        TextColumn("{task.fields[item]}", style="dim", markup=False),
         console=err,
         transient=True,
         disable=not enabled,
@@ -169,7 +171,7 @@ def prune(
         return
     if not quiet:
         for name, why in plan.skipped.items():
-            out.print(f"[yellow]skipped[/yellow] {name}: {why}")
+            out.print(Text.assemble(("skipped", "yellow"), f" {name}: {why}"))
         for note in result.notes:
             out.print(f"note: {note}")
     out.print(
@@ -421,7 +423,7 @@ def recipe_show(
     if as_json:
         print_json({k: v for k, v in described.items() if k != "curve"})
         return
-    out.print(f"[bold]{chosen.name}[/bold] ({chosen.method}) -> {described['pattern']} over {steps} steps: {chosen.description}")
+    out.print(Text.assemble((chosen.name, "bold"), f" ({chosen.method}) -> {described['pattern']} over {steps} steps: {chosen.description}"))
     for segment in described["segments"]:
         out.print(f"  steps {segment['start']:>6}-{segment['end'] - 1:<6} {segment['phase']:<8} {segment['pattern']}")
     if any(a["alpha"] for a in described["alpha"]):

@@ -211,3 +211,15 @@ def test_the_built_in_example_reads_its_recipe_before_any_training(cli, tmp_path
     out = tmp_path / "ex"
     _assert_clean_error(cli("finetune", "--recipe", path, "--out", out), str(path), "method")
     assert not out.exists()
+
+
+def test_output_paths_and_names_with_markup_or_emoji_codes_print_as_they_are(cli, tmp_path):
+    src = tmp_path / "w.safetensors"
+    save_file({"fc.weight": _w()}, str(src))
+    (tmp_path / "o[").mkdir()
+    out = tmp_path / "o[/]x[bold]:smile:.safetensors"  # a file in the folder "o["
+    r = cli("prune", src, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert str(out) in r.stdout and out.is_file()
+    report = cli("report", out, "--check", "2:4")
+    assert report.exit_code == 0 and "o[/]x[bold]:smile:" in report.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from nmcli.nm import CONVENTION
 from nmcli.report.summary import Report
@@ -59,12 +60,12 @@ def render_report(report: Report, console: Console) -> None:
             f"theoretical sparse {_fmt_flops(f.sparse)} ({f.sparse / f.dense:.3f}x) | "
             f"2:4 tensor-core effective {_fmt_flops(f.hw24)} ({f.hw24 / f.dense:.3f}x)"
         )
-    console.print(f"[dim]convention: N:M = {CONVENTION}[/dim]")
+    console.print(f"convention: N:M = {CONVENTION}", style="dim")
     for note in report.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(Text.assemble(("note:", "yellow"), f" {note}"))
     if report.check is not None:
         if report.passed:
-            console.print(f"[green]check {report.check}: all {len(report.targets)} target layers comply[/green]")
+            console.print(f"check {report.check}: all {len(report.targets)} target layers comply", style="green")
         else:
             names = ", ".join(r.name for r in report.failing[:5]) or "no target layers"
-            console.print(f"[red]check {report.check}: {len(report.failing)} layer(s) do not comply: {names}[/red]")
+            console.print(f"check {report.check}: {len(report.failing)} layer(s) do not comply: {names}", style="red")
