@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from nmcli.errors import NMSparseError
 from nmcli.io.metadata import SparsityMetadata, model_from_strings
@@ -112,3 +113,22 @@ def resolve(
         layers = layers_from_shapes(ckpt.infos.values())
     declared = SparsityMetadata.from_strings(ckpt.metadata, ckpt.where)
     return Resolved(ckpt, ref, layers, declared)
+
+
+def load_model(resolved: Resolved) -> nn.Module:
+    """The architecture on the CPU with the checkpoint's weights; a checkpoint that does not fit is an error.
+
+    A timm model must match exactly; a Hugging Face folder may leave out buffers and tied weights, as
+    `from_pretrained` allows.
+    """
+    if resolved.model is None:
+        raise NMSparseError(
+            f"{resolved.checkpoint.where}: the model's architecture is unknown: pass --model TIMM_NAME "
+            "(files written by prune/finetune and Hugging Face folders carry it)"
+        )
+    model = build_model(resolved.model, device="cpu")
+    state = {name: resolved.checkpoint.read(name) for name in resolved.checkpoint.infos}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or (missing and resolved.model.source == "timm"):
+        raise NMSparseError(f"{resolved.checkpoint.where}: does not fit {resolved.model.name} ({(unexpected or missing)[0]})")
+    return model

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from nmcli.checkpoints import Resolved
 from nmcli.errors import NMSparseError
 from nmcli.io.metadata import SparsityMetadata
 from nmcli.io.rewrite import Item, Progress, copy_item, rewrite
 from nmcli.io.sources import Checkpoint
-from nmcli.models import LayerInfo, select_targets
+from nmcli.models import LayerInfo, ModelRef, select_targets
 from nmcli.nm import NMPattern, apply_nm_, count_nonfinite, reduction_length
 
 @dataclass
@@ -24,7 +25,8 @@ class PrunePlan:
     targets: dict[str, LayerInfo]
     skipped: dict[str, str] = field(default_factory=dict)
 
-    def metadata(self, resolved: Resolved) -> SparsityMetadata:
+    def metadata(self, model: ModelRef | None) -> SparsityMetadata:
+        """What prune, finetune and the exports write: pattern, convention, N:M layers and their K axes."""
         return SparsityMetadata(
             pattern=self.pattern,
             layers={
@@ -32,7 +34,7 @@ class PrunePlan:
                 for name, layer in self.targets.items()
             },
             skipped=self.skipped,
-            model=resolved.model.to_json() if resolved.model else None,
+            model=model.to_json() if model else None,
         )
 
 
@@ -71,6 +73,15 @@ def prune_tensor(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Ten
     return apply_nm_(tensor.clone() if ckpt.is_in_memory else tensor, plan.pattern, layer.layout)
 
 
+def prune_model_(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """The plan's N:M applied in place to a loaded model's target weights (what `prune` does to the file)."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for layer in plan.targets.values():
+            apply_nm_(modules[layer.module].weight.data, plan.pattern, layer.layout)
+    return model
+
+
 def prune_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str]) -> list[Item]:
     """Each target tensor becomes its pruned self; everything else is copied."""
     items = []
@@ -93,7 +104,7 @@ def prune(
     """Write the pruned checkpoint to `out`: a file for a file source, a folder (same shards) for a folder."""
     ckpt = resolved.checkpoint
     kept = {k: v for k, v in ckpt.metadata.items() if not k.startswith("nmsparse.")}
-    meta = {**kept, **plan.metadata(resolved).to_strings()}
+    meta = {**kept, **plan.metadata(resolved.model).to_strings()}
     if ckpt.folder is None and out.suffix != ".safetensors":
         raise NMSparseError(f"--out {out}: the output of a single checkpoint is a .safetensors file")
     notes = rewrite(ckpt, lambda names: prune_items(ckpt, plan, names), out, meta, force=force, progress=progress)

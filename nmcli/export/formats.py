@@ -22,7 +22,6 @@ from nmcli.io.sources import INDEX_NAME, Checkpoint
 from nmcli.nm import LINEAR, NMPattern, compliance, group_mask, reduction_length
 from nmcli.prune import PrunePlan, plan_prune, prune_items
 
-TWO_FOUR = NMPattern(2, 4)
 CT_FORMAT = "sparse-24-bitmask"
 CT_VERSION = "0.14.0.1"  # the last compressed-tensors release with the 2:4 compressors
 
@@ -75,7 +74,7 @@ def _source_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str], prune: bo
 
 def _base_metadata(resolved: Resolved, plan: PrunePlan, fmt: str) -> dict[str, str]:
     kept = {k: v for k, v in resolved.checkpoint.metadata.items() if not k.startswith("nmsparse.")}
-    meta = plan.metadata(resolved)
+    meta = plan.metadata(resolved.model)
     meta.format = fmt
     if resolved.declared is not None and resolved.declared.recipe is not None:
         meta.recipe = resolved.declared.recipe

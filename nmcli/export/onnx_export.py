@@ -16,38 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nmcli.checkpoints import Resolved
+from nmcli.checkpoints import Resolved, load_model
 from nmcli.errors import NMSparseError
 from nmcli.export.formats import ExportResult
 from nmcli.io.atomic import check_writable
 from nmcli.io.metadata import SparsityMetadata
 from nmcli.io.onnx_source import weight_layouts
-from nmcli.models import build_model
-from nmcli.nm import apply_nm_
-from nmcli.prune import PrunePlan
+from nmcli.prune import PrunePlan, prune_model_
 from nmcli.report.flops import example_inputs
 
 EXTERNAL_DATA_BYTES = 2**31 - 2**20  # protobuf's 2 GB limit, with room for the graph
 TENSOR_METADATA_IR = 10  # TensorProto.metadata_props exists from IR version 10
-
-
-def _load_model(resolved: Resolved, plan: PrunePlan, prune: bool) -> torch.nn.Module:
-    if resolved.model is None:
-        raise NMSparseError(
-            f"{resolved.checkpoint.where}: ONNX export needs the architecture: pass --model TIMM_NAME "
-            "(files written by prune/finetune and Hugging Face folders carry it)"
-        )
-    model = build_model(resolved.model, device="cpu").eval()
-    state = {name: resolved.checkpoint.read(name) for name in resolved.checkpoint.infos}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or (missing and resolved.model.source == "timm"):
-        raise NMSparseError(f"{resolved.checkpoint.where}: does not fit {resolved.model.name} ({(unexpected or missing)[0]})")
-    if prune:
-        modules = dict(model.named_modules())
-        with torch.no_grad():
-            for layer in plan.targets.values():
-                apply_nm_(modules[layer.module].weight.data, plan.pattern, layer.layout)
-    return model
 
 
 def _match_initializers(onnx_model, model: torch.nn.Module, plan: PrunePlan) -> dict[str, tuple[str, object]]:
@@ -90,7 +69,9 @@ def export_onnx(
     import onnx
 
     check_writable(out, force)
-    model = _load_model(resolved, plan, prune)
+    model = load_model(resolved).eval()
+    if prune:
+        prune_model_(model, plan)
     inputs = example_inputs(model, resolved.model, seq_len, device="cpu")
     names = list(inputs)
     dynamic = {n: {0: "batch"} for n in names} | {"output": {0: "batch"}}

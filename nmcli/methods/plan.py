@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nmcli.nm import NMPattern, parse_pattern
-from nmcli.recipes import Recipe
+from nmcli.recipes import MaskDecay, Recipe
 from nmcli.schedules import (
     Phases,
     alpha,
@@ -57,9 +57,7 @@ def structure_stages(recipe: Recipe, target: NMPattern) -> tuple[NMPattern, ...]
     return tuple(stages if stages[-1] == target else [*stages, target])
 
 
-def _alpha(recipe: Recipe, t: int, length: int) -> float:
-    md = recipe.mask_decay
-    assert md is not None
+def _alpha(md: MaskDecay, t: int, length: int) -> float:
     rate = md.rate if md.rate is not None else (decay_rate(md.schedule, length, md.reach_at) if md.reach_at else 0.0)
     return alpha(md.schedule, t, rate=rate, interval=md.interval, step_size=md.step_size or 0.0)
 
@@ -84,14 +82,15 @@ def plan_step(recipe: Recipe, target: NMPattern, phases: Phases, step: int) -> S
         )
     t, length = phases.clock(step), phases.decay_length
     index = stage_index(t, length, len(stages)) if "sdgf" in recipe.method else last
-    a = 0.0
-    if recipe.method == "mdgf":
-        a = _alpha(recipe, t, length)
-    elif recipe.method == "mdgf+sdgf":  # alpha restarts and decays within each structure stage
+    md = recipe.mask_decay  # present exactly for the MDGF methods (recipe validation)
+    if md is None:
+        return StepPlan("decay", stages, index, sr_lambda=sr_lambda)
+    if "sdgf" in recipe.method:  # mdgf+sdgf: alpha restarts and decays within each structure stage
         start, end = stage_bounds(index, length, len(stages))
-        a = _alpha(recipe, t - start, end - start)
-    backward = recipe.mask_decay.backward if recipe.mask_decay else "ste"
-    return StepPlan("decay", stages, index, alpha=a, sr_lambda=sr_lambda, backward=backward)
+        a = _alpha(md, t - start, end - start)
+    else:
+        a = _alpha(md, t, length)
+    return StepPlan("decay", stages, index, alpha=a, sr_lambda=sr_lambda, backward=md.backward)
 
 
 def training_density(plan: StepPlan, reduction_length: int | None = None) -> float:

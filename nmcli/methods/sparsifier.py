@@ -35,23 +35,20 @@ class NMWeight(nn.Module):
             return None
         return pattern_for_layer(list(self.plan.stages), self.plan.stage, self.reduction_length)
 
-    def keep_mask(self, weight: torch.Tensor) -> torch.Tensor:
-        pattern = self.pattern()
-        assert pattern is not None
+    def keep_mask(self, weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+        """The binary mask E in use at `pattern` (this layer's `pattern()`): the frozen one, else from `weight`."""
         if self.frozen is not None:
             return self.frozen
         return nm_mask(weight.detach(), pattern, self.layout)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        pattern = self.pattern()
-        if pattern is None or pattern.is_dense:
+        plan, pattern = self.plan, self.pattern()
+        if plan is None or pattern is None or pattern.is_dense:
             return weight
-        plan = self.plan
-        assert plan is not None
         if plan.freeze and self.frozen is None:
             self.frozen = nm_mask(weight.detach(), pattern, self.layout)
         return effective_weight(
-            weight, self.keep_mask(weight), alpha=plan.alpha, sr_lambda=plan.sr_lambda, backward=plan.backward
+            weight, self.keep_mask(weight, pattern), alpha=plan.alpha, sr_lambda=plan.sr_lambda, backward=plan.backward
         )
 
 

@@ -3,7 +3,7 @@
 from nmcli.nm.compliance import Compliance, compliance, count_nonfinite, detect_pattern
 from nmcli.nm.layout import CONV, HF_CONV1D, LINEAR, LINEAR_T, Layout, layout_by_name, reduction_length
 from nmcli.nm.mask import apply_nm, apply_nm_, group_mask, nm_mask
-from nmcli.nm.pattern import CONVENTION, NMPattern, parse_pattern
+from nmcli.nm.pattern import CONVENTION, TWO_FOUR, NMPattern, parse_pattern
 
 __all__ = [
     "CONV",
@@ -14,6 +14,7 @@ __all__ = [
     "LINEAR_T",
     "Layout",
     "NMPattern",
+    "TWO_FOUR",
     "apply_nm",
     "apply_nm_",
     "compliance",

@@ -44,6 +44,9 @@ class NMPattern:
         return f"{self.n}:{self.m}"
 
 
+TWO_FOUR = NMPattern(2, 4)  # the one pattern NVIDIA sparse tensor cores run
+
+
 def parse_pattern(text: str, *, allow_dense: bool = False) -> NMPattern:
     """Parse "N:M" (keep-N). Dense N == M is allowed only where the caller says so (SDGF stages)."""
     match = _PATTERN_RE.match(str(text))

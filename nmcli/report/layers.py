@@ -9,9 +9,8 @@ import torch
 
 from nmcli.checkpoints import Resolved
 from nmcli.models import LayerInfo, select_targets
-from nmcli.nm import NMPattern, compliance, count_nonfinite, detect_pattern, parse_pattern, reduction_length
+from nmcli.nm import TWO_FOUR, NMPattern, compliance, count_nonfinite, detect_pattern, parse_pattern, reduction_length
 
-TWO_FOUR = NMPattern(2, 4)
 TC_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "tf32", torch.int8: "int8"}
 
 

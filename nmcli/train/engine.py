@@ -23,15 +23,15 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from nmcli.checkpoints import Resolved, resolve
+from nmcli.checkpoints import Resolved, load_model, resolve
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
-from nmcli.io.metadata import MODEL, SparsityMetadata
+from nmcli.io.metadata import MODEL
 from nmcli.methods.plan import StepPlan, plan_step, relative_training_flops
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models import ModelRef, build_model, data_config
 from nmcli.nm import compliance, count_nonfinite
-from nmcli.prune import plan_prune
+from nmcli.prune import PrunePlan, plan_prune
 from nmcli.recipes import Recipe, to_dict
 from nmcli.report.flops import per_layer_flops
 from nmcli.schedules import Phases
@@ -150,11 +150,8 @@ def _check_out(config: FinetuneConfig) -> None:
 
 def _build(config: FinetuneConfig, splits_classes: int) -> tuple[torch.nn.Module, ModelRef, Resolved]:
     resolved = resolve(config.model, checkpoint=config.checkpoint, seed=config.seed, model_kwargs=config.model_kwargs)
-    assert resolved.model is not None
+    model = load_model(resolved)
     ref = resolved.model
-    model = build_model(ref, device="cpu")
-    state = {name: resolved.checkpoint.read(name) for name in resolved.checkpoint.infos}
-    model.load_state_dict(state, strict=True)
     if config.num_classes is not None:
         if model.num_classes != config.num_classes:
             model.reset_classifier(config.num_classes)
@@ -177,28 +174,35 @@ def run_finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> Fi
         shutdown(env)
 
 
-def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch.device) -> FinetuneResult:
-    started = time.perf_counter()
-    recipe, target = config.recipe, config.recipe.target
-    _check_out(config)
-    _seed_everything(config.seed)
-    meta_ref = ModelRef("timm", config.model, config.model_kwargs)
-    splits = load_data(config.data, data_config(build_model(meta_ref), meta_ref), config.limit)
-    model, ref, resolved = _build(config, splits.num_classes)
-    model.to(device)
+@dataclass
+class _Run:
+    """What one fine-tuning run trains with, built once by `_prepare`."""
 
-    plan = plan_prune(resolved, target, recipe.include, recipe.exclude)  # the same targets prune would choose
-    layers, skipped = plan.targets, plan.skipped
-    if not layers:
-        raise NMSparseError(f"no layer of {config.model} can take {target}; see `nmsparse report {config.model}`")
-    sparsifier = Sparsifier(model, layers).attach()
+    config: FinetuneConfig
+    env: DistEnv
+    device: torch.device
+    model: torch.nn.Module
+    ref: ModelRef
+    plan: PrunePlan  # the target layers (the same ones prune would choose) and the skipped ones
+    sparsifier: Sparsifier
+    sampler: DistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    data_description: str
+    phases: Phases
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_model: torch.nn.Module  # the model, wrapped in DDP when distributed
+    autocast: Callable
+    probe: GradientFlowProbe | None
+    log: MetricsLog | None = None
 
-    sampler = DistributedSampler(splits.train, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed)
-    train_loader = DataLoader(splits.train, batch_size=config.batch_size, sampler=sampler, drop_last=False)
-    val_loader = DataLoader(shard(splits.val, env), batch_size=256)
-    steps_per_epoch = len(train_loader)
-    phases = Phases.from_fractions(config.epochs * steps_per_epoch, recipe.dense_fraction, recipe.finetune_fraction)
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.val_loader, self.env, self.autocast)
 
+
+def _optimizer_and_scheduler(recipe: Recipe, model: torch.nn.Module, epochs: int, steps_per_epoch: int):  # noqa: ANN202
+    """timm's factories, configured by the recipe; the LR schedule advances every step."""
     import timm.optim
     import timm.scheduler
 
@@ -210,94 +214,147 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer,
         sched=sched_cfg.get("name", "cosine"),
-        num_epochs=config.epochs,
-        warmup_epochs=float(sched_cfg.get("warmup_fraction", 0.0)) * config.epochs,
+        num_epochs=epochs,
+        warmup_epochs=float(sched_cfg.get("warmup_fraction", 0.0)) * epochs,
         warmup_lr=float(recipe.optimizer["lr"]) * 1e-3,
         min_lr=float(sched_cfg.get("min_lr", 0.0)),
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )
-    train_model = DistributedDataParallel(model) if env.enabled else model
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.use_bf16 else contextlib.nullcontext
-    probe = GradientFlowProbe(sparsifier, target) if config.grad_log_every else None
+    return optimizer, scheduler
 
-    first_epoch, step = 0, 0
-    fingerprint = config.fingerprint(env.world)
+
+def _prepare(config: FinetuneConfig, env: DistEnv, device: torch.device) -> _Run:
+    """Data, model, target layers with the recipe's masks attached, loaders, schedule, optimizer."""
+    recipe, target = config.recipe, config.recipe.target
+    meta_ref = ModelRef("timm", config.model, config.model_kwargs)
+    splits = load_data(config.data, data_config(build_model(meta_ref), meta_ref), config.limit)
+    model, ref, resolved = _build(config, splits.num_classes)
+    model.to(device)
+    plan = plan_prune(resolved, target, recipe.include, recipe.exclude)
+    if not plan.targets:
+        raise NMSparseError(f"no layer of {config.model} can take {target}; see `nmsparse report {config.model}`")
+    sparsifier = Sparsifier(model, plan.targets).attach()
+    sampler = DistributedSampler(splits.train, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed)
+    train_loader = DataLoader(splits.train, batch_size=config.batch_size, sampler=sampler, drop_last=False)
+    phases = Phases.from_fractions(config.epochs * len(train_loader), recipe.dense_fraction, recipe.finetune_fraction)
+    optimizer, scheduler = _optimizer_and_scheduler(recipe, model, config.epochs, len(train_loader))
+    return _Run(
+        config, env, device, model, ref, plan, sparsifier, sampler, train_loader,
+        val_loader=DataLoader(shard(splits.val, env), batch_size=256),
+        data_description=splits.description,
+        phases=phases,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_model=DistributedDataParallel(model) if env.enabled else model,
+        autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.use_bf16 else contextlib.nullcontext,
+        probe=GradientFlowProbe(sparsifier, target) if config.grad_log_every else None,
+    )
+
+
+def _begin(run: _Run, reporter: Reporter) -> tuple[int, int, float | None]:
+    """Resume from the run's checkpoint, or start fresh and measure the starting accuracy.
+    Returns (first epoch, first step, start accuracy or None when resumed)."""
+    config = run.config
+    metrics = config.out / METRICS_FILE if run.env.is_main else None
     if config.resume:
-        model_state, state = load_training_checkpoint(config.out, fingerprint)
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sparsifier.load_masks_state(state["masks"])
-        first_epoch, step = int(state["epoch"]), int(state["step"])
+        model_state, state = load_training_checkpoint(config.out, config.fingerprint(run.env.world))
+        run.model.load_state_dict(model_state)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.sparsifier.load_masks_state(state["masks"])
+        epoch, step = int(state["epoch"]), int(state["step"])
         restore_rng(state)
-        reporter.message(f"resumed {config.out} at epoch {first_epoch} (step {step})")
-    elif env.is_main:
+        run.log = MetricsLog(metrics)
+        run.log.rewind(epoch, step)
+        reporter.message(f"resumed {config.out} at epoch {epoch} (step {step})")
+        return epoch, step, None
+    if run.env.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / METRICS_FILE).unlink(missing_ok=True)
-    log = MetricsLog(config.out / METRICS_FILE if env.is_main else None)
-    if config.resume:
-        log.rewind(first_epoch, step)
+    run.log = MetricsLog(metrics)
+    run.sparsifier.set_plan(StepPlan("dense", (config.recipe.target,), 0))
+    accuracy = run.evaluate()
+    reporter.message(f"start: val accuracy {accuracy:.4f} ({run.data_description})")
+    run.log.write({"event": "start", "val_accuracy": accuracy, "step": 0})
+    return 0, 0, accuracy
 
-    start_accuracy = None
-    if not config.resume:
-        sparsifier.set_plan(StepPlan("dense", (target,), 0))
-        start_accuracy = evaluate(model, val_loader, env, autocast)
-        reporter.message(f"start: val accuracy {start_accuracy:.4f} ({splits.description})")
-        log.write({"event": "start", "val_accuracy": start_accuracy, "step": 0})
 
+def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[int, StepPlan | None]:
+    """One pass over the training data, the recipe's plan set before every step. Returns (next step, last plan)."""
+    config, recipe = run.config, run.config.recipe
+    run.sampler.set_epoch(epoch)
+    running, plan = 0.0, None
+    for images, labels in run.train_loader:
+        images, labels = images.to(run.device), labels.to(run.device)
+        plan = plan_step(recipe, recipe.target, run.phases, step)
+        run.sparsifier.set_plan(plan)
+        run.scheduler.step_update(step)
+        measure = run.probe if run.probe is not None and step % config.grad_log_every == 0 else None
+        loss, record = train_step(
+            run.train_model, images, labels, run.optimizer,
+            autocast=run.autocast, clip_grad=recipe.training.get("clip_grad"), probe=measure,
+        )
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NMSparseError(
+                f"step {step}: the training loss is {value}; the weights diverged, so no model is written "
+                "(lower --lr or the recipe's optimizer.lr)"
+            )
+        running = 0.9 * running + 0.1 * value if step else value
+        values = {"loss": running, "phase": plan.phase, "alpha": plan.alpha, "pattern": plan.label(), "epoch": epoch}
+        if step % config.log_every == 0 or record:
+            run.log.write({"step": step, "lr": run.optimizer.param_groups[0]["lr"], **values, **record})
+        reporter.step(step, values)
+        step += 1
+    return step, plan
+
+
+def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter: Reporter) -> None:
+    """Validate, log, and (main rank) write the training checkpoint that --resume continues from."""
+    config = run.config
+    accuracy = run.evaluate()
+    agree = _masks_agree(run.sparsifier, run.env)
+    run.log.write({"event": "epoch", "epoch": epoch, "step": step, "val_accuracy": accuracy, "masks_identical_across_ranks": agree})
+    reporter.message(f"epoch {epoch + 1}/{config.epochs}: val accuracy {accuracy:.4f} ({plan.label() if plan else ''})")
+    if run.env.is_main:
+        save_training_checkpoint(
+            config.out, run.model,
+            {"epoch": epoch + 1, "step": step, "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "masks": run.sparsifier.masks_state(),
+             "fingerprint": json.dumps(config.fingerprint(run.env.world), sort_keys=True)},
+        )
+
+
+def _finish(run: _Run, start_accuracy: float | None, started: float) -> dict[str, Any]:
+    """Exact N:M weights, final accuracy, summary; the main rank writes the outputs."""
+    recipe = run.config.recipe
+    _check_finite(run.model)
+    run.sparsifier.finalize(recipe.target if recipe.method != "dense" else None)
+    final_accuracy = run.evaluate()
+    summary = _summary(run, start_accuracy, final_accuracy, started)
+    if run.env.is_main:
+        _write_outputs(run, summary)
+    run.log.write({"event": "final", "val_accuracy": final_accuracy, "step": run.phases.total})
+    return summary
+
+
+def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch.device) -> FinetuneResult:
+    started = time.perf_counter()
+    _check_out(config)
+    _seed_everything(config.seed)
+    run = _prepare(config, env, device)
+    first_epoch, step, start_accuracy = _begin(run, reporter)
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, first_epoch + config.stop_after)
-    reporter.start(phases.total, step, f"{recipe.name} {target}")
-    plan: StepPlan | None = None
-    accuracy = start_accuracy
+    reporter.start(run.phases.total, step, f"{config.recipe.name} {config.recipe.target}")
     for epoch in range(first_epoch, last_epoch):
-        sampler.set_epoch(epoch)
-        running = 0.0
-        for images, labels in train_loader:
-            images, labels = images.to(device), labels.to(device)
-            plan = plan_step(recipe, target, phases, step)
-            sparsifier.set_plan(plan)
-            scheduler.step_update(step)
-            measure = probe if probe is not None and step % config.grad_log_every == 0 else None
-            loss, record = train_step(
-                train_model, images, labels, optimizer, autocast=autocast, clip_grad=recipe.training.get("clip_grad"), probe=measure
-            )
-            value = loss.item()
-            if not math.isfinite(value):
-                raise NMSparseError(
-                    f"step {step}: the training loss is {value}; the weights diverged, so no model is written "
-                    "(lower --lr or the recipe's optimizer.lr)"
-                )
-            running = 0.9 * running + 0.1 * value if step else value
-            values = {"loss": running, "phase": plan.phase, "alpha": plan.alpha, "pattern": plan.label(), "epoch": epoch}
-            if step % config.log_every == 0 or record:
-                log.write({"step": step, "lr": optimizer.param_groups[0]["lr"], **values, **record})
-            reporter.step(step, values)
-            step += 1
-        accuracy = evaluate(model, val_loader, env, autocast)
-        masks_agree = _masks_agree(sparsifier, env)
-        log.write({"event": "epoch", "epoch": epoch, "step": step, "val_accuracy": accuracy, "masks_identical_across_ranks": masks_agree})
-        reporter.message(f"epoch {epoch + 1}/{config.epochs}: val accuracy {accuracy:.4f} ({plan.label() if plan else ''})")
-        if env.is_main:
-            save_training_checkpoint(
-                config.out, model,
-                {"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "masks": sparsifier.masks_state(), "fingerprint": json.dumps(fingerprint, sort_keys=True)},
-            )
+        step, plan = _train_epoch(run, epoch, step, reporter)
+        _end_epoch(run, epoch, step, plan, reporter)
     reporter.finish()
     if last_epoch < config.epochs:
         reporter.message(f"stopped after epoch {last_epoch}; continue with --resume {config.out}")
         return FinetuneResult(config.out, {"stopped_after_epoch": last_epoch})
-
-    sparse = recipe.method != "dense"
-    _check_finite(model)
-    sparsifier.finalize(target if sparse else None)
-    final_accuracy = evaluate(model, val_loader, env, autocast)
-    summary = _summary(config, model, ref, layers, skipped, phases, start_accuracy, final_accuracy, started, env)
-    if env.is_main:
-        _write_outputs(config, model, ref, layers, skipped, summary, sparse)
-    log.write({"event": "final", "val_accuracy": final_accuracy, "step": step})
-    return FinetuneResult(config.out, summary)
+    return FinetuneResult(config.out, _finish(run, start_accuracy, started))
 
 
 def _check_finite(model: torch.nn.Module) -> None:
@@ -317,15 +374,17 @@ def _masks_agree(sparsifier: Sparsifier, env: DistEnv) -> bool:
         return True
     digest = torch.zeros(len(sparsifier.params), dtype=torch.float64)
     for i, (name, param) in enumerate(sparsifier.params.items()):
-        if param.pattern() is not None:
-            keep = param.keep_mask(sparsifier.original(name))
+        pattern = param.pattern()
+        if pattern is not None:
+            keep = param.keep_mask(sparsifier.original(name), pattern)
             digest[i] = float((keep.flatten().double() * torch.arange(1, keep.numel() + 1, dtype=torch.float64)).sum())
     return all_equal(digest, env)
 
 
-def _summary(config, model, ref, layers, skipped, phases, start_accuracy, final_accuracy, started, env) -> dict:
+def _summary(run: _Run, start_accuracy: float | None, final_accuracy: float, started: float) -> dict[str, Any]:
+    config, model, layers = run.config, run.model, run.plan.targets
     recipe, target = config.recipe, config.recipe.target
-    _, total_flops, per_layer = per_layer_flops(ref)
+    _, total_flops, per_layer = per_layer_flops(run.ref)
     layer_costs = {
         layer.module: (per_layer.get(layer.module, 0), model.get_submodule(layer.module).weight.shape[layer.layout.k_axis])
         for layer in layers.values()
@@ -340,39 +399,36 @@ def _summary(config, model, ref, layers, skipped, phases, start_accuracy, final_
         "recipe": recipe.name,
         "method": recipe.method,
         "pattern": str(target) if sparse else None,
-        "model": ref.to_json(),
+        "model": run.ref.to_json(),
         "data": config.data,
         "seed": config.seed,
         "epochs": config.epochs,
-        "steps": phases.total,
-        "world_size": env.world,
+        "steps": run.phases.total,
+        "world_size": run.env.world,
         "start_val_accuracy": start_accuracy,
         "final_val_accuracy": final_accuracy,
         "target_layers": len(layers),
-        "skipped_layers": skipped,
+        "skipped_layers": run.plan.skipped,
         "all_layers_compliant": all(compliant.values()) if sparse else None,
         "flops": {"unit": "FLOPs (2 x MACs), one forward at batch 1", "dense": total_flops, "sparse_theoretical": round(sparse_flops)},
-        "training_flops_relative_to_dense": relative_training_flops(recipe, target, phases, layer_costs, total_flops),
-        "wall_seconds": round(mean_over_ranks(time.perf_counter() - started, env), 2),
+        "training_flops_relative_to_dense": relative_training_flops(recipe, target, run.phases, layer_costs, total_flops),
+        "wall_seconds": round(mean_over_ranks(time.perf_counter() - started, run.env), 2),
     }
 
 
-def _write_outputs(config, model, ref, layers, skipped, summary, sparse) -> None:
-    out = config.out
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if sparse:
-        meta = SparsityMetadata(
-            pattern=config.recipe.target,
-            layers={n: {"layout": l.layout.name, "k_axis": l.layout.k_axis, "pattern": str(config.recipe.target)} for n, l in layers.items()},
-            skipped=skipped,
-            model=ref.to_json(),
-            recipe=to_dict(config.recipe),
-        ).to_strings()
+def _write_outputs(run: _Run, summary: dict[str, Any]) -> None:
+    """model.safetensors (with prune's N:M metadata plus the recipe), summary.json, recipe.yaml."""
+    config = run.config
+    tensors = {k: v.detach().contiguous().cpu() for k, v in run.model.state_dict().items()}
+    if config.recipe.method != "dense":
+        meta = run.plan.metadata(run.ref)
+        meta.recipe = to_dict(config.recipe)
+        strings = meta.to_strings()
     else:
-        meta = {MODEL: json.dumps(ref.to_json(), sort_keys=True)}
-    with atomic_output(out / MODEL_FILE, force=True) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    with atomic_output(out / SUMMARY_FILE, force=True) as tmp:
+        strings = {MODEL: json.dumps(run.ref.to_json(), sort_keys=True)}
+    with atomic_output(config.out / MODEL_FILE, force=True) as tmp:
+        save_file(tensors, str(tmp), metadata=strings)
+    with atomic_output(config.out / SUMMARY_FILE, force=True) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    with atomic_output(out / RECIPE_FILE, force=True) as tmp:
+    with atomic_output(config.out / RECIPE_FILE, force=True) as tmp:
         tmp.write_text(config.recipe.to_yaml())

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from nmcli.checkpoints import resolve
-from nmcli.models import build_model, data_config
-from nmcli.nm import apply_nm_
-from nmcli.prune import plan_prune
+from nmcli.checkpoints import load_model, resolve
+from nmcli.models import data_config
+from nmcli.nm import parse_pattern
+from nmcli.prune import plan_prune, prune_model_
 from nmcli.recipes import Recipe, load_recipe
 from nmcli.train.data import load_data
 from nmcli.train.distributed import DistEnv
@@ -41,14 +41,7 @@ class ExampleSettings:
 def one_shot_accuracy(checkpoint: Path, pattern: str, limit: int | None) -> float:
     """Accuracy of the dense checkpoint after one-shot magnitude pruning, with no training."""
     resolved = resolve(str(checkpoint))
-    assert resolved.model is not None
-    model = build_model(resolved.model, device="cpu")
-    model.load_state_dict({n: resolved.checkpoint.read(n) for n in resolved.checkpoint.infos})
-    plan = plan_prune(resolved, load_recipe("ste").with_overrides(pattern=pattern).target)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for layer in plan.targets.values():
-            apply_nm_(modules[layer.module].weight.data, plan.pattern, layer.layout)
+    model = prune_model_(load_model(resolved), plan_prune(resolved, parse_pattern(pattern)))
     splits = load_data("mnist5k", data_config(model, resolved.model), limit)
     from torch.utils.data import DataLoader
 

@@ -64,9 +64,12 @@ class GradientFlowProbe:
             if weight.grad is None:
                 continue
             grad = weight.grad.detach().float()
-            in_use = param.pattern() is not None
-            mask = param.keep_mask(weight) if in_use else nm_mask(weight.detach(), self.target, param.layout)
-            entry = {"grad_var": float(grad.var()), "grad_norm": float(grad.norm()), "mask": "in use" if in_use else "target"}
+            pattern = param.pattern()
+            if pattern is not None:
+                mask, which = param.keep_mask(weight, pattern), "in use"
+            else:
+                mask, which = nm_mask(weight.detach(), self.target, param.layout), "target"
+            entry = {"grad_var": float(grad.var()), "grad_norm": float(grad.norm()), "mask": which}
             if name in self.last_grad:
                 entry["grad_change_norm"] = float((grad - self.last_grad[name]).norm())
                 entry["mask_flip_rate"] = float((mask != self.last_mask[name]).float().mean())
