@@ -150,3 +150,24 @@ def test_sr_ste_term_reaches_the_optimizer(cli, tmp_path, spy):
         tolerance = 1e-6 * float(grads["plain"][name].abs().max())
         assert float(expected.abs().max()) > 20 * tolerance, name  # the term is far above that noise
         assert torch.allclose(grads["sr"][name] - grads["plain"][name], expected, rtol=1e-3, atol=tolerance), name
+
+
+@pytest.mark.parametrize("finetune_mask", ["frozen", "recomputed"])
+def test_the_fine_tune_mask_is_frozen_only_when_the_recipe_says_so(cli, tmp_path, spy, finetune_mask):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: ft\nmethod: mdgf\npattern: '2:4'\n"
+        f"phases: {{dense: 0.0, finetune: 0.2, finetune_mask: {finetune_mask}}}\n"
+        "mask_decay: {schedule: linear, reach_at: 0.8}\n"
+    )
+    seen = _run(cli, tmp_path, spy, str(recipe), "2:4", "--lr", "0.05")
+    finetune = seen[DECAY:]  # steps 16-19
+    first = finetune[0]
+    for name, w in first.effective.items():
+        assert torch.equal(w, _masked(first.original[name], 2, 4))  # the mask taken when fine-tuning begins
+    same = all(torch.equal(s.effective[n] != 0, first.effective[n] != 0) for s in finetune for n in first.effective)
+    recomputed = all(torch.equal(s.effective[n], _masked(s.original[n], 2, 4)) for s in finetune for n in s.effective)
+    if finetune_mask == "frozen":
+        assert same
+    else:
+        assert recomputed and not same  # the magnitude mask follows the weights
