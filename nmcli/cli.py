@@ -147,8 +147,6 @@ def prune(
         check_writable(out_path, force)
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         plan = plan_prune(resolved, nm, include or (), exclude or ())
-        if not plan.targets:
-            raise NMSparseError(f"{resolved.checkpoint.where}: no layer can take {nm}; see `nmsparse report`")
         started = time.perf_counter()
         result = with_byte_progress(
             "pruning", resolved.checkpoint.infos, not (quiet or as_json),
@@ -436,11 +434,10 @@ def recipe_show(
         out.print(f"  plot -> {plot}")
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+def _size(paths: list[Path]) -> int:
+    """Bytes written: files, and every file inside folders."""
+    files = [f for p in paths for f in ([q for q in p.rglob("*") if q.is_file()] if p.is_dir() else [p])]
+    return sum(f.stat().st_size for f in files)
 
 
 @app.command()
@@ -480,7 +477,7 @@ def export(
             ),
         )
         dense_bytes = sum(i.nbytes for i in infos.values())
-        written = _size(result.out)
+        written = _size([result.out, *result.extra_files])
     payload = {
         "out": str(result.out), "format": result.format, "nm_layers": result.nm_layers, "dense_layers": result.dense_layers,
         "bytes": written, "dense_bytes": dense_bytes, "notes": result.notes, "convention": CONVENTION,

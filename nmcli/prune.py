@@ -15,7 +15,7 @@ from nmcli.io.metadata import SparsityMetadata
 from nmcli.io.rewrite import Item, Progress, copy_item, rewrite
 from nmcli.io.sources import Checkpoint
 from nmcli.models import LayerInfo, ModelRef, select_targets
-from nmcli.nm import NMPattern, apply_nm_, count_nonfinite, reduction_length
+from nmcli.nm import MASKABLE_DTYPES, NMPattern, apply_nm_, count_nonfinite, reduction_length
 
 @dataclass
 class PrunePlan:
@@ -50,14 +50,22 @@ class PruneResult:
 def plan_prune(
     resolved: Resolved, pattern: NMPattern, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> PrunePlan:
-    """Targets per methods.md §4; a layer whose K is not divisible by M is skipped, never padded."""
+    """Targets per methods.md §4; a layer whose K is not divisible by M is skipped, never padded, and so is one whose
+    dtype cannot be masked (float8, integers). A plan with no target at all is an error, for every command."""
     plan = PrunePlan(pattern, {})
     for name, layer in select_targets(resolved.layers, include, exclude).items():
-        k = reduction_length(resolved.checkpoint.infos[name].shape, layer.layout)
-        if k % pattern.m:
+        info = resolved.checkpoint.infos[name]
+        k = reduction_length(info.shape, layer.layout)
+        if info.dtype not in MASKABLE_DTYPES:
+            plan.skipped[name] = f"dtype {str(info.dtype).removeprefix('torch.')} cannot be masked (N:M takes fp16, bf16, fp32, fp64)"
+        elif k % pattern.m:
             plan.skipped[name] = f"K={k} not divisible by M={pattern.m}"
         else:
             plan.targets[name] = layer
+    if not plan.targets:
+        reasons = sorted(set(plan.skipped.values()))
+        why = f" ({'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})" if reasons else ""
+        raise NMSparseError(f"{resolved.checkpoint.where}: no layer can take {pattern}{why}; see `nmsparse report`")
     return plan
 
 

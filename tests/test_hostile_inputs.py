@@ -223,3 +223,50 @@ def test_output_paths_and_names_with_markup_or_emoji_codes_print_as_they_are(cli
     assert str(out) in r.stdout and out.is_file()
     report = cli("report", out, "--check", "2:4")
     assert report.exit_code == 0 and "o[/]x[bold]:smile:" in report.stdout
+
+
+def test_a_file_of_empty_tensors_is_copied_not_crashed(cli, tmp_path):
+    src = tmp_path / "empty.safetensors"
+    save_file({"a": torch.zeros(0, 4), "b": torch.zeros(0)}, str(src))
+    out = tmp_path / "o.safetensors"
+    assert cli("report", src).exit_code == 0
+    assert cli("export", src, "--format", "dense", "--pattern", "2:4", "--out", out).exit_code == 2  # nothing is N:M
+    r = cli("prune", src, "--out", out)
+    _assert_clean_error(r, "no layer can take 2:4")
+    from nmcli.io.rewrite import copy_item, rewrite
+    from nmcli.io.sources import open_path
+
+    ckpt = open_path(src)
+    rewrite(ckpt, lambda names: [copy_item(ckpt, n) for n in names], out, {}, force=False)  # the pipeline itself
+    assert {k: tuple(v.shape) for k, v in load_file(str(out)).items()} == {"a": (0, 4), "b": (0,)}
+
+
+@pytest.mark.parametrize("command", ["export", "prune"])
+def test_a_pattern_no_layer_can_take_is_an_error_for_every_command(cli, tmp_path, command):
+    src = tmp_path / "w.safetensors"
+    save_file({"fc.weight": _w()}, str(src))
+    out = tmp_path / "o.safetensors"
+    args = ("--format", "nm", "--prune") if command == "export" else ()
+    _assert_clean_error(cli(command, src, "--pattern", "1:1000000", *args, "--out", out), "no layer can take 1:1000000")
+    assert not out.exists()
+
+
+def test_float8_weights_are_reported_and_skipped_not_crashed(cli, tmp_path):
+    src = tmp_path / "f8.safetensors"
+    w8 = apply_nm(_w(), NMPattern(2, 4), LINEAR).to(torch.float8_e4m3fn)
+    save_file({"fc.weight": w8, "fc2.weight": _w(1)}, str(src))
+    report = cli("report", src, "--json")
+    assert report.exit_code == 0, report.output
+    rows = {row["name"]: row for row in json.loads(report.stdout)["layers"]}
+    assert rows["fc.weight"]["density"] == pytest.approx(0.5) and rows["fc.weight"]["pattern"] == "2:4"
+    r = cli("prune", src, "--out", tmp_path / "o.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    skipped = json.loads(r.stdout)["skipped_layers"]
+    assert "float8_e4m3fn cannot be masked" in skipped["fc.weight"]
+    assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["fc.weight"].float(), w8.float())  # untouched
+
+
+def test_an_empty_onnx_file_is_an_error(cli, tmp_path):
+    empty = tmp_path / "m.onnx"
+    empty.write_bytes(b"")
+    _assert_clean_error(cli("report", empty), "m.onnx", "no graph")

@@ -106,3 +106,24 @@ def test_a_state_file_without_our_keys_is_named(cli, tmp_path):
     assert _finetune(cli, run, *ARGS, "--stop-after", "1").exit_code == 0
     torch.save({"epoch": 1}, run / "checkpoint" / "state.pt")
     _assert_clean_error(cli(*BASE, "--resume", run, *ARGS), "state.pt", "not an nmsparse training state", "fingerprint")
+
+
+def _onnx_export(cli, src, out, *extra):
+    return cli("export", src, "--format", "onnx", "--out", out, "--model", "resnet18", "-q", *extra)
+
+
+def test_onnx_model_and_external_data_are_one_output(cli, tmp_path, resnet_file):
+    out = tmp_path / "m.onnx"
+    unrelated = tmp_path / "m.onnx.data"  # someone else's file with the conventional name
+    unrelated.write_bytes(b"not ours")
+    args = ("--pattern", "2:4", "--prune", "--external-data")
+    assert _onnx_export(cli, resnet_file, out, *args).exit_code == 0
+    assert unrelated.read_bytes() == b"not ours"  # never overwritten
+    first = sorted(p.name for p in tmp_path.glob("m.onnx.*.data"))
+    assert len(first) == 1
+    _assert_clean_error(_onnx_export(cli, resnet_file, out, *args), "already exists")
+    assert _onnx_export(cli, resnet_file, out, *args, "--force").exit_code == 0
+    second = sorted(p.name for p in tmp_path.glob("m.onnx.*.data"))
+    assert len(second) == 1 and second != first  # the replaced export's data is gone, the new one is named anew
+    assert _onnx_export(cli, resnet_file, out, "--pattern", "2:4", "--prune", "--force").exit_code == 0
+    assert list(tmp_path.glob("m.onnx.*.data")) == []  # an inline export leaves no stale data behind

@@ -33,6 +33,7 @@ class ExportResult:
     nm_layers: list[str]  # N:M layers in the output (compressed, or dense-shaped with exact zeros)
     dense_layers: list[str] = field(default_factory=list)  # N:M-capable layers the format keeps dense
     notes: list[str] = field(default_factory=list)
+    extra_files: list[Path] = field(default_factory=list)  # written besides `out` (an ONNX model's external data)
 
 
 def sparsity_plan(

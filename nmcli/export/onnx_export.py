@@ -8,9 +8,10 @@ or as MatMul with a transposed [in, out] initializer; the metadata records the a
 
 from __future__ import annotations
 
-import os
+import glob
+import re
+import secrets
 import warnings
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from nmcli.checkpoints import Resolved, load_model
 from nmcli.errors import NMSparseError
 from nmcli.export.formats import ExportResult
-from nmcli.io.atomic import check_writable
+from nmcli.io.atomic import atomic_output, check_writable, scratch_dir
 from nmcli.io.metadata import SparsityMetadata
 from nmcli.io.onnx_source import weight_layouts
 from nmcli.prune import PrunePlan, prune_model_
@@ -78,8 +79,8 @@ def export_onnx(
     if resolved.model.source == "hf":
         dynamic = {n: {0: "batch", 1: "sequence"} for n in names} | {"output": {0: "batch"}}
     notes = []
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        raw = Path(tmp) / "raw.onnx"
+    with scratch_dir(out) as tmp:
+        raw = tmp / "raw.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow in model code
             torch.onnx.export(
@@ -112,14 +113,36 @@ def export_onnx(
         size = sum(int(np.prod(p.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(p.data_type)).itemsize
                    for p in onnx_model.graph.initializer)
         use_external = size > EXTERNAL_DATA_BYTES if external_data is None else external_data
-        final = Path(tmp) / out.name
-        data_name = out.name + ".data"
-        if use_external:
-            onnx.save_model(onnx_model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=0)
-            notes.append(f"weights in external data file {data_name}")
-            os.replace(Path(tmp) / data_name, out.parent / data_name)
-        else:
-            onnx.save_model(onnx_model, str(final))
-        os.replace(final, out)
-    return ExportResult(out, "onnx", sorted(matched), [], notes)
+    data = _publish(onnx_model, out, force, use_external)
+    if data is not None:
+        notes.append(f"weights in external data file {data.name}")
+    return ExportResult(out, "onnx", sorted(matched), [], notes, extra_files=[data] if data else [])
+
+
+def _data_files(out: Path) -> list[Path]:
+    """External data files of the export `out`: `<out>.<token>.data` (and the `<out>.data` of older versions)."""
+    return [p for p in out.parent.glob(f"{glob.escape(out.name)}.*data") if re.fullmatch(r"(\.[0-9a-f]{8})?\.data", p.name[len(out.name):])]
+
+
+def _publish(onnx_model, out: Path, force: bool, external: bool) -> Path | None:  # noqa: ANN001
+    """Model and external data as one output. The data gets a name of its own, written first; then the model,
+    which names it, appears atomically; then the data of the export it replaced is removed. So a model is never
+    paired with another export's data, even if the run is killed in between."""
+    import onnx
+
+    previous = _data_files(out) if out.exists() else []  # data of an export that --force replaces
+    data = out.with_name(f"{out.name}.{secrets.token_hex(4)}.data") if external else None
+    try:
+        with atomic_output(out, force=force) as tmp:
+            if data is None:
+                onnx.save_model(onnx_model, str(tmp))
+            else:  # the location is relative to the model file, and tmp sits beside `out`
+                onnx.save_model(onnx_model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data.name, size_threshold=0)
+    except BaseException:
+        if data is not None:
+            data.unlink(missing_ok=True)
+        raise
+    for stale in previous:
+        stale.unlink(missing_ok=True)
+    return data

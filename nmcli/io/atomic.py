@@ -133,6 +133,13 @@ def _publish_replacing(tmp: Path, path: Path, directory: bool) -> None:
 
 
 @contextlib.contextmanager
+def scratch_dir(path: Path) -> Iterator[Path]:
+    """A private working folder beside `path`, removed afterwards (and by `clean_stale` if this run is killed)."""
+    with tempfile.TemporaryDirectory(prefix=f"{_side_name(path, 'tmp')}{os.getpid()}.", dir=path.parent) as tmp:
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
 def atomic_output(path: Path, *, force: bool, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it becomes `path`, on failure it is removed."""
     path = Path(path)

@@ -51,6 +51,8 @@ def open_onnx(path: Path) -> Checkpoint:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # noqa: BLE001 - protobuf and I/O errors alike mean an unreadable file
         raise NMSparseError(f"{path}: not a readable ONNX model ({exc})") from None
+    if not model.graph.node:  # an empty file parses as an empty model
+        raise NMSparseError(f"{path}: an ONNX model with no graph (the file is empty or not ONNX)")
     tensors = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer}
     metadata = {p.key: p.value for p in model.metadata_props}
     layouts = weight_layouts(model.graph)

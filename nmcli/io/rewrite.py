@@ -80,7 +80,7 @@ def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterat
 
     def refill() -> None:
         nonlocal ahead, submitted
-        while submitted < len(items) and ahead < budget:
+        while submitted < len(items) and (ahead < budget or not queue):  # at least one, even if all are empty
             item = items[submitted]
             buffers = [pool.take(ckpt.infos[n].nbytes) for n in item.inputs] if pool else []
             queue.append((worker.submit(work, item, buffers), buffers))

@@ -31,10 +31,21 @@ class Compliance:
         return self.violating_groups == 0
 
 
+def _countable(weight: torch.Tensor) -> torch.Tensor:
+    """float8 tensors have no CPU reductions (count_nonzero, aminmax, isfinite); their float32 copy is exact."""
+    return weight.float() if weight.dtype.is_floating_point and weight.dtype.itemsize == 1 else weight
+
+
+def nonzero_fraction(weight: torch.Tensor) -> float:
+    """Density: the fraction of entries that are not exactly zero (1.0 for an empty tensor)."""
+    return float(_countable(weight).count_nonzero()) / weight.numel() if weight.numel() else 1.0
+
+
 def count_nonfinite(weight: torch.Tensor) -> int:
     """NaN/Inf entries. min/max propagate NaN and expose Inf with no full-size temporary (isfinite makes several)."""
     if weight.numel() == 0 or not weight.dtype.is_floating_point:
         return 0
+    weight = _countable(weight)
     low, high = torch.aminmax(weight)
     if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
         return 0
@@ -43,7 +54,7 @@ def count_nonfinite(weight: torch.Tensor) -> int:
 
 def group_nonzeros(weight: torch.Tensor, layout: Layout, m: int) -> torch.Tensor:
     """Non-zero count of each group of `m` along K (NaN counts as non-zero)."""
-    return to_groups(weight, layout, m).ne(0).sum(dim=1, dtype=torch.int32)
+    return to_groups(_countable(weight), layout, m).ne(0).sum(dim=1, dtype=torch.int32)
 
 
 def compliance(weight: torch.Tensor, pattern: NMPattern, layout: Layout) -> Compliance:

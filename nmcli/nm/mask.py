@@ -29,6 +29,7 @@ _BITS = {
     torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
     torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
 }
+MASKABLE_DTYPES = frozenset(_BITS)  # float weights N:M can mask exactly (float8 and integer weights cannot)
 CHUNK_ELEMENTS = 1 << 18  # elements a worker takes at a time: cache-sized, and 64 chunks per 4096x4096
 PARALLEL_MIN_ELEMENTS = 1 << 18  # below this a pool costs more than it saves
 

@@ -9,7 +9,16 @@ import torch
 
 from nmcli.checkpoints import Resolved
 from nmcli.models import LayerInfo, select_targets
-from nmcli.nm import TWO_FOUR, NMPattern, compliance, count_nonfinite, detect_pattern, parse_pattern, reduction_length
+from nmcli.nm import (
+    TWO_FOUR,
+    NMPattern,
+    compliance,
+    count_nonfinite,
+    detect_pattern,
+    nonzero_fraction,
+    parse_pattern,
+    reduction_length,
+)
 
 TC_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "tf32", torch.int8: "int8"}
 
@@ -91,7 +100,7 @@ def layer_rows(
             layout=layer.layout.name,
             k_axis=layer.layout.k_axis,
             status="target",
-            density=float(weight.count_nonzero()) / max(weight.numel(), 1),
+            density=nonzero_fraction(weight),
             nonfinite=count_nonfinite(weight),
             params=weight.numel(),
             tc24=_tc24(weight, layer),

@@ -232,8 +232,6 @@ def _prepare(config: FinetuneConfig, env: DistEnv, device: torch.device) -> _Run
     model, ref, resolved = _build(config, splits.num_classes)
     model.to(device)
     plan = plan_prune(resolved, target, recipe.include, recipe.exclude)
-    if not plan.targets:
-        raise NMSparseError(f"no layer of {config.model} can take {target}; see `nmsparse report {config.model}`")
     sparsifier = Sparsifier(model, plan.targets).attach()
     sampler = DistributedSampler(splits.train, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed)
     train_loader = DataLoader(splits.train, batch_size=config.batch_size, sampler=sampler, drop_last=False)
