@@ -121,7 +121,8 @@ def export_onnx(
 
 def _data_files(out: Path) -> list[Path]:
     """External data files of the export `out`: `<out>.<token>.data` (and the `<out>.data` of older versions)."""
-    return [p for p in out.parent.glob(f"{glob.escape(out.name)}.*data") if re.fullmatch(r"(\.[0-9a-f]{8})?\.data", p.name[len(out.name):])]
+    candidates = out.parent.glob(f"{glob.escape(out.name)}.*data")
+    return [p for p in candidates if re.fullmatch(r"(\.[0-9a-f]{8})?\.data", p.name[len(out.name):])]
 
 
 def _publish(onnx_model, out: Path, force: bool, external: bool) -> Path | None:  # noqa: ANN001
