@@ -16,12 +16,12 @@ from nmcli.models import (
     LayerInfo,
     ModelRef,
     build_model,
-    check_state_dict_matches,
     hf_ref,
     layers_from_shapes,
     layers_of_model,
     timm_model_exists,
 )
+from nmcli.state_match import StateMatch, match_state
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Resolved:
     model: ModelRef | None
     layers: dict[str, LayerInfo]
     declared: SparsityMetadata | None
+    match: StateMatch | None = None  # checkpoint names -> model state keys (None without an architecture)
 
     def declared_targets(self) -> dict[str, LayerInfo]:
         """The N:M layers the file's metadata declares (empty when it declares none)."""
@@ -103,32 +104,41 @@ def resolve(
     else:
         raise NMSparseError(f"SOURCE {source!r} is neither an existing file/folder nor a timm model name")
 
+    match = None
     if ckpt.graph_layouts is not None:  # ONNX: names are the graph's, layouts come from the graph
         layers = {n: LayerInfo(n, n, layout_by_name(l)) for n, l in ckpt.graph_layouts.items()}
     elif ref is not None:
         arch = build_model(ref)
-        check_state_dict_matches(arch, ckpt.infos, ckpt.where, strict=ref.source == "timm")
-        layers = {k: v for k, v in layers_of_model(arch, ref).items() if k in ckpt.infos}
+        match = match_state(arch, ckpt.infos, ckpt.where, exact=ref.source == "timm")
+        layers = _layers_by_checkpoint_name(layers_of_model(arch, ref), match)
     else:
         layers = layers_from_shapes(ckpt.infos.values())
     declared = SparsityMetadata.from_strings(ckpt.metadata, ckpt.where)
-    return Resolved(ckpt, ref, layers, declared)
+    return Resolved(ckpt, ref, layers, declared, match)
+
+
+def _layers_by_checkpoint_name(layers: dict[str, LayerInfo], match: StateMatch) -> dict[str, LayerInfo]:
+    """The model's N:M-capable layers that the checkpoint holds, under the checkpoint's own tensor names."""
+    names = match.to_checkpoint()
+    return {
+        names[key]: LayerInfo(names[key], layer.module, layer.layout, layer.excluded_by_default)
+        for key, layer in layers.items()
+        if key in names
+    }
 
 
 def load_model(resolved: Resolved) -> nn.Module:
     """The architecture on the CPU with the checkpoint's weights; a checkpoint that does not fit is an error.
 
-    A timm model must match exactly; a Hugging Face folder may leave out buffers and tied weights, as
-    `from_pretrained` allows.
+    A timm model must match exactly; a Hugging Face folder is matched as `from_pretrained` matches it
+    (nmcli/state_match.py).
     """
-    if resolved.model is None:
+    if resolved.model is None or resolved.match is None:
         raise NMSparseError(
             f"{resolved.checkpoint.where}: the model's architecture is unknown: pass --model TIMM_NAME "
             "(files written by prune/finetune and Hugging Face folders carry it)"
         )
     model = build_model(resolved.model, device="cpu")
-    state = {name: resolved.checkpoint.read(name) for name in resolved.checkpoint.infos}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or (missing and resolved.model.source == "timm"):
-        raise NMSparseError(f"{resolved.checkpoint.where}: does not fit {resolved.model.name} ({(unexpected or missing)[0]})")
+    state = {key: resolved.checkpoint.read(name) for name, key in resolved.match.to_model.items()}
+    model.load_state_dict(state, strict=False)
     return model

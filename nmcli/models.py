@@ -206,23 +206,6 @@ def select_targets(
     return chosen
 
 
-def check_state_dict_matches(model: nn.Module, infos: dict[str, TensorInfo], where: str, strict: bool) -> None:
-    """A checkpoint that does not fit the architecture is an error naming the first tensor that differs."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for name, info in infos.items():
-        if name not in expected:
-            raise NMSparseError(f"{where}: tensor {name} is not part of the model; is this the right --model?")
-        if expected[name] != info.shape:
-            raise NMSparseError(
-                f"{where}: tensor {name} has shape {list(info.shape)} but the model expects {list(expected[name])}; "
-                "is this the right --model (or --num-classes)?"
-            )
-    if strict:
-        missing = [k for k in expected if k not in infos]
-        if missing:
-            raise NMSparseError(f"{where}: tensor {missing[0]} of the model is missing from the checkpoint")
-
-
 def hf_ref(config: dict) -> ModelRef:
     """Named by architecture, not by path: the config itself travels with the checkpoint folder."""
     name = (config.get("architectures") or [config.get("model_type", "unknown")])[0]

@@ -115,6 +115,7 @@ def prune(
     meta = {**kept, **plan.metadata(resolved.model).to_strings()}
     if ckpt.folder is None and out.suffix != ".safetensors":
         raise NMSparseError(f"--out {out}: the output of a single checkpoint is a .safetensors file")
-    notes = rewrite(ckpt, lambda names: prune_items(ckpt, plan, names), out, meta, force=force, progress=progress)
+    notes = resolved.match.notes() if resolved.match is not None else []
+    notes += rewrite(ckpt, lambda names: prune_items(ckpt, plan, names), out, meta, force=force, progress=progress)
     total = sum(i.nbytes for i in ckpt.infos.values())
     return PruneResult(out, plan, len(ckpt.infos), total, notes)

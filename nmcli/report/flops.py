@@ -1,14 +1,19 @@
 """FLOPs of a model at its real input shape: dense, theoretical sparse and 2:4-hardware-effective.
 
-Counted with `torch.utils.flop_counter` on the meta device (FLOPs = 2 x multiply-accumulates), then each weight
-layer's GEMM/conv FLOPs are scaled by its weight density (methods.md §5).
+Counted with `torch.utils.flop_counter` (FLOPs = 2 x multiply-accumulates) on tensors without storage: the meta
+device for timm models, fake CPU tensors for Hugging Face models (their forward enters `torch.autocast` for the
+input's device type, which the meta device does not support). Each weight layer's GEMM/conv FLOPs are then scaled by
+its weight density (methods.md §5).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from nmcli.errors import NMSparseError
@@ -38,16 +43,16 @@ def example_inputs(
 
 def per_layer_flops(ref: ModelRef, seq_len: int = 128) -> tuple[tuple[int, ...], int, dict[str, int]]:
     """(input shape, total FLOPs, FLOPs of each module) for one forward pass at batch 1."""
-    model = build_model(ref).eval()
-    inputs = example_inputs(model, ref, seq_len)
-    shape = tuple(next(iter(inputs.values())).shape)
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(**inputs)
-    except Exception as exc:  # a model's forward may not run on meta tensors
-        raise NMSparseError(
-            f"cannot count FLOPs of {ref.name} on input {list(shape)}: {exc}; pass --no-flops to skip them"
-        ) from None
+    fake = ref.source == "hf"
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        model = build_model(ref, device="cpu" if fake else "meta").eval()
+        inputs = example_inputs(model, ref, seq_len, device="cpu" if fake else "meta")
+        shape = tuple(next(iter(inputs.values())).shape)
+        try:
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                model(**inputs)
+        except Exception as exc:  # any model's forward may fail on tensors without storage: say why, go on
+            raise NMSparseError(f"cannot trace {ref.name} on input {list(shape)}: {exc}") from None
     root = type(model).__name__ + "."
     counts = {
         key.removeprefix(root): sum(ops.values())

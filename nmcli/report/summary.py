@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from nmcli.checkpoints import Resolved
+from nmcli.errors import NMSparseError
 from nmcli.nm import CONVENTION, NMPattern
 from nmcli.report.flops import Flops, count_flops
 from nmcli.report.layers import LayerRow, layer_rows
@@ -104,12 +105,25 @@ def build_report(
     if any(r.nonfinite for r in rows):
         bad = [r.name for r in rows if r.nonfinite]
         report.notes.append(f"non-finite (NaN/Inf) weights in {len(bad)} layer(s): {', '.join(bad[:5])}")
+    if resolved.match is not None:
+        report.notes.extend(resolved.match.notes())
     if flops and resolved.model is not None:
-        modules = {r.name.removesuffix(".weight"): r for r in rows}
+        _add_flops(report, resolved, seq_len)
+    return report
+
+
+def _add_flops(report: Report, resolved: Resolved, seq_len: int) -> None:
+    """FLOPs per weight layer under the model's module names; an architecture that cannot be traced gets a note."""
+    modules = {
+        (resolved.layers[r.name].module if r.name in resolved.layers else r.name.removesuffix(".weight")): r
+        for r in report.rows
+    }
+    try:
         report.flops = count_flops(
             resolved.model,
             {m: r.density for m, r in modules.items()},
             {m for m, r in modules.items() if r.tc24 == "yes"},
             seq_len,
         )
-    return report
+    except NMSparseError as exc:
+        report.notes.append(f"FLOPs not counted: {exc}")
