@@ -272,10 +272,19 @@ def _json_option(text: Optional[str], name: str) -> dict:
 
 @app.command()
 def finetune(
-    model: Annotated[Optional[str], typer.Option("--model", help="timm model name (none: run the built-in example)")] = None,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="timm model name or Hugging Face folder (none: the built-in example)")
+    ] = None,
     model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="JSON kwargs for timm.create_model")] = None,
     checkpoint: CheckpointOpt = None,
-    data: Annotated[str, typer.Option("--data", help="image folder with train/ and val/, or mnist5k")] = "mnist5k",
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", help="timm: image folder or mnist5k (default); HF: .txt/.md/.jsonl, a folder, or python-help (default)"),
+    ] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="HF models: tokens per sample")] = 128,
+    start: Annotated[
+        Optional[str], typer.Option("--start", help="HF models: start the student from this N:M checkpoint (default: the dense model)")
+    ] = None,
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name or YAML path")] = "sdgf-stepwise",
     pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", help=PATTERN_HELP + " (overrides the recipe)")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
@@ -304,7 +313,7 @@ def finetune(
             from nmcli.train.example import ExampleSettings, run_example
 
             _refuse_for_example({
-                "--model-kwargs": model_kwargs, "--checkpoint": checkpoint, "--data": None if data == "mnist5k" else data,
+                "--model-kwargs": model_kwargs, "--checkpoint": checkpoint, "--data": data, "--seq-len": None if seq_len == 128 else seq_len, "--start": start,
                 "--batch-size": batch_size, "--num-classes": num_classes, "--bf16": bf16 or None, "--resume": resume,
                 "--stop-after": stop_after, "--grad-log-every": grad_log_every or None,
                 "--device": None if device == "cpu" else device,
@@ -330,7 +339,7 @@ def finetune(
                 raise NMSparseError("--out is required: the folder for the checkpoint, summary and metrics")
             config = FinetuneConfig(
                 model=model, model_kwargs=_json_option(model_kwargs, "--model-kwargs"), recipe=chosen, out=out_path,
-                data=data, checkpoint=checkpoint, seed=seed, num_classes=num_classes, bf16=bf16,
+                data=data, checkpoint=checkpoint, seed=seed, num_classes=num_classes, bf16=bf16, seq_len=seq_len, start=start,
                 resume=resume is not None, grad_log_every=grad_log_every, stop_after=stop_after, limit=limit,
                 force=force, device=device,
             )
@@ -350,9 +359,8 @@ def finetune(
         out.print(f"stopped after epoch {result['stopped_after_epoch']}; continue with --resume {out_path}")
     else:
         out.print(
-            f"{result['recipe']} {result['pattern'] or 'dense'}: val accuracy "
-            f"{_fmt_accuracy(result['start_val_accuracy'])} -> "
-            f"{result['final_val_accuracy']:.4f} | compliant: {result['all_layers_compliant']} | training FLOPs vs dense "
+            f"{result['recipe']} {result['pattern'] or 'dense'}: {_quality_change(result)} | "
+            f"compliant: {result['all_layers_compliant']} | training FLOPs vs dense "
             f"{result['training_flops_relative_to_dense']:.3f}x | {result['wall_seconds']}s -> {out_path}"
         )
 
@@ -367,8 +375,15 @@ def _refuse_for_example(options: dict[str, object]) -> None:
         )
 
 
-def _fmt_accuracy(value: Optional[float]) -> str:
-    return "(resumed)" if value is None else f"{value:.4f}"
+def _quality_change(result: dict) -> str:
+    """`val accuracy 0.1000 -> 0.8990`, one entry per quality metric of the summary (start is unknown after --resume)."""
+    names = [key.removeprefix("final_") for key in result if key.startswith("final_")]
+    return ", ".join(
+        f"{name.replace('_', ' ')} "
+        f"{'(resumed)' if result.get('start_' + name) is None else format(result['start_' + name], '.4f')} -> "
+        f"{result['final_' + name]:.4f}"
+        for name in names
+    )
 
 
 @app.command("recipes")

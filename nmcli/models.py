@@ -7,6 +7,7 @@ allocates nothing.
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,25 @@ class ModelRef:
     @classmethod
     def from_json(cls, data: dict, hf_config: dict | None = None) -> ModelRef:
         return cls(data["source"], data["name"], dict(data.get("kwargs") or {}), hf_config or data.get("config"))
+
+
+class ModelKind(enum.Enum):
+    """What a model computes, which decides its training loss and its quality metric."""
+
+    IMAGE_CLASSIFIER = "image classifier"  # timm
+    CAUSAL_LM = "causal LM"
+    ENCODER = "encoder"  # base models, masked LMs, sentence embedders: compared on hidden states
+    SEQUENCE_CLASSIFIER = "sequence classifier"
+
+
+def model_kind(ref: ModelRef) -> ModelKind:
+    if ref.source == "timm":
+        return ModelKind.IMAGE_CLASSIFIER
+    if ref.name.endswith(("ForCausalLM", "LMHeadModel")):
+        return ModelKind.CAUSAL_LM
+    if ref.name.endswith("ForSequenceClassification"):
+        return ModelKind.SEQUENCE_CLASSIFIER
+    return ModelKind.ENCODER
 
 
 @dataclass(frozen=True)

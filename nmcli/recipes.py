@@ -50,6 +50,21 @@ class StructureDecay:
     stages: tuple[str, ...] = ()  # custom: patterns from least to most sparse (the target is appended if absent)
 
 
+EMBEDDING_LOSSES = ("cosine", "mse")
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """Weights of the distillation terms (methods.md §6); None = the default for the model's kind."""
+
+    kl: float | None = None  # logit KL (causal LMs, classifiers)
+    ce: float | None = None  # cross-entropy on the data's next tokens (causal LMs)
+    squarehead: float | None = None  # per-block normalised hidden-state MSE
+    embedding: float | None = None  # mean-pooled embedding distance (encoders)
+    temperature: float | None = None
+    embedding_loss: str | None = None  # "cosine" | "mse"
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -67,6 +82,7 @@ class Recipe:
     optimizer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
     training: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRAINING))
+    distill: DistillSpec | None = None  # Hugging Face models only
     source: str = "<built-in>"
 
     @property
@@ -93,7 +109,7 @@ class Recipe:
 
 _TOP_KEYS = {
     "name", "description", "method", "pattern", "phases", "mask_decay", "structure_decay", "sr_ste", "targets",
-    "optimizer", "scheduler", "training",
+    "optimizer", "scheduler", "training", "distill",
 }
 _SECTION_KEYS = {
     "phases": {"dense", "finetune", "finetune_mask"},
@@ -104,6 +120,7 @@ _SECTION_KEYS = {
     "optimizer": {"name", "lr", "weight_decay", "momentum", "betas"},
     "scheduler": {"name", "warmup_fraction", "min_lr"},
     "training": {"epochs", "batch_size", "clip_grad", "bf16"},
+    "distill": {"kl", "ce", "squarehead", "embedding", "temperature", "embedding_loss"},
 }
 
 
@@ -258,6 +275,7 @@ def from_dict(data: Any, source: str) -> Recipe:
         c.number(training["clip_grad"], "training.clip_grad", 0)
     if not isinstance(training.get("bf16", False), bool):
         raise c.fail("training.bf16", f"expected true or false, got {training['bf16']!r}")
+    distill = _distill(c, data) if "distill" in data else None
     description = data.get("description", "")
     if not isinstance(description, str):
         raise c.fail("description", "expected a string")
@@ -277,8 +295,20 @@ def from_dict(data: Any, source: str) -> Recipe:
         optimizer=optimizer,
         scheduler=scheduler,
         training={**DEFAULT_TRAINING, **training},
+        distill=distill,
         source=source,
     )
+
+
+def _distill(c: _Checker, data: dict) -> DistillSpec:
+    """Non-negative weights, at least one of them positive when all are given; a positive temperature."""
+    section = c.section(data, "distill", _SECTION_KEYS["distill"])
+    weights = {k: c.number(section[k], f"distill.{k}", 0, 1e6) for k in ("kl", "ce", "squarehead", "embedding") if k in section}
+    if len(weights) == 4 and not any(weights.values()):
+        raise c.fail("distill", "every term has weight 0: nothing would be learned")
+    temperature = c.number(section["temperature"], "distill.temperature", 1e-3, 1e3) if "temperature" in section else None
+    loss = c.choice(section["embedding_loss"], "distill.embedding_loss", EMBEDDING_LOSSES) if "embedding_loss" in section else None
+    return DistillSpec(**weights, temperature=temperature, embedding_loss=loss)
 
 
 def _optimizer(c: _Checker, data: dict) -> dict[str, Any]:
@@ -331,6 +361,8 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
     out["optimizer"] = dict(recipe.optimizer)
     out["scheduler"] = dict(recipe.scheduler)
     out["training"] = dict(recipe.training)
+    if recipe.distill is not None:
+        out["distill"] = {k: v for k, v in dataclasses.asdict(recipe.distill).items() if v is not None}
     return out
 
 

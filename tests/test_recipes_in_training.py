@@ -42,15 +42,15 @@ class Spy:
         self.seen: list[Seen] = []
         self.probe = None
 
-    def __call__(self, model, images, labels, optimizer, **kwargs):
+    def __call__(self, model, batch, optimizer, **kwargs):
         targets = _targets(model)
         self.seen.append(Seen(
             {n: m.weight.detach().clone() for n, m in targets.items()},
             {n: m.parametrizations.weight.original.detach().clone() for n, m in targets.items()},
         ))
         if self.probe is not None:
-            self.probe(len(self.seen) - 1, model, images, labels)
-        return self.real(model, images, labels, optimizer, **kwargs)
+            self.probe(len(self.seen) - 1, model, *batch)
+        return self.real(model, batch, optimizer, **kwargs)
 
 
 @pytest.fixture

@@ -181,7 +181,7 @@ def copy_side_files(folder: Path, out: Path, skip: set[str], shown: str = "") ->
         if item.is_symlink() or not (item.is_file() or item.is_dir()):
             notes.append(f"not copied (a symlink or special file, not a regular file of the source folder): {shown}{item.name}")
         elif item.is_dir():
-            (out / item.name).mkdir()
+            (out / item.name).mkdir(exist_ok=True)
             notes += copy_side_files(item, out / item.name, set(), f"{shown}{item.name}/")
         else:
             shutil.copy2(item, out / item.name)

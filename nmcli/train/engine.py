@@ -1,8 +1,9 @@
 """The fine-tuning loop: model + data + recipe -> an exactly N:M checkpoint, a summary and metrics.
 
-Flow: resolve the model (timm, optional checkpoint) -> attach the recipe's masks -> train with timm's optimizer and
-LR scheduler, the step plan setting alpha / structure every step -> evaluate every epoch -> checkpoint every epoch
--> finalize (exact N:M) -> write model.safetensors, summary.json, recipe.yaml.
+Flow: resolve the model (timm name / checkpoint, or a Hugging Face folder) -> its task (tasks.py: labelled images,
+or distillation from the dense teacher on text) -> attach the recipe's masks -> train with timm's optimizer and LR
+scheduler, the step plan setting alpha / structure every step -> evaluate every epoch -> checkpoint every epoch ->
+finalize (exact N:M) -> write model.safetensors (+ the Hugging Face folder's files), summary.json, recipe.yaml.
 """
 
 from __future__ import annotations
@@ -18,27 +19,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from nmcli.checkpoints import Resolved, load_model, resolve
+from nmcli.data.images import MNIST5K
+from nmcli.data.text import PYTHON_HELP
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
 from nmcli.io.metadata import MODEL
+from nmcli.io.rewrite import copy_side_files
+from nmcli.io.sources import INDEX_NAME
 from nmcli.methods.plan import StepPlan, plan_step, relative_training_flops
 from nmcli.methods.sparsifier import Sparsifier
-from nmcli.models import ModelRef, build_model, data_config
+from nmcli.models import ModelKind, ModelRef, model_kind
 from nmcli.nm import compliance, count_nonfinite
 from nmcli.prune import PrunePlan, plan_prune
 from nmcli.recipes import Recipe, to_dict
 from nmcli.report.flops import per_layer_flops
 from nmcli.schedules import Phases
-from nmcli.train.checkpointing import load_training_checkpoint, restore_rng, save_training_checkpoint
-from nmcli.train.data import load_data
-from nmcli.train.distributed import DistEnv, all_equal, init_distributed, mean_over_ranks, shard, shutdown, sum_over_ranks
+from nmcli.train.checkpointing import CHECKPOINT_DIR, load_training_checkpoint, restore_rng, save_training_checkpoint
+from nmcli.train.distributed import DistEnv, all_equal, init_distributed, mean_over_ranks, shutdown
 from nmcli.train.metrics import GradientFlowProbe, MetricsLog
+from nmcli.train.tasks import Task, distill_task, image_task, student_of, to_device
 
 MODEL_FILE, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE = "model.safetensors", "summary.json", "recipe.yaml", "metrics.jsonl"
 
@@ -48,7 +52,7 @@ class FinetuneConfig:
     model: str
     recipe: Recipe
     out: Path
-    data: str = "mnist5k"
+    data: str | None = None  # None: mnist5k for timm models, python-help for Hugging Face models
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     seed: int = 0
@@ -61,6 +65,8 @@ class FinetuneConfig:
     limit: int | None = None
     force: bool = False
     device: str = "cpu"
+    seq_len: int = 128  # Hugging Face models: tokens per training / held-out sample
+    start: str | None = None  # Hugging Face models: the student's starting N:M checkpoint (default: the teacher)
 
     @property
     def use_bf16(self) -> bool:
@@ -80,7 +86,7 @@ class FinetuneConfig:
         return {
             "model": self.model, "model_kwargs": self.model_kwargs, "checkpoint": str(self.checkpoint),
             "recipe": to_dict(self.recipe), "data": self.data, "seed": self.seed, "num_classes": self.num_classes,
-            "bf16": self.bf16, "limit": self.limit, "world_size": world,
+            "bf16": self.bf16, "limit": self.limit, "world_size": world, "seq_len": self.seq_len, "start": self.start,
         }
 
 
@@ -101,22 +107,25 @@ class FinetuneResult:
 
 def train_step(
     model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    batch: Any,
     optimizer: torch.optim.Optimizer,
     *,
+    loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]],
     autocast: Callable = contextlib.nullcontext,
     clip_grad: float | None = None,
     probe: GradientFlowProbe | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One optimizer step; the probe (if any) reads the gradients before the optimizer changes the weights."""
+    """One optimizer step on the task's loss; the record holds the loss terms and, with a probe, the gradient
+    statistics read before the optimizer changes the weights."""
     with autocast():
-        loss = F.cross_entropy(model(images), labels)
+        loss, terms = loss_fn(model, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad:
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip_grad))
-    record = {"gradient_flow": probe.measure()} if probe is not None else {}
+    record: dict[str, Any] = {"terms": terms} if terms else {}
+    if probe is not None:
+        record["gradient_flow"] = probe.measure()
     optimizer.step()
     return loss.detach(), record
 
@@ -124,18 +133,6 @@ def train_step(
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
-
-
-def evaluate(model: torch.nn.Module, loader: DataLoader, env: DistEnv, autocast: Callable) -> float:
-    model.eval()
-    counts = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad(), autocast():
-        for images, labels in loader:
-            counts[0] += (model(images).argmax(1) == labels).sum()
-            counts[1] += len(labels)
-    model.train()
-    counts = sum_over_ranks(counts, env)
-    return float(counts[0] / counts[1]) if counts[1] else 0.0
 
 
 def _check_out(config: FinetuneConfig) -> None:
@@ -148,20 +145,29 @@ def _check_out(config: FinetuneConfig) -> None:
         raise NMSparseError(f"output folder {out.parent} does not exist; create it first")
 
 
-def _build(config: FinetuneConfig, splits_classes: int) -> tuple[torch.nn.Module, ModelRef, Resolved]:
+def _task(config: FinetuneConfig) -> tuple[Task, torch.nn.Module, ModelRef, Resolved]:
+    """The model to train (the student, for Hugging Face models) and its task."""
     resolved = resolve(config.model, checkpoint=config.checkpoint, seed=config.seed, model_kwargs=config.model_kwargs)
-    model = load_model(resolved)
-    ref = resolved.model
+    if resolved.model is None:
+        raise NMSparseError(f"{config.model}: the architecture is unknown; fine-tuning needs a timm name or a Hugging Face folder")
+    ref, kind = resolved.model, model_kind(resolved.model)
+    if kind is ModelKind.IMAGE_CLASSIFIER:
+        if config.start is not None:
+            raise NMSparseError("--start goes with Hugging Face models; for timm models pass --checkpoint")
+        model = load_model(resolved)
+        if config.num_classes is not None:
+            if model.num_classes != config.num_classes:
+                model.reset_classifier(config.num_classes)
+            ref = ModelRef(ref.source, ref.name, {**ref.kwargs, "num_classes": config.num_classes})
+        return image_task(resolved, ref, model, config.data or MNIST5K, config.limit), model, ref, resolved
     if config.num_classes is not None:
-        if model.num_classes != config.num_classes:
-            model.reset_classifier(config.num_classes)
-        ref = ModelRef(ref.source, ref.name, {**ref.kwargs, "num_classes": config.num_classes})
-    if model.num_classes != splits_classes:
-        raise NMSparseError(
-            f"the model's head has {model.num_classes} outputs but --data {config.data} has {splits_classes} "
-            f"classes; pass --num-classes {splits_classes} to re-initialise the head"
-        )
-    return model, ref, resolved
+        raise NMSparseError("--num-classes goes with timm models; a Hugging Face model keeps its own head")
+    teacher = load_model(resolved)
+    if config.use_bf16:
+        teacher = teacher.to(torch.bfloat16)
+    student = student_of(load_model(resolved) if config.use_bf16 else teacher, resolved, config.start)
+    task = distill_task(resolved, teacher, config.recipe.distill, config.data or PYTHON_HELP, config.seq_len, config.limit)
+    return task, student, ref, resolved
 
 
 def run_finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> FinetuneResult:
@@ -183,12 +189,12 @@ class _Run:
     device: torch.device
     model: torch.nn.Module
     ref: ModelRef
+    resolved: Resolved  # the source checkpoint: its tensor names, carried tensors and side files shape the output
     plan: PrunePlan  # the target layers (the same ones prune would choose) and the skipped ones
     sparsifier: Sparsifier
+    task: Task
     sampler: DistributedSampler
     train_loader: DataLoader
-    val_loader: DataLoader
-    data_description: str
     phases: Phases
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -197,8 +203,8 @@ class _Run:
     probe: GradientFlowProbe | None
     log: MetricsLog | None = None
 
-    def evaluate(self) -> float:
-        return evaluate(self.model, self.val_loader, self.env, self.autocast)
+    def evaluate(self) -> dict[str, float]:
+        return self.task.evaluate(self.model, self.env, self.autocast)
 
 
 def _optimizer_and_scheduler(recipe: Recipe, model: torch.nn.Module, epochs: int, steps_per_epoch: int):  # noqa: ANN202
@@ -227,32 +233,37 @@ def _optimizer_and_scheduler(recipe: Recipe, model: torch.nn.Module, epochs: int
 def _prepare(config: FinetuneConfig, env: DistEnv, device: torch.device) -> _Run:
     """Data, model, target layers with the recipe's masks attached, loaders, schedule, optimizer."""
     recipe, target = config.recipe, config.recipe.target
-    meta_ref = ModelRef("timm", config.model, config.model_kwargs)
-    splits = load_data(config.data, data_config(build_model(meta_ref), meta_ref), config.limit)
-    model, ref, resolved = _build(config, splits.num_classes)
+    task, model, ref, resolved = _task(config)
     model.to(device)
     plan = plan_prune(resolved, target, recipe.include, recipe.exclude)
     sparsifier = Sparsifier(model, plan.targets).attach()
-    sampler = DistributedSampler(splits.train, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed)
-    train_loader = DataLoader(splits.train, batch_size=config.batch_size, sampler=sampler, drop_last=False)
+    sampler = DistributedSampler(task.train, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed)
+    train_loader = DataLoader(
+        task.train, batch_size=config.batch_size, sampler=sampler, drop_last=False, collate_fn=task.collate
+    )
     phases = Phases.from_fractions(config.epochs * len(train_loader), recipe.dense_fraction, recipe.finetune_fraction)
     optimizer, scheduler = _optimizer_and_scheduler(recipe, model, config.epochs, len(train_loader))
     return _Run(
-        config, env, device, model, ref, plan, sparsifier, sampler, train_loader,
-        val_loader=DataLoader(shard(splits.val, env), batch_size=256),
-        data_description=splits.description,
+        config, env, device, model, ref, resolved, plan, sparsifier, task, sampler, train_loader,
         phases=phases,
         optimizer=optimizer,
         scheduler=scheduler,
-        train_model=DistributedDataParallel(model) if env.enabled else model,
+        # a Hugging Face model has parameters its distillation loss may not reach (BERT's pooler)
+        train_model=DistributedDataParallel(model, find_unused_parameters=task.kind is not ModelKind.IMAGE_CLASSIFIER)
+        if env.enabled else model,
         autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.use_bf16 else contextlib.nullcontext,
         probe=GradientFlowProbe(sparsifier, target) if config.grad_log_every else None,
     )
 
 
-def _begin(run: _Run, reporter: Reporter) -> tuple[int, int, float | None]:
-    """Resume from the run's checkpoint, or start fresh and measure the starting accuracy.
-    Returns (first epoch, first step, start accuracy or None when resumed)."""
+def quality_text(quality: dict[str, float]) -> str:
+    """`val accuracy 0.9000`, `perplexity 17.1000`, `cosine 0.9500, cosine min 0.8000, ...`."""
+    return ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in quality.items())
+
+
+def _begin(run: _Run, reporter: Reporter) -> tuple[int, int, dict[str, float] | None]:
+    """Resume from the run's checkpoint, or start fresh and measure the starting quality.
+    Returns (first epoch, first step, start quality or None when resumed)."""
     config = run.config
     metrics = config.out / METRICS_FILE if run.env.is_main else None
     if config.resume:
@@ -272,10 +283,10 @@ def _begin(run: _Run, reporter: Reporter) -> tuple[int, int, float | None]:
         (config.out / METRICS_FILE).unlink(missing_ok=True)
     run.log = MetricsLog(metrics)
     run.sparsifier.set_plan(StepPlan("dense", (config.recipe.target,), 0))
-    accuracy = run.evaluate()
-    reporter.message(f"start: val accuracy {accuracy:.4f} ({run.data_description})")
-    run.log.write({"event": "start", "val_accuracy": accuracy, "step": 0})
-    return 0, 0, accuracy
+    quality = run.evaluate()
+    reporter.message(f"start: {quality_text(quality)} ({run.task.description})")
+    run.log.write({"event": "start", **quality, "step": 0})
+    return 0, 0, quality
 
 
 def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[int, StepPlan | None]:
@@ -283,14 +294,14 @@ def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[
     config, recipe = run.config, run.config.recipe
     run.sampler.set_epoch(epoch)
     running, plan = 0.0, None
-    for images, labels in run.train_loader:
-        images, labels = images.to(run.device), labels.to(run.device)
+    for batch in run.train_loader:
+        batch = to_device(batch, run.device)
         plan = plan_step(recipe, recipe.target, run.phases, step)
         run.sparsifier.set_plan(plan)
         run.scheduler.step_update(step)
         measure = run.probe if run.probe is not None and step % config.grad_log_every == 0 else None
         loss, record = train_step(
-            run.train_model, images, labels, run.optimizer,
+            run.train_model, batch, run.optimizer, loss_fn=run.task.loss,
             autocast=run.autocast, clip_grad=recipe.training.get("clip_grad"), probe=measure,
         )
         value = loss.item()
@@ -311,10 +322,10 @@ def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[
 def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter: Reporter) -> None:
     """Validate, log, and (main rank) write the training checkpoint that --resume continues from."""
     config = run.config
-    accuracy = run.evaluate()
+    quality = run.evaluate()
     agree = _masks_agree(run.sparsifier, run.env)
-    run.log.write({"event": "epoch", "epoch": epoch, "step": step, "val_accuracy": accuracy, "masks_identical_across_ranks": agree})
-    reporter.message(f"epoch {epoch + 1}/{config.epochs}: val accuracy {accuracy:.4f} ({plan.label() if plan else ''})")
+    run.log.write({"event": "epoch", "epoch": epoch, "step": step, **quality, "masks_identical_across_ranks": agree})
+    reporter.message(f"epoch {epoch + 1}/{config.epochs}: {quality_text(quality)} ({plan.label() if plan else ''})")
     if run.env.is_main:
         save_training_checkpoint(
             config.out, run.model,
@@ -324,16 +335,16 @@ def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter
         )
 
 
-def _finish(run: _Run, start_accuracy: float | None, started: float) -> dict[str, Any]:
-    """Exact N:M weights, final accuracy, summary; the main rank writes the outputs."""
+def _finish(run: _Run, start: dict[str, float] | None, started: float) -> dict[str, Any]:
+    """Exact N:M weights, final quality, summary; the main rank writes the outputs."""
     recipe = run.config.recipe
     _check_finite(run.model)
     run.sparsifier.finalize(recipe.target if recipe.method != "dense" else None)
-    final_accuracy = run.evaluate()
-    summary = _summary(run, start_accuracy, final_accuracy, started)
+    final = run.evaluate()
+    summary = _summary(run, start, final, started)
     if run.env.is_main:
         _write_outputs(run, summary)
-    run.log.write({"event": "final", "val_accuracy": final_accuracy, "step": run.phases.total})
+    run.log.write({"event": "final", **final, "step": run.phases.total})
     return summary
 
 
@@ -342,7 +353,7 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
     _check_out(config)
     _seed_everything(config.seed)
     run = _prepare(config, env, device)
-    first_epoch, step, start_accuracy = _begin(run, reporter)
+    first_epoch, step, start = _begin(run, reporter)
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, first_epoch + config.stop_after)
     reporter.start(run.phases.total, step, f"{config.recipe.name} {config.recipe.target}")
     for epoch in range(first_epoch, last_epoch):
@@ -352,7 +363,7 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch
     if last_epoch < config.epochs:
         reporter.message(f"stopped after epoch {last_epoch}; continue with --resume {config.out}")
         return FinetuneResult(config.out, {"stopped_after_epoch": last_epoch})
-    return FinetuneResult(config.out, _finish(run, start_accuracy, started))
+    return FinetuneResult(config.out, _finish(run, start, started))
 
 
 def _check_finite(model: torch.nn.Module) -> None:
@@ -379,10 +390,11 @@ def _masks_agree(sparsifier: Sparsifier, env: DistEnv) -> bool:
     return all_equal(digest, env)
 
 
-def _summary(run: _Run, start_accuracy: float | None, final_accuracy: float, started: float) -> dict[str, Any]:
+def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float], started: float) -> dict[str, Any]:
+    """Quality as `start_<metric>` / `final_<metric>` (start is None after a resume), FLOPs, compliance, time."""
     config, model, layers = run.config, run.model, run.plan.targets
     recipe, target = config.recipe, config.recipe.target
-    _, total_flops, per_layer = per_layer_flops(run.ref)
+    _, total_flops, per_layer = per_layer_flops(run.ref, config.seq_len)
     layer_costs = {
         layer.module: (per_layer.get(layer.module, 0), model.get_submodule(layer.module).weight.shape[layer.layout.k_axis])
         for layer in layers.values()
@@ -398,13 +410,14 @@ def _summary(run: _Run, start_accuracy: float | None, final_accuracy: float, sta
         "method": recipe.method,
         "pattern": str(target) if sparse else None,
         "model": run.ref.to_json(),
-        "data": config.data,
+        "kind": run.task.kind.value,
+        "data": run.task.description,
         "seed": config.seed,
         "epochs": config.epochs,
         "steps": run.phases.total,
         "world_size": run.env.world,
-        "start_val_accuracy": start_accuracy,
-        "final_val_accuracy": final_accuracy,
+        **{f"start_{name}": (start or {}).get(name) for name in final},
+        **{f"final_{name}": value for name, value in final.items()},
         "target_layers": len(layers),
         "skipped_layers": run.plan.skipped,
         "all_layers_compliant": all(compliant.values()) if sparse else None,
@@ -414,16 +427,33 @@ def _summary(run: _Run, start_accuracy: float | None, final_accuracy: float, sta
     }
 
 
+def _output_tensors(run: _Run) -> dict[str, torch.Tensor]:
+    """The trained weights under the source checkpoint's own names: a tied weight once, tensors the model does not
+    load (non-persistent buffers, unused heads) carried through unchanged, as prune does."""
+    state, ckpt, match = run.model.state_dict(), run.resolved.checkpoint, run.resolved.match
+    return {
+        name: (state[match.to_model[name]] if name in match.to_model else ckpt.read(name)).detach().contiguous().cpu()
+        for name in ckpt.infos
+    }
+
+
 def _write_outputs(run: _Run, summary: dict[str, Any]) -> None:
-    """model.safetensors (with prune's N:M metadata plus the recipe), summary.json, recipe.yaml."""
+    """model.safetensors (with prune's N:M metadata plus the recipe), summary.json, recipe.yaml; for a Hugging Face
+    folder also its config, tokenizer and other files, so that `from_pretrained(out)` loads the result."""
     config = run.config
-    tensors = {k: v.detach().contiguous().cpu() for k, v in run.model.state_dict().items()}
+    tensors = _output_tensors(run)
+    folder = run.resolved.checkpoint.folder
+    if folder is not None:
+        own = {MODEL_FILE, INDEX_NAME, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE, CHECKPOINT_DIR}
+        summary["notes"] = copy_side_files(folder, config.out, own)
     if config.recipe.method != "dense":
         meta = run.plan.metadata(run.ref)
         meta.recipe = to_dict(config.recipe)
         strings = meta.to_strings()
     else:
         strings = {MODEL: json.dumps(run.ref.to_json(), sort_keys=True)}
+    kept = {k: v for k, v in run.resolved.checkpoint.metadata.items() if not k.startswith("nmsparse.")}
+    strings = {"format": "pt", **kept, **strings}  # transformers refuses a safetensors file without "format"
     with atomic_output(config.out / MODEL_FILE, force=True) as tmp:
         save_file(tensors, str(tmp), metadata=strings)
     with atomic_output(config.out / SUMMARY_FILE, force=True) as tmp:

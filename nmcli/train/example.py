@@ -16,9 +16,11 @@ from nmcli.models import data_config
 from nmcli.nm import parse_pattern
 from nmcli.prune import plan_prune, prune_model_
 from nmcli.recipes import Recipe, load_recipe
-from nmcli.train.data import load_data
+from nmcli.data.images import load_data
+from nmcli.eval import accuracy
 from nmcli.train.distributed import DistEnv
-from nmcli.train.engine import MODEL_FILE, FinetuneConfig, Reporter, evaluate, run_finetune
+from nmcli.train.engine import MODEL_FILE, FinetuneConfig, Reporter, run_finetune
+from nmcli.train.tasks import limit_samples
 
 EXAMPLE_MODEL = "vit_tiny_patch16_224"
 EXAMPLE_KWARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96, "depth": 4, "num_heads": 3}
@@ -42,10 +44,10 @@ def one_shot_accuracy(checkpoint: Path, pattern: str, limit: int | None) -> floa
     """Accuracy of the dense checkpoint after one-shot magnitude pruning, with no training."""
     resolved = resolve(str(checkpoint))
     model = prune_model_(load_model(resolved), plan_prune(resolved, parse_pattern(pattern)))
-    splits = load_data("mnist5k", data_config(model, resolved.model), limit)
+    splits = load_data("mnist5k", data_config(model, resolved.model))
     from torch.utils.data import DataLoader
 
-    return evaluate(model, DataLoader(splits.val, batch_size=256), DistEnv(), torch.no_grad)
+    return accuracy(model, DataLoader(limit_samples(splits.val, limit), batch_size=256), DistEnv(), torch.no_grad)
 
 
 def run_example(settings: ExampleSettings, reporter: Reporter) -> dict[str, Any]:

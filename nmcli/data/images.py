@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from nmcli.errors import NMSparseError
 
@@ -85,17 +85,10 @@ def load_image_folder(root: Path, data_config: dict) -> DataSplits:
     return DataSplits(train, val, len(train_classes), f"{root} ({len(train)} train / {len(val)} val images)")
 
 
-def load_data(spec: str, data_config: dict, limit: int | None = None) -> DataSplits:
+def load_data(spec: str, data_config: dict) -> DataSplits:
     if spec == MNIST5K:
-        splits = load_mnist5k(tuple(data_config["input_size"]))
-    else:
-        root = Path(spec)
-        if not root.exists():
-            raise NMSparseError(f"--data {spec}: no such folder (or use the built-in 'mnist5k')")
-        splits = load_image_folder(root, data_config)
-    if limit:  # a fixed random subset: folders and the mnist5k file are sorted by class
-        pick = torch.Generator().manual_seed(0)
-        splits.train = Subset(splits.train, torch.randperm(len(splits.train), generator=pick)[:limit].tolist())
-        splits.val = Subset(splits.val, torch.randperm(len(splits.val), generator=pick)[:limit].tolist())
-        splits.description += f", limited to {len(splits.train)} / {len(splits.val)}"
-    return splits
+        return load_mnist5k(tuple(data_config["input_size"]))
+    root = Path(spec)
+    if not root.exists():
+        raise NMSparseError(f"--data {spec}: no such folder (or use the built-in 'mnist5k')")
+    return load_image_folder(root, data_config)

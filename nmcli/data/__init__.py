@@ -1,0 +1,1 @@
+"""Where training, calibration and evaluation examples come from: images, text, teacher-written text."""

@@ -1,0 +1,113 @@
+"""Distillation from the dense teacher (methods.md §6): the loss terms as pure functions, and the Distiller that
+runs teacher and student on a batch and sums the enabled terms.
+
+Every mean excludes padding: `mask` is the batch's attention mask (1 = real token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmcli.models import ModelKind
+from nmcli.recipes import DistillSpec
+
+# Defaults per model kind (methods.md §6; what the issue's measurements support)
+DEFAULTS = {
+    ModelKind.CAUSAL_LM: DistillSpec(kl=1.0, ce=0.0, squarehead=0.0, embedding=0.0, temperature=1.0, embedding_loss="cosine"),
+    ModelKind.ENCODER: DistillSpec(kl=0.0, ce=0.0, squarehead=1.0, embedding=1.0, temperature=1.0, embedding_loss="cosine"),
+    ModelKind.SEQUENCE_CLASSIFIER: DistillSpec(
+        kl=1.0, ce=0.0, squarehead=0.0, embedding=0.0, temperature=1.0, embedding_loss="cosine"
+    ),
+}
+
+
+def resolve_spec(spec: DistillSpec | None, kind: ModelKind) -> DistillSpec:
+    """The recipe's `distill:` values over the defaults for this kind of model."""
+    base = DEFAULTS[kind]
+    if spec is None:
+        return base
+    return DistillSpec(**{k: (v if v is not None else getattr(base, k)) for k, v in spec.__dict__.items()})
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` [B, T] over positions where mask is 1."""
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1)
+
+
+def logit_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ)) per position, averaged over real tokens. Logits [B, T, V] or [B, V]."""
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    per_position = (log_t.exp() * (log_t - log_s)).sum(-1)
+    if per_position.dim() == 1:  # one prediction per sequence (classification)
+        return temperature**2 * per_position.mean()
+    return temperature**2 * _masked_mean(per_position, mask)
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each real token given the ones before it."""
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return _masked_mean(nll, mask[:, 1:] * mask[:, :-1])
+
+
+def squarehead(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Σ_l mean((h_S − h_T)²) / mean(h_T²) over the blocks' outputs [B, T, D], means over real tokens and features."""
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for h_s, h_t in zip(student, teacher, strict=True):
+        h_s, h_t = h_s.float(), h_t.float()
+        error = _masked_mean((h_s - h_t).pow(2).mean(-1), mask)
+        total = total + error / _masked_mean(h_t.pow(2).mean(-1), mask).clamp_min(1e-12)
+    return total
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embedding: the mean of the last hidden states over real tokens ([B, T, D] -> [B, D])."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def embedding_cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 − cos(e_S, e_T), averaged over the batch."""
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+@dataclass
+class Distiller:
+    """The loss of a student batch against the frozen teacher."""
+
+    teacher: nn.Module
+    kind: ModelKind
+    spec: DistillSpec
+
+    def __post_init__(self) -> None:
+        self.teacher.eval().requires_grad_(False)
+
+    @property
+    def needs_hidden(self) -> bool:
+        return bool(self.spec.squarehead or self.spec.embedding)
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        inputs = {"input_ids": ids, "attention_mask": mask, "output_hidden_states": self.needs_hidden}
+        with torch.no_grad():
+            teacher = self.teacher(**inputs)
+        student = model(**inputs)
+        spec, terms = self.spec, {}
+        if spec.kl:
+            terms["kl"] = (spec.kl, logit_kl(student.logits, teacher.logits, mask, spec.temperature))
+        if spec.ce and self.kind is ModelKind.CAUSAL_LM:
+            terms["ce"] = (spec.ce, next_token_ce(student.logits, ids, mask))
+        if spec.squarehead:
+            terms["squarehead"] = (spec.squarehead, squarehead(student.hidden_states[1:], teacher.hidden_states[1:], mask))
+        if spec.embedding:
+            pooled_s, pooled_t = mean_pool(student.hidden_states[-1], mask), mean_pool(teacher.hidden_states[-1], mask)
+            distance = embedding_cosine_loss if spec.embedding_loss == "cosine" else F.mse_loss
+            terms["embedding"] = (spec.embedding, distance(pooled_s.float(), pooled_t.float()))
+        loss = sum(weight * value for weight, value in terms.values())
+        return loss, {name: float(value.detach()) for name, (_, value) in terms.items()}

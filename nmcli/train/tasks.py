@@ -1,0 +1,125 @@
+"""What a fine-tuning run learns from and how it measures quality: one Task per model kind.
+
+- ImageTask (timm classifiers): cross-entropy on labelled images, validation accuracy.
+- DistillTask (Hugging Face transformers): the loss of train/distill.py against the frozen dense teacher on text
+  samples, held-out quality from eval.py (perplexity, or embedding agreement with the teacher).
+The engine only calls `loss`, `evaluate` and the data attributes, so one loop serves both.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from nmcli.checkpoints import Resolved, load_model, resolve
+from nmcli.data.images import load_data
+from nmcli.errors import NMSparseError
+from nmcli.eval import TextQuality, accuracy, text_data
+from nmcli.models import ModelKind, ModelRef, data_config, model_kind
+from nmcli.train.distill import Distiller, resolve_spec
+from nmcli.train.distributed import DistEnv, shard
+
+
+class Task(Protocol):
+    kind: ModelKind
+    train: Dataset
+    collate: Callable | None
+    description: str
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def evaluate(self, model: nn.Module, env: DistEnv, autocast: Callable) -> dict[str, float]: ...
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, tuple/list or dict of tensors) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return type(batch)(to_device(v, device) for v in batch)
+
+
+def limit_samples(dataset: Dataset, limit: int | None) -> Dataset:
+    """A fixed random subset (the same for every seed): folders and files are often sorted by class or topic."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    pick = torch.Generator().manual_seed(0)
+    return Subset(dataset, torch.randperm(len(dataset), generator=pick)[:limit].tolist())
+
+
+@dataclass
+class ImageTask:
+    train: Dataset
+    val: Dataset
+    description: str
+    kind: ModelKind = ModelKind.IMAGE_CLASSIFIER
+    collate: Callable | None = None
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        images, labels = batch
+        return F.cross_entropy(model(images), labels), {}
+
+    def evaluate(self, model: nn.Module, env: DistEnv, autocast: Callable) -> dict[str, float]:
+        return {"val_accuracy": accuracy(model, DataLoader(shard(self.val, env), batch_size=256), env, autocast)}
+
+
+@dataclass
+class DistillTask:
+    kind: ModelKind
+    train: Dataset
+    quality: TextQuality
+    distiller: Distiller
+    collate: Callable
+    description: str
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.distiller(model, batch)
+
+    def evaluate(self, model: nn.Module, env: DistEnv, autocast: Callable) -> dict[str, float]:
+        return self.quality(model, autocast)  # every rank scores the whole held-out set: each sample once
+
+
+def image_task(resolved: Resolved, ref: ModelRef, model: nn.Module, data: str, limit: int | None) -> ImageTask:
+    splits = load_data(data, data_config(model, ref))
+    if model.num_classes != splits.num_classes:
+        raise NMSparseError(
+            f"the model's head has {model.num_classes} outputs but --data {data} has {splits.num_classes} "
+            f"classes; pass --num-classes {splits.num_classes} to re-initialise the head"
+        )
+    train, val = limit_samples(splits.train, limit), limit_samples(splits.val, limit)
+    limited = f", limited to {len(train)} / {len(val)}" if limit else ""
+    return ImageTask(train, val, splits.description + limited)
+
+
+def student_of(teacher: nn.Module, resolved: Resolved, start: str | None) -> nn.Module:
+    """The student's starting weights: the teacher's (a copy), or an N:M checkpoint of the same architecture."""
+    if start is None:
+        return copy.deepcopy(teacher)
+    started = resolve(start)
+    if started.model is None or started.model.name != resolved.model.name:
+        raise NMSparseError(
+            f"--start {start}: a checkpoint of {resolved.model.name} is needed (it holds "
+            f"{started.model.name if started.model else 'an unknown architecture'})"
+        )
+    return load_model(started)
+
+
+def distill_task(
+    resolved: Resolved, teacher: nn.Module, recipe_spec: Any, data: str, seq_len: int, limit: int | None
+) -> DistillTask:
+    kind = model_kind(resolved.model)
+    spec = resolve_spec(recipe_spec, kind)
+    if not any((spec.kl, spec.ce, spec.squarehead, spec.embedding)):
+        raise NMSparseError(f"the recipe's distill section leaves every loss term at 0 for a {kind.value}")
+    texts = text_data(kind, resolved.checkpoint.folder, data, seq_len, teacher)
+    train = limit_samples(texts.train, limit)
+    limited = f"; training limited to {len(train)} samples" if limit else ""
+    return DistillTask(kind, train, texts.quality, Distiller(teacher, kind, spec), texts.collate,
+                       texts.quality.description + limited)
