@@ -376,12 +376,16 @@ def _refuse_for_example(options: dict[str, object]) -> None:
 
 
 def _quality_change(result: dict) -> str:
-    """`val accuracy 0.1000 -> 0.8990`, one entry per quality metric of the summary (start is unknown after --resume)."""
+    """`val accuracy 0.2000 (one-shot 0.1000) -> 0.8990`, one entry per quality metric of the summary (start and
+    one-shot are unknown after --resume)."""
+    def value(key: str) -> str:
+        return "(resumed)" if result.get(key) is None else format(result[key], ".4f")
+
     names = [key.removeprefix("final_") for key in result if key.startswith("final_")]
     return ", ".join(
-        f"{name.replace('_', ' ')} "
-        f"{'(resumed)' if result.get('start_' + name) is None else format(result['start_' + name], '.4f')} -> "
-        f"{result['final_' + name]:.4f}"
+        f"{name.replace('_', ' ')} {value('start_' + name)}"
+        + (f" (one-shot {value('one_shot_' + name)})" if result.get("one_shot_" + name) is not None else "")
+        + f" -> {result['final_' + name]:.4f}"
         for name in names
     )
 

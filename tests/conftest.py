@@ -72,27 +72,38 @@ def minilm_folder() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def save_tiny_hf(folder: Path, kind: str, seed: int = 0, **overrides) -> Path:
-    """A small randomly initialised Hugging Face model of one family, saved as a real folder."""
+MINILM_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def save_tiny_hf(folder: Path, kind: str, seed: int = 0, tokenizer: bool = False, **overrides) -> Path:
+    """A small randomly initialised Hugging Face model of one family, saved as a real folder; with `tokenizer`,
+    MiniLM's WordPiece tokenizer goes with it (and the vocabulary grows to fit it)."""
+    import shutil
+
     import transformers
 
     torch.manual_seed(seed)
+    if tokenizer:
+        overrides.setdefault("vocab_size", 30522)
+    overrides.setdefault("vocab_size", 128)
     if kind == "llama":
         config = transformers.LlamaConfig(
-            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, **overrides,
         )
         model = transformers.LlamaForCausalLM(config)
     elif kind == "gpt2":
-        config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64, **overrides)
+        config = transformers.GPT2Config(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64, **overrides)
         model = transformers.GPT2LMHeadModel(config)
     elif kind == "bert":
         config = transformers.BertConfig(
-            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, **overrides,
         )
         model = transformers.BertModel(config)
     else:
         raise ValueError(kind)
     model.save_pretrained(folder)
+    for name in MINILM_TOKENIZER_FILES if tokenizer else ():
+        shutil.copy(minilm_folder() / name, folder / name)
     return folder

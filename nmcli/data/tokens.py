@@ -35,6 +35,7 @@ def load_tokenizer(folder: Path | None):  # noqa: ANN201 (a transformers tokeniz
         raise NMSparseError(f"{folder}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.model_max_length = 1 << 62  # whole documents are tokenized, then cut to --seq-len by nmsparse itself
     return tokenizer
 
 

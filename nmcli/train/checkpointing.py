@@ -1,6 +1,7 @@
 """Training checkpoints: everything needed to continue a run to the same final weights.
 
-`checkpoint/model.safetensors` holds the (parametrized) model state; `checkpoint/state.pt` holds optimizer,
+`checkpoint/model.safetensors` holds the (parametrized) model state, tied weights once (safetensors' `save_model`);
+`checkpoint/state.pt` holds optimizer,
 scheduler, frozen masks, RNG states, the step and a fingerprint of the run. It is loaded with
 `torch.load(weights_only=True)`: only tensors and plain containers, never code.
 """
@@ -13,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
 
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output, recover
-from nmcli.io.sources import open_safetensors_file
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_KEYS = frozenset(
@@ -28,13 +29,13 @@ STATE_KEYS = frozenset(
 def save_training_checkpoint(out: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
     state = {**state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     with atomic_output(out / CHECKPOINT_DIR, force=True, directory=True) as tmp:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
 
 
-def load_training_checkpoint(run: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(model state, training state) of `run`, refusing a run of another model, recipe or setting."""
+def load_training_checkpoint(run: Path, fingerprint: dict[str, Any], model: torch.nn.Module) -> dict:
+    """Load `run`'s weights into `model` and return its training state, refusing a run of another model, recipe
+    or setting."""
     folder = run / CHECKPOINT_DIR
     recover(folder)  # a run killed while replacing its checkpoint resumes from the previous complete one
     if not (folder / "state.pt").is_file():
@@ -53,8 +54,11 @@ def load_training_checkpoint(run: Path, fingerprint: dict[str, Any]) -> tuple[di
                 f"--resume {run}: it was a run with {key}={saved.get(key)!r}, this one has {fingerprint.get(key)!r}; "
                 "resume with the same settings or start a new --out"
             )
-    ckpt = open_safetensors_file(folder / "model.safetensors")
-    return {name: ckpt.read(name) for name in ckpt.infos}, state
+    try:
+        load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise NMSparseError(f"{folder / 'model.safetensors'}: does not fit this run's model ({str(exc).splitlines()[0]})") from None
+    return state
 
 
 def restore_rng(state: dict) -> None:

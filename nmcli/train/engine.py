@@ -202,6 +202,7 @@ class _Run:
     autocast: Callable
     probe: GradientFlowProbe | None
     log: MetricsLog | None = None
+    one_shot: dict[str, float] | None = None  # quality with the target's magnitude mask, before training
 
     def evaluate(self) -> dict[str, float]:
         return self.task.evaluate(self.model, self.env, self.autocast)
@@ -267,8 +268,7 @@ def _begin(run: _Run, reporter: Reporter) -> tuple[int, int, dict[str, float] | 
     config = run.config
     metrics = config.out / METRICS_FILE if run.env.is_main else None
     if config.resume:
-        model_state, state = load_training_checkpoint(config.out, config.fingerprint(run.env.world))
-        run.model.load_state_dict(model_state)
+        state = load_training_checkpoint(config.out, config.fingerprint(run.env.world), run.model)
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         run.sparsifier.load_masks_state(state["masks"])
@@ -282,10 +282,16 @@ def _begin(run: _Run, reporter: Reporter) -> tuple[int, int, dict[str, float] | 
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / METRICS_FILE).unlink(missing_ok=True)
     run.log = MetricsLog(metrics)
-    run.sparsifier.set_plan(StepPlan("dense", (config.recipe.target,), 0))
+    target = config.recipe.target
+    run.sparsifier.set_plan(StepPlan("dense", (target,), 0))
     quality = run.evaluate()
     reporter.message(f"start: {quality_text(quality)} ({run.task.description})")
-    run.log.write({"event": "start", **quality, "step": 0})
+    if config.recipe.method != "dense":
+        run.sparsifier.set_plan(StepPlan("finetune", (target,), 0))  # every target layer at its magnitude N:M mask
+        run.one_shot = run.evaluate()
+        run.sparsifier.set_plan(StepPlan("dense", (target,), 0))
+        reporter.message(f"one-shot magnitude {target}: {quality_text(run.one_shot)} (no training)")
+    run.log.write({"event": "start", **quality, **{f"one_shot_{k}": v for k, v in (run.one_shot or {}).items()}, "step": 0})
     return 0, 0, quality
 
 
@@ -417,6 +423,7 @@ def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float],
         "steps": run.phases.total,
         "world_size": run.env.world,
         **{f"start_{name}": (start or {}).get(name) for name in final},
+        **{f"one_shot_{name}": (run.one_shot or {}).get(name) for name in final},
         **{f"final_{name}": value for name, value in final.items()},
         "target_layers": len(layers),
         "skipped_layers": run.plan.skipped,

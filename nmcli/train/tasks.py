@@ -118,6 +118,10 @@ def distill_task(
     spec = resolve_spec(recipe_spec, kind)
     if not any((spec.kl, spec.ce, spec.squarehead, spec.embedding)):
         raise NMSparseError(f"the recipe's distill section leaves every loss term at 0 for a {kind.value}")
+    config = resolved.model.hf_config or {}
+    longest = config.get("max_position_embeddings") or config.get("n_positions")
+    if longest and seq_len > longest:
+        raise NMSparseError(f"--seq-len {seq_len}: {resolved.model.name} takes at most {longest} tokens per sample")
     texts = text_data(kind, resolved.checkpoint.folder, data, seq_len, teacher)
     train = limit_samples(texts.train, limit)
     limited = f"; training limited to {len(train)} samples" if limit else ""

@@ -1,0 +1,115 @@
+"""`nmsparse finetune` on Hugging Face models: distillation from the dense teacher, every recipe, outputs that
+transformers loads, resume, and the masks really applied while distilling."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from torch.nn.utils import parametrize
+
+import nmcli.train.engine
+from nmcli.recipes import builtin_names
+from tests.conftest import save_tiny_hf
+from tests.reference import brute_force_mask
+
+COMMON = ("--pattern", "2:4", "--batch-size", "4", "--seq-len", "32", "--limit", "16", "--lr", "3e-3")
+
+
+def _max_nonzeros(weight, m=4):
+    return int((weight != 0).reshape(weight.shape[0], -1, m).sum(-1).max())
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    # a wider initialisation than the default 0.02 gives a teacher with peaked predictions worth distilling
+    return save_tiny_hf(tmp_path_factory.mktemp("hf") / "llama", "llama", tokenizer=True, initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return save_tiny_hf(tmp_path_factory.mktemp("hf") / "bert", "bert", tokenizer=True)
+
+
+def test_causal_lm_distillation_recovers_perplexity_and_writes_a_loadable_tied_folder(cli, tmp_path, llama):
+    out = tmp_path / "out"
+    r = cli("finetune", "--model", llama, "--recipe", "fixed-mask", "--epochs", "3", *COMMON, "--json")
+    assert r.exit_code == 2 and "--out is required" in r.output
+    r = cli("finetune", "--model", llama, "--recipe", "fixed-mask", "--epochs", "3", *COMMON, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["kind"] == "causal LM" and summary["all_layers_compliant"]
+    assert {"start_perplexity", "one_shot_perplexity", "final_perplexity"} <= summary.keys()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    saved = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" not in saved and _max_nonzeros(saved["model.layers.0.mlp.down_proj.weight"]) == 2
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    kl = [s["terms"]["kl"] for s in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "terms" in s]
+    assert len(kl) == 12 and sum(kl[-3:]) < 0.8 * sum(kl[:3])  # the student moves toward the teacher (1.9 -> 1.3)
+
+
+def test_every_recipe_distills_an_encoder_to_exact_nm(cli, tmp_path, bert):
+    for recipe in builtin_names():
+        out = tmp_path / recipe
+        r = cli("finetune", "--model", bert, "--recipe", recipe, "--epochs", "2", *COMMON, "--out", out, "--json")
+        assert r.exit_code == 0, (recipe, r.output)
+        summary = json.loads(r.stdout)
+        weight = load_file(str(out / "model.safetensors"))["encoder.layer.1.intermediate.dense.weight"]
+        if recipe == "dense":
+            assert summary["all_layers_compliant"] is None and _max_nonzeros(weight) == 4
+        else:
+            assert summary["all_layers_compliant"] and _max_nonzeros(weight) == 2, recipe
+        assert {"final_cosine", "final_sentence_cosine", "final_spearman"} <= summary.keys()
+
+
+def test_hf_resume_is_bit_identical(cli, tmp_path, bert):
+    args = ("finetune", "--model", bert, "--recipe", "sr-ste", "--epochs", "2", *COMMON, "--quiet")
+    assert cli(*args, "--out", tmp_path / "full").exit_code == 0
+    assert cli(*args, "--out", tmp_path / "cut", "--stop-after", "1").exit_code == 0
+    assert cli(*args, "--resume", tmp_path / "cut").exit_code == 0
+    full, cut = load_file(str(tmp_path / "full/model.safetensors")), load_file(str(tmp_path / "cut/model.safetensors"))
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_distillation_steps_use_the_exact_mask_of_the_current_weights(cli, tmp_path, llama, monkeypatch):
+    """The recipe is applied while distilling: at every step each target layer's weight is the exact 2:4 of its
+    master weight (STE), checked against a brute-force mask."""
+    seen = []
+    real = nmcli.train.engine.train_step
+
+    def spy(model, batch, optimizer, **kwargs):
+        for module in model.modules():
+            if parametrize.is_parametrized(module, "weight"):
+                original = module.parametrizations.weight.original.detach()
+                seen.append(torch.equal(module.weight.detach(), original * brute_force_mask(original, 2, 4, 1)))
+        return real(model, batch, optimizer, **kwargs)
+
+    monkeypatch.setattr(nmcli.train.engine, "train_step", spy)
+    r = cli("finetune", "--model", llama, "--recipe", "ste", "--epochs", "1", *COMMON, "--out", tmp_path / "o", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert len(seen) == 4 * 14 and all(seen)  # 4 steps x 14 target layers
+
+
+def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, llama, bert):
+    pruned = tmp_path / "pruned"
+    assert cli("prune", llama, "--pattern", "2:4", "--out", pruned, "--quiet").exit_code == 0
+    r = cli("finetune", "--model", llama, "--start", pruned, "--recipe", "fixed-mask", "--epochs", "1", *COMMON,
+            "--out", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["start_perplexity"] == pytest.approx(summary["one_shot_perplexity"])  # it starts 2:4 already
+    r = cli("finetune", "--model", llama, "--start", bert, "--epochs", "1", *COMMON, "--out", tmp_path / "p")
+    assert r.exit_code == 2 and "a checkpoint of LlamaForCausalLM is needed" in r.output
+    r = cli("finetune", "--model", llama, "--num-classes", "3", *COMMON, "--out", tmp_path / "q")
+    assert r.exit_code == 2 and "--num-classes goes with timm models" in r.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = cli("finetune", "--model", llama, "--data", empty, *COMMON, "--out", tmp_path / "r")
+    assert r.exit_code == 2 and "empty.txt: 0 non-empty document(s)" in r.output
+    assert not (tmp_path / "r").exists()
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: bad\nmethod: ste\ndistill:\n  kl: yes\n")
+    r = cli("finetune", "--model", llama, "--recipe", recipe, *COMMON, "--out", tmp_path / "s")
+    assert r.exit_code == 2 and "bad.yaml: distill.kl: expected a number, got True" in r.output
