@@ -222,6 +222,38 @@ def report(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+@app.command("eval")
+def evaluate(
+    source: Source,
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", help="held-out data: python-help (default for HF), .txt/.md/.jsonl, a folder; mnist5k or an image folder"),
+    ] = None,
+    teacher: Annotated[
+        Optional[str], typer.Option("--teacher", help="the dense model: needed for encoders (embedding agreement)")
+    ] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per held-out sample (HF models)")] = 128,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Quality on held-out data: perplexity (causal LMs), embedding cosine / Spearman to the teacher (encoders),
+    accuracy (image classifiers)."""
+    from nmcli.eval import evaluate_source
+
+    with user_errors():
+        with progress_bar(not (quiet or as_json)) as bar:
+            bar.add_task("evaluating", total=None, item=source)
+            result = evaluate_source(source, data=data, teacher=teacher, seq_len=seq_len)
+    if as_json:
+        print_json(result.to_json())
+        return
+    if not quiet:
+        out.print(f"{result.source} ({result.kind.value}) on {result.data}")
+    for name, value in result.metrics.items():
+        dense = f" (dense {result.teacher[name]:.4f})" if result.teacher and name in result.teacher else ""
+        out.print(f"{name} {value:.4f}{dense}")
+
+
 def main() -> None:
     app()
 
@@ -279,13 +311,21 @@ def finetune(
     checkpoint: CheckpointOpt = None,
     data: Annotated[
         Optional[str],
-        typer.Option("--data", help="timm: image folder or mnist5k (default); HF: .txt/.md/.jsonl, a folder, or python-help (default)"),
+        typer.Option("--data", help="timm: image folder or mnist5k (default); HF: .txt/.md/.jsonl, a folder, python-help (default) or teacher:N (causal LMs)"),
     ] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="HF models: tokens per sample")] = 128,
     start: Annotated[
         Optional[str], typer.Option("--start", help="HF models: start the student from this N:M checkpoint (default: the dense model)")
     ] = None,
-    recipe: Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name or YAML path")] = "sdgf-stepwise",
+    prompts: Annotated[
+        Optional[Path], typer.Option("--prompts", help="--data teacher:N: prompts, one per line (default: built-in)")
+    ] = None,
+    recipe: Annotated[
+        Optional[str], typer.Option("--recipe", "-r", help="built-in recipe name or YAML path (default: sdgf-stepwise)")
+    ] = None,
+    example: Annotated[
+        Optional[str], typer.Option("--example", help="with no --model: minilm (default) or mnist")
+    ] = None,
     pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", help=PATTERN_HELP + " (overrides the recipe)")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", min=0.0)] = None,
@@ -297,39 +337,33 @@ def finetune(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="continue the run in this folder")] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", min=1, help="stop after N epochs of this run")] = None,
     grad_log_every: Annotated[int, typer.Option("--grad-log-every", help="log gradient variance / mask flips every N steps")] = 0,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="also evaluate every N steps (default: each epoch)")] = 0,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="use at most N train and N val samples")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Sparse fine-tuning with a recipe (SR-STE, MDGF, SDGF, ...). With no --model: the built-in example."""
+    """Sparse fine-tuning with a recipe (SR-STE, MDGF, SDGF, ...); Hugging Face models learn by distillation from
+    their dense selves. With no --model: a built-in example (--example minilm or mnist)."""
     from nmcli.recipes import load_recipe
     from nmcli.train.engine import FinetuneConfig, run_finetune
 
     reporter = RichReporter(enabled=not (quiet or as_json), messages=not (quiet or as_json))
     with user_errors():
         if model is None:
-            from nmcli.train.example import ExampleSettings, run_example
-
             _refuse_for_example({
-                "--model-kwargs": model_kwargs, "--checkpoint": checkpoint, "--data": data, "--seq-len": None if seq_len == 128 else seq_len, "--start": start,
-                "--batch-size": batch_size, "--num-classes": num_classes, "--bf16": bf16 or None, "--resume": resume,
-                "--stop-after": stop_after, "--grad-log-every": grad_log_every or None,
+                "--model-kwargs": model_kwargs, "--checkpoint": checkpoint, "--data": data, "--start": start,
+                "--seq-len": None if seq_len == 128 else seq_len, "--prompts": prompts, "--batch-size": batch_size,
+                "--num-classes": num_classes, "--bf16": bf16 or None, "--resume": resume, "--stop-after": stop_after,
+                "--grad-log-every": grad_log_every or None, "--eval-every": eval_every or None,
                 "--device": None if device == "cpu" else device,
             })
-            settings = ExampleSettings(
-                out=out_dir or Path("nmsparse-example"), seed=seed, limit=limit, force=force, recipe=load_recipe(recipe)
-            )
-            if pattern is not None:
-                settings.pattern = str(parse_pattern(pattern))
-            if epochs:
-                settings.sparse_epochs = epochs
-            if lr is not None:
-                settings.sparse_lr = lr
-            result = run_example(settings, reporter)
+            result = _run_example(example or "minilm", recipe, pattern, epochs, lr, out_dir, seed, limit, force, reporter)
         else:
-            chosen = load_recipe(recipe).with_overrides(
+            if example is not None:
+                raise NMSparseError("--example runs a built-in example: drop it, or drop --model")
+            chosen = load_recipe(recipe or "sdgf-stepwise").with_overrides(
                 pattern=str(parse_pattern(pattern)) if pattern is not None else None, epochs=epochs, lr=lr, batch_size=batch_size
             )
             if resume is not None and out_dir is not None and out_dir.resolve() != resume.resolve():
@@ -339,15 +373,23 @@ def finetune(
                 raise NMSparseError("--out is required: the folder for the checkpoint, summary and metrics")
             config = FinetuneConfig(
                 model=model, model_kwargs=_json_option(model_kwargs, "--model-kwargs"), recipe=chosen, out=out_path,
-                data=data, checkpoint=checkpoint, seed=seed, num_classes=num_classes, bf16=bf16, seq_len=seq_len, start=start,
-                resume=resume is not None, grad_log_every=grad_log_every, stop_after=stop_after, limit=limit,
-                force=force, device=device,
+                data=data, checkpoint=checkpoint, seed=seed, num_classes=num_classes, bf16=bf16, seq_len=seq_len,
+                start=start, prompts=prompts, resume=resume is not None, grad_log_every=grad_log_every,
+                eval_every=eval_every, stop_after=stop_after, limit=limit, force=force, device=device,
             )
             result = run_finetune(config, reporter).summary
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
         print_json(result)
+    elif result.get("example") == "minilm":
+        one, rec = result["one_shot"], result["recovered"]
+        out.print(
+            f"embedding cosine to dense (held-out paragraphs / sentences): one-shot {result['pattern']} "
+            f"{one['paragraphs']:.4f} / {one['sentences']:.4f} | {result['recipe']} {result['pattern']} distilled "
+            f"{rec['paragraphs']:.4f} / {rec['sentences']:.4f} (Spearman {rec['spearman']:.4f}) | N:M compliant: "
+            f"{result['all_layers_compliant']} | {result['wall_seconds']}s -> {result['sparse_checkpoint']}"
+        )
     elif "dense_val_accuracy" in result:
         out.print(
             f"dense {result['dense_val_accuracy']:.4f} | one-shot {result['pattern']} {result['one_shot_val_accuracy']:.4f} | "
@@ -365,13 +407,40 @@ def finetune(
         )
 
 
+def _run_example(
+    name: str, recipe: Optional[str], pattern: Optional[str], epochs: Optional[int], lr: Optional[float],
+    out_dir: Optional[Path], seed: int, limit: Optional[int], force: bool, reporter: "RichReporter",
+) -> dict:
+    """The built-in example `name`, with the options it honours applied."""
+    from nmcli.recipes import load_recipe
+    from nmcli.train.example import EXAMPLES, ExampleSettings, MiniLMExample, run_example, run_minilm_example
+
+    if name not in EXAMPLES:
+        raise NMSparseError(f"--example {name!r}: choose one of {', '.join(EXAMPLES)}")
+    out_path = out_dir or Path("nmsparse-example")
+    if name == "minilm":
+        settings = MiniLMExample(out=out_path, seed=seed, force=force)
+        changes = {"recipe": recipe and load_recipe(recipe), "pattern": pattern and str(parse_pattern(pattern)),
+                   "epochs": epochs, "lr": lr, "limit": limit}
+        runner = run_minilm_example
+    else:
+        settings = ExampleSettings(out=out_path, seed=seed, force=force, limit=limit)
+        changes = {"recipe": recipe and load_recipe(recipe), "pattern": pattern and str(parse_pattern(pattern)),
+                   "sparse_epochs": epochs, "sparse_lr": lr}
+        runner = run_example
+    for key, value in changes.items():
+        if value is not None:
+            setattr(settings, key, value)
+    return runner(settings, reporter)
+
+
 def _refuse_for_example(options: dict[str, object]) -> None:
     """With no --model the built-in example runs: an option it cannot honour is an error, never ignored."""
     given = [name for name, value in options.items() if value is not None]
     if given:
         raise NMSparseError(
             f"{', '.join(given)}: not used by the built-in example (no --model); give --model to fine-tune your own "
-            "model, or drop them (the example takes --recipe, --pattern, --epochs, --lr, --out, --seed, --limit)"
+            "model, or drop them (the example takes --example, --recipe, --pattern, --epochs, --lr, --out, --seed, --limit)"
         )
 
 

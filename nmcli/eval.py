@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nmcli.data.text import load_texts
+from nmcli.checkpoints import Resolved, load_model, resolve
+from nmcli.data.images import MNIST5K, load_data
+from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import PadCollate, TokenSamples, encoder_samples, encoder_texts, lm_chunks, load_tokenizer
 from nmcli.errors import NMSparseError
-from nmcli.models import ModelKind
+from nmcli.models import ModelKind, data_config, model_kind
 from nmcli.train.distill import mean_pool
 from nmcli.train.distributed import DistEnv, sum_over_ranks
 
-MAX_EVAL_SAMPLES = 256  # per held-out set: enough for a stable mean, small enough to run every epoch
+MAX_EVAL_SAMPLES = 256  # per held-out set of an encoder: enough for a stable mean, small enough for every epoch
+MAX_EVAL_CHUNKS = 64  # held-out LM chunks (64 x 128 tokens = 8 K tokens by default)
 EVAL_BATCH = 32
 
 
@@ -170,26 +174,76 @@ class TextData:
     collate: PadCollate
 
 
-def text_data(kind: ModelKind, folder: Path | None, spec: str, seq_len: int, teacher: nn.Module | None) -> TextData:
-    """Tokenize `spec` for a model of this kind: LM chunks, or paragraphs plus single sentences for encoders."""
+def text_data(
+    kind: ModelKind, folder: Path | None, spec: str, seq_len: int, teacher: nn.Module | None, with_train: bool = True
+) -> TextData:
+    """Tokenize `spec` for a model of this kind: LM chunks, or paragraphs plus single sentences for encoders
+    (the training part only `with_train`)."""
     tokenizer = load_tokenizer(folder)
     corpus = load_texts(spec)
     pad_id = int(tokenizer.pad_token_id)
     if kind is ModelKind.CAUSAL_LM:
-        train = lm_chunks(tokenizer, corpus.train, seq_len, f"{spec} (training part)")
-        sets = {"chunks": _spread(lm_chunks(tokenizer, corpus.heldout, seq_len, f"{spec} (held-out part)"), 64)}
-        counts = f"{len(train)} train / {len(sets['chunks'])} held-out chunks of {seq_len} tokens"
+        train = lm_chunks(tokenizer, corpus.train, seq_len, f"{spec} (training part)") if with_train else TokenSamples([])
+        sets = {"chunks": _spread(lm_chunks(tokenizer, corpus.heldout, seq_len, f"{spec} (held-out part)"), MAX_EVAL_CHUNKS)}
+        counts = f"{len(sets['chunks'])} held-out chunks of {seq_len} tokens"
+        if with_train:
+            counts = f"{len(train)} train / {counts}"
     else:
-        paragraphs, sentences = encoder_texts(corpus.train)
-        train = encoder_samples(tokenizer, paragraphs + sentences, seq_len, f"{spec} (training part)")
+        paragraphs, sentences = encoder_texts(corpus.train) if with_train else ([], [])
+        train = encoder_samples(tokenizer, paragraphs + sentences, seq_len, f"{spec} (training part)") if with_train else TokenSamples([])
         held_paragraphs, held_sentences = encoder_texts(corpus.heldout)
         sets = {
             "paragraphs": _spread(encoder_samples(tokenizer, held_paragraphs, seq_len, f"{spec} (held-out part)")),
             "sentences": _spread(encoder_samples(tokenizer, held_sentences, seq_len, f"{spec} (held-out sentences)")),
         }
-        counts = (
-            f"{len(paragraphs)} paragraphs + {len(sentences)} sentences to train on; held out "
-            f"{len(sets['paragraphs'])} paragraphs, {len(sets['sentences'])} sentences"
-        )
+        counts = f"held out {len(sets['paragraphs'])} paragraphs, {len(sets['sentences'])} sentences"
+        if with_train:
+            counts = f"{len(paragraphs)} paragraphs + {len(sentences)} sentences to train on; {counts}"
     quality = TextQuality(kind, sets, pad_id, f"{corpus.description}: {counts}", teacher)
     return TextData(train, quality, PadCollate(pad_id))
+
+
+@dataclass
+class EvalResult:
+    source: str
+    kind: ModelKind
+    data: str
+    metrics: dict[str, float]
+    teacher: dict[str, float] | None  # the dense model's own figures where they mean something (perplexity)
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "kind": self.kind.value, "data": self.data, "metrics": self.metrics,
+                "teacher": self.teacher, "seconds": self.seconds}
+
+
+def _teacher_of(spec: str | None, student: Resolved) -> tuple[Resolved, nn.Module] | None:
+    if spec is None:
+        return None
+    resolved = resolve(spec)
+    if resolved.model is None or student.model is None or resolved.model.name != student.model.name:
+        raise NMSparseError(f"--teacher {spec}: not the same architecture as the model ({student.model.name if student.model else '?'})")
+    return resolved, load_model(resolved).eval()
+
+
+def evaluate_source(source: str, *, data: str | None = None, teacher: str | None = None, seq_len: int = 128) -> EvalResult:
+    """The quality of a checkpoint on held-out data (methods.md §6): see the module docstring for the metrics."""
+    started = time.perf_counter()
+    resolved = resolve(source)
+    if resolved.model is None:
+        raise NMSparseError(f"{source}: the architecture is unknown; eval needs a file written by nmsparse or a Hugging Face folder")
+    kind = model_kind(resolved.model)
+    if teacher is None and kind in (ModelKind.ENCODER, ModelKind.SEQUENCE_CLASSIFIER):
+        raise NMSparseError(f"{source}: the quality of a {kind.value} is its agreement with the dense model: pass --teacher DENSE")
+    model, dense = load_model(resolved).eval(), _teacher_of(teacher, resolved)
+    if kind is ModelKind.IMAGE_CLASSIFIER:
+        splits = load_data(data or MNIST5K, data_config(model, resolved.model))
+        loader = DataLoader(splits.val, batch_size=256)
+        metrics = {"val_accuracy": accuracy(model, loader, DistEnv())}
+        reference = {"val_accuracy": accuracy(dense[1], loader, DistEnv())} if dense else None
+        return EvalResult(source, kind, splits.description, metrics, reference, round(time.perf_counter() - started, 2))
+    folder = resolved.checkpoint.folder or (dense[0].checkpoint.folder if dense else None)
+    texts = text_data(kind, folder, data or PYTHON_HELP, seq_len, dense[1] if dense else None, with_train=False)
+    metrics = texts.quality(model)
+    reference = texts.quality(dense[1]) if dense and kind is ModelKind.CAUSAL_LM else None
+    return EvalResult(source, kind, texts.quality.description, metrics, reference, round(time.perf_counter() - started, 2))

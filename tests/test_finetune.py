@@ -155,8 +155,20 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert [e["masks_identical_across_ranks"] for e in epochs if e["event"] == "epoch"] == [True, True]
 
 
-def test_built_in_example_runs_end_to_end(cli, tmp_path):
-    r = cli("finetune", "--out", tmp_path / "ex", "--limit", "64", "--epochs", "1", "--json")
+def test_built_in_minilm_example_runs_end_to_end_with_its_options(cli, tmp_path):
+    r = cli("finetune", "--out", tmp_path / "ex", "--limit", "32", "--pattern", "1:4", "--lr", "1e-4", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["example"] == "minilm" and result["pattern"] == "1:4" and result["all_layers_compliant"] is True
+    assert result["dense"] == pytest.approx(1.0) and result["one_shot"]["paragraphs"] < 0.7  # 1:4 magnitude wrecks it
+    assert 0 < result["recovered"]["paragraphs"] <= 1 and 0 < result["recovered"]["sentences"] <= 1
+    assert cli("report", result["sparse_checkpoint"], "--check", "1:4", "--quiet", "--no-flops").exit_code == 0
+    recipe = (tmp_path / "ex" / "recipe.yaml").read_text()
+    assert "lr: 0.0001" in recipe and "name: fixed-mask" in recipe
+
+
+def test_built_in_mnist_example_runs_end_to_end(cli, tmp_path):
+    r = cli("finetune", "--example", "mnist", "--out", tmp_path / "ex", "--limit", "64", "--epochs", "1", "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["pattern"] == "1:8" and result["all_layers_compliant"] is True

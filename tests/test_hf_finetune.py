@@ -113,3 +113,53 @@ def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, llama,
     recipe.write_text("name: bad\nmethod: ste\ndistill:\n  kl: yes\n")
     r = cli("finetune", "--model", llama, "--recipe", recipe, *COMMON, "--out", tmp_path / "s")
     assert r.exit_code == 2 and "bad.yaml: distill.kl: expected a number, got True" in r.output
+
+
+def test_teacher_written_data_is_seeded_cached_and_only_for_causal_lms(cli, tmp_path, llama, bert):
+    from safetensors.torch import load_file as read
+
+    args = ("finetune", "--model", llama, "--data", "teacher:6", "--recipe", "fixed-mask", "--epochs", "1",
+            "--pattern", "2:4", "--batch-size", "3", "--seq-len", "16", "--lr", "1e-3", "--json")
+    first = cli(*args, "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    assert "teacher-written: 6 sequences of 16 tokens (generated in" in json.loads(first.stdout)["data"]
+    ids = read(str(tmp_path / "a" / "teacher-data.safetensors"))["ids"]
+    assert ids.shape == (6, 16)
+    again = cli(*args, "--out", tmp_path / "a", "--force")
+    assert "(read from the cache" in json.loads(again.stdout)["data"]
+    assert cli(*args, "--out", tmp_path / "b", "--seed", "1").exit_code == 0
+    other_seed = read(str(tmp_path / "b" / "teacher-data.safetensors"))["ids"]
+    assert other_seed.shape == ids.shape and not torch.equal(other_seed, ids)
+    assert cli(*args, "--out", tmp_path / "c").exit_code == 0
+    assert torch.equal(read(str(tmp_path / "c" / "teacher-data.safetensors"))["ids"], ids)  # same seed, same text
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\n\nthe end\n")
+    assert cli(*args, "--out", tmp_path / "d", "--prompts", prompts).exit_code == 0
+    from nmcli.data.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(llama)
+    starts = {tuple(row[:2].tolist()) for row in read(str(tmp_path / "d" / "teacher-data.safetensors"))["ids"]}
+    assert starts == {tuple(tokenizer("hello world", add_special_tokens=False)["input_ids"]),
+                      tuple(tokenizer("the end", add_special_tokens=False)["input_ids"])}
+    r = cli("finetune", "--model", bert, "--data", "teacher:4", "--seq-len", "16", "--out", tmp_path / "e")
+    assert r.exit_code == 2 and "only a causal LM can write its own training text" in r.output
+    r = cli("finetune", "--model", llama, "--data", "teacher:x", "--out", tmp_path / "f")
+    assert r.exit_code == 2 and "teacher:N with N a whole number" in r.output
+
+
+def test_eval_command(cli, tmp_path, llama, bert):
+    r = cli("eval", llama, "--seq-len", "32", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["kind"] == "causal LM" and data["metrics"]["perplexity"] > 1 and data["teacher"] is None
+    r = cli("eval", bert, "--seq-len", "32")
+    assert r.exit_code == 2 and "pass --teacher DENSE" in r.output
+    r = cli("eval", bert, "--teacher", bert, "--seq-len", "32", "--json")
+    metrics = json.loads(r.stdout)["metrics"]
+    assert metrics["cosine"] == pytest.approx(1.0) and metrics["sentence_spearman"] == pytest.approx(1.0)
+    pruned = tmp_path / "p"
+    assert cli("prune", bert, "--pattern", "1:4", "--out", pruned, "--quiet").exit_code == 0
+    metrics = json.loads(cli("eval", pruned, "--teacher", bert, "--seq-len", "32", "--json").stdout)["metrics"]
+    assert metrics["cosine"] < 1 - 1e-6  # a tiny random BERT barely notices (MiniLM: test_text_eval)
+    r = cli("eval", pruned, "--teacher", llama)
+    assert r.exit_code == 2 and "not the same architecture" in r.output

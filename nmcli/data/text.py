@@ -54,7 +54,7 @@ def _python_help() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     if path.stat().st_size > MAX_TEXT_BYTES:
         raise NMSparseError(f"{path}: larger than {MAX_TEXT_BYTES >> 30} GiB; split it or sample it first")
     raw = path.read_bytes()
@@ -68,7 +68,7 @@ def _read_text(path: Path) -> str:
 
 def _jsonl(path: Path) -> list[str]:
     texts = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -85,7 +85,7 @@ def _folder(folder: Path) -> list[str]:
     files = sorted(p for p in folder.iterdir() if p.suffix in TEXT_SUFFIXES and p.is_file() and not p.is_symlink())
     if not files:
         raise NMSparseError(f"{folder}: no {' / '.join(TEXT_SUFFIXES)} files (symlinks are not followed)")
-    return [_read_text(p) for p in files]
+    return [read_text(p) for p in files]
 
 
 def _documents(spec: str) -> tuple[list[str], str]:
@@ -99,7 +99,7 @@ def _documents(spec: str) -> tuple[list[str], str]:
     if path.suffix == ".jsonl":
         return _jsonl(path), str(path)
     if path.suffix in TEXT_SUFFIXES:
-        return paragraphs(_read_text(path)), str(path)
+        return paragraphs(read_text(path)), str(path)
     raise NMSparseError(f"--data {spec}: expected a .txt / .md / .jsonl file, a folder of them, or '{PYTHON_HELP}'")
 
 

@@ -20,13 +20,17 @@ from nmcli.errors import NMSparseError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(folder: Path | None):  # noqa: ANN201 (a transformers tokenizer)
-    """The folder's own tokenizer, offline; a folder without one is a clear error."""
+def check_tokenizer_files(folder: Path | None) -> None:
     if folder is None or not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise NMSparseError(
             f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); text data needs the model's own "
             "tokenizer: copy it into the model folder"
         )
+
+
+def load_tokenizer(folder: Path | None):  # noqa: ANN201 (a transformers tokenizer)
+    """The folder's own tokenizer, offline; a folder without one is a clear error."""
+    check_tokenizer_files(folder)
     import transformers
 
     try:

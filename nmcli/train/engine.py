@@ -42,7 +42,7 @@ from nmcli.schedules import Phases
 from nmcli.train.checkpointing import CHECKPOINT_DIR, load_training_checkpoint, restore_rng, save_training_checkpoint
 from nmcli.train.distributed import DistEnv, all_equal, init_distributed, mean_over_ranks, shutdown
 from nmcli.train.metrics import GradientFlowProbe, MetricsLog
-from nmcli.train.tasks import Task, distill_task, image_task, student_of, to_device
+from nmcli.train.tasks import Task, TextSettings, check_text_settings, distill_task, image_task, student_of, to_device
 
 MODEL_FILE, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE = "model.safetensors", "summary.json", "recipe.yaml", "metrics.jsonl"
 
@@ -60,6 +60,7 @@ class FinetuneConfig:
     bf16: bool = False
     resume: bool = False
     grad_log_every: int = 0
+    eval_every: int = 0  # also evaluate every N steps (0: once per epoch)
     log_every: int = 10
     stop_after: int | None = None
     limit: int | None = None
@@ -67,6 +68,7 @@ class FinetuneConfig:
     device: str = "cpu"
     seq_len: int = 128  # Hugging Face models: tokens per training / held-out sample
     start: str | None = None  # Hugging Face models: the student's starting N:M checkpoint (default: the teacher)
+    prompts: Path | None = None  # --data teacher:N: prompts file (default: the built-in prompts)
 
     @property
     def use_bf16(self) -> bool:
@@ -87,6 +89,7 @@ class FinetuneConfig:
             "model": self.model, "model_kwargs": self.model_kwargs, "checkpoint": str(self.checkpoint),
             "recipe": to_dict(self.recipe), "data": self.data, "seed": self.seed, "num_classes": self.num_classes,
             "bf16": self.bf16, "limit": self.limit, "world_size": world, "seq_len": self.seq_len, "start": self.start,
+            "prompts": str(self.prompts),
         }
 
 
@@ -162,11 +165,13 @@ def _task(config: FinetuneConfig) -> tuple[Task, torch.nn.Module, ModelRef, Reso
         return image_task(resolved, ref, model, config.data or MNIST5K, config.limit), model, ref, resolved
     if config.num_classes is not None:
         raise NMSparseError("--num-classes goes with timm models; a Hugging Face model keeps its own head")
+    text = TextSettings(config.data or PYTHON_HELP, config.seq_len, config.limit, config.seed, config.prompts, config.out)
+    check_text_settings(resolved, text)
     teacher = load_model(resolved)
     if config.use_bf16:
         teacher = teacher.to(torch.bfloat16)
     student = student_of(load_model(resolved) if config.use_bf16 else teacher, resolved, config.start)
-    task = distill_task(resolved, teacher, config.recipe.distill, config.data or PYTHON_HELP, config.seq_len, config.limit)
+    task = distill_task(resolved, teacher, config.recipe.distill, text)
     return task, student, ref, resolved
 
 
@@ -203,6 +208,7 @@ class _Run:
     probe: GradientFlowProbe | None
     log: MetricsLog | None = None
     one_shot: dict[str, float] | None = None  # quality with the target's magnitude mask, before training
+    prepared_at: float = field(default_factory=time.perf_counter)
 
     def evaluate(self) -> dict[str, float]:
         return self.task.evaluate(self.model, self.env, self.autocast)
@@ -322,7 +328,17 @@ def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[
             run.log.write({"step": step, "lr": run.optimizer.param_groups[0]["lr"], **values, **record})
         reporter.step(step, values)
         step += 1
+        if config.eval_every and step % config.eval_every == 0 and step < run.phases.total:
+            _evaluate_mid_epoch(run, step, plan, reporter)
     return step, plan
+
+
+def _evaluate_mid_epoch(run: _Run, step: int, plan: StepPlan, reporter: Reporter) -> None:
+    """--eval-every: held-out quality of the weights as the recipe uses them at this step, with the time so far."""
+    quality = run.evaluate()
+    elapsed = round(time.perf_counter() - run.prepared_at, 1)
+    run.log.write({"event": "eval", "step": step, **quality, "elapsed_s": elapsed})
+    reporter.message(f"step {step}: {quality_text(quality)} ({plan.label()}, {elapsed} s)")
 
 
 def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter: Reporter) -> None:
@@ -330,7 +346,9 @@ def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter
     config = run.config
     quality = run.evaluate()
     agree = _masks_agree(run.sparsifier, run.env)
-    run.log.write({"event": "epoch", "epoch": epoch, "step": step, **quality, "masks_identical_across_ranks": agree})
+    elapsed = round(time.perf_counter() - run.prepared_at, 1)
+    run.log.write({"event": "epoch", "epoch": epoch, "step": step, **quality, "elapsed_s": elapsed,
+                   "masks_identical_across_ranks": agree})
     reporter.message(f"epoch {epoch + 1}/{config.epochs}: {quality_text(quality)} ({plan.label() if plan else ''})")
     if run.env.is_main:
         save_training_checkpoint(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +21,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from nmcli.checkpoints import Resolved, load_model, resolve
 from nmcli.data.images import load_data
+from nmcli.data.teacher import read_prompts, teacher_count, teacher_samples
+from nmcli.data.text import PYTHON_HELP, load_texts
+from nmcli.data.tokens import check_tokenizer_files, load_tokenizer
 from nmcli.errors import NMSparseError
 from nmcli.eval import TextQuality, accuracy, text_data
 from nmcli.models import ModelKind, ModelRef, data_config, model_kind
@@ -111,19 +115,62 @@ def student_of(teacher: nn.Module, resolved: Resolved, start: str | None) -> nn.
     return load_model(started)
 
 
-def distill_task(
-    resolved: Resolved, teacher: nn.Module, recipe_spec: Any, data: str, seq_len: int, limit: int | None
-) -> DistillTask:
+@dataclass(frozen=True)
+class TextSettings:
+    data: str
+    seq_len: int
+    limit: int | None
+    seed: int
+    prompts: Path | None  # teacher:N prompts, one per line (None: the built-in list)
+    cache: Path  # where teacher-written data is kept (the run's folder)
+
+
+def _checkpoint_id(resolved: Resolved) -> str:
+    """Names the teacher's weights for the generated-data cache: its files, sizes and modification times."""
+    folder = resolved.checkpoint.folder
+    files = sorted(resolved.checkpoint.shards) if folder is not None else []
+    stats = [(name, (folder / name).stat().st_size, (folder / name).stat().st_mtime_ns) for name in files]
+    return f"{resolved.checkpoint.where}:{stats}"
+
+
+def _teacher_written(resolved: Resolved, teacher: nn.Module, count: int, text: TextSettings):
+    """Training samples the dense causal LM writes itself; held-out quality stays on real text (python-help)."""
+    texts = text_data(ModelKind.CAUSAL_LM, resolved.checkpoint.folder, PYTHON_HELP, text.seq_len, teacher, with_train=False)
+    tokenizer = load_tokenizer(resolved.checkpoint.folder)
+    made = teacher_samples(teacher, tokenizer, _checkpoint_id(resolved), count, text.seq_len, text.seed,
+                           read_prompts(text.prompts), text.cache)
+    how = f"generated in {made.seconds} s" if made.seconds else "read from the cache"
+    description = f"teacher-written: {count} sequences of {text.seq_len} tokens ({how}, {made.cache}); quality on {texts.quality.description}"
+    return made.samples, texts, description
+
+
+def check_text_settings(resolved: Resolved, text: TextSettings) -> None:
+    """Bad text input is reported before any model is loaded: the data spec, teacher:N on a model that cannot
+    write, --seq-len beyond the model's positions, a folder without a tokenizer."""
+    kind = model_kind(resolved.model)
+    count = teacher_count(text.data)
+    if count is not None and kind is not ModelKind.CAUSAL_LM:
+        raise NMSparseError(f"--data teacher:{count}: only a causal LM can write its own training text (this model: {kind.value})")
+    if count is None:
+        load_texts(text.data)
+    config = resolved.model.hf_config or {}
+    longest = config.get("max_position_embeddings") or config.get("n_positions")
+    if longest and text.seq_len > longest:
+        raise NMSparseError(f"--seq-len {text.seq_len}: {resolved.model.name} takes at most {longest} tokens per sample")
+    check_tokenizer_files(resolved.checkpoint.folder)
+
+
+def distill_task(resolved: Resolved, teacher: nn.Module, recipe_spec: Any, text: TextSettings) -> DistillTask:
     kind = model_kind(resolved.model)
     spec = resolve_spec(recipe_spec, kind)
     if not any((spec.kl, spec.ce, spec.squarehead, spec.embedding)):
         raise NMSparseError(f"the recipe's distill section leaves every loss term at 0 for a {kind.value}")
-    config = resolved.model.hf_config or {}
-    longest = config.get("max_position_embeddings") or config.get("n_positions")
-    if longest and seq_len > longest:
-        raise NMSparseError(f"--seq-len {seq_len}: {resolved.model.name} takes at most {longest} tokens per sample")
-    texts = text_data(kind, resolved.checkpoint.folder, data, seq_len, teacher)
-    train = limit_samples(texts.train, limit)
-    limited = f"; training limited to {len(train)} samples" if limit else ""
-    return DistillTask(kind, train, texts.quality, Distiller(teacher, kind, spec), texts.collate,
-                       texts.quality.description + limited)
+    count = teacher_count(text.data)
+    if count is not None:
+        samples, texts, description = _teacher_written(resolved, teacher, count, text)
+    else:
+        texts = text_data(kind, resolved.checkpoint.folder, text.data, text.seq_len, teacher)
+        samples, description = texts.train, texts.quality.description
+    train = limit_samples(samples, text.limit)
+    limited = f"; training limited to {len(train)} samples" if text.limit else ""
+    return DistillTask(kind, train, texts.quality, Distiller(teacher, kind, spec), texts.collate, description + limited)

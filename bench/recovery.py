@@ -1,0 +1,90 @@
+"""Recovery of real pretrained transformers after one-shot N:M, by distillation from the dense model.
+
+Each run is `nmsparse finetune` in a fresh process (its peak RSS measured by the OS); quality is evaluated every
+`--eval-every` steps on held-out Python help text, so the output is a curve of quality against minutes.
+
+    python bench/recovery.py minilm --patterns 2:4,1:4,4:8            # MiniLM: embedding cosine to dense
+    python bench/recovery.py smollm2 --data python-help,teacher:512   # SmolLM2-135M: perplexity
+
+Figures are printed, not asserted. Long: run it in the background (15-30 minutes per run on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.smollm2 import smollm2_folder  # noqa: E402
+from nmcli.train.example import minilm_folder  # noqa: E402
+
+MODELS = {
+    # model -> (metric keys printed, default finetune options)
+    "minilm": (("cosine", "sentence_cosine", "spearman"), ["--batch-size", "16", "--lr", "3e-4", "--seq-len", "128"]),
+    "smollm2": (("perplexity",), ["--batch-size", "4", "--lr", "2e-4", "--seq-len", "256", "--bf16"]),
+}
+
+
+def _run(cmd: list[str]) -> tuple[int, float, float]:
+    """(exit code, wall seconds, peak RSS GiB) of one child process."""
+    started = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        sys.stderr.write(child.stderr.read()[-2000:])
+    return child.returncode, time.perf_counter() - started, usage.ru_maxrss / 2**20
+
+
+def _curve(out: Path, keys: tuple[str, ...]) -> list[dict]:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in events if e.get("event") in ("start", "eval", "epoch", "final") and keys[0] in e]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("--patterns", default="2:4")
+    parser.add_argument("--data", default="python-help", help="comma-separated --data values to compare")
+    parser.add_argument("--recipe", default="fixed-mask")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=None, help="training samples per run")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--extra", default="", help="more finetune options, space-separated")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / ".runs")
+    args = parser.parse_args()
+    keys, options = MODELS[args.model]
+    folder = minilm_folder() if args.model == "minilm" else smollm2_folder(ROOT / "bench" / ".models" / "smollm2-135m")
+    print(f"# {args.model} ({folder}), recipe {args.recipe}, {args.epochs} epoch(s), options {' '.join(options)} {args.extra}")
+    for data in args.data.split(","):
+        for pattern in args.patterns.split(","):
+            out = args.out / f"{args.model}-{pattern.replace(':', 'of')}-{data.replace(':', '')}-{args.recipe}"
+            cmd = [sys.executable, "-m", "nmcli", "finetune", "--model", str(folder), "--recipe", args.recipe,
+                   "--pattern", pattern, "--epochs", str(args.epochs), "--data", data, "--out", str(out), "--force",
+                   "--eval-every", str(args.eval_every), *options, *args.extra.split()]
+            if args.limit:
+                cmd += ["--limit", str(args.limit)]
+            code, seconds, rss = _run(cmd)
+            if code:
+                print(f"{pattern} {data}: failed (exit {code})")
+                continue
+            summary = json.loads((out / "summary.json").read_text())
+            print(f"\n## {pattern}, data {data}: {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB, {summary['steps']} steps")
+            print(f"data: {summary['data']}")
+            print("  " + " | ".join(f"{k}: dense {summary[f'start_{k}']:.4f}, one-shot {summary[f'one_shot_{k}']:.4f}, "
+                                     f"recovered {summary[f'final_{k}']:.4f}" for k in keys))
+            print("  curve (minutes since start of training: " + ", ".join(keys) + ")")
+            for event in _curve(out, keys):
+                minutes = event.get("elapsed_s", 0.0) / 60 if event["event"] != "final" else summary["wall_seconds"] / 60
+                print(f"    step {event['step']:>5} {minutes:6.1f} min  " + "  ".join(f"{event[k]:.4f}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
