@@ -65,7 +65,7 @@ def main() -> None:
     print(f"# {args.model} ({folder}), recipe {args.recipe}, {args.epochs} epoch(s), options {' '.join(options)} {args.extra}")
     for data in args.data.split(","):
         for pattern in args.patterns.split(","):
-            out = args.out / f"{args.model}-{pattern.replace(':', 'of')}-{data.replace(':', '')}-{args.recipe}"
+            out = args.out / f"{args.model}-{pattern.replace(':', 'of')}-{data.replace(':', '')}-{Path(args.recipe).stem}"
             cmd = [sys.executable, "-m", "nmcli", "finetune", "--model", str(folder), "--recipe", args.recipe,
                    "--pattern", pattern, "--epochs", str(args.epochs), "--data", data, "--out", str(out), "--force",
                    "--eval-every", str(args.eval_every), *options, *args.extra.split()]

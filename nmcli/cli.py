@@ -85,7 +85,7 @@ def progress_bar(enabled: bool, unit: str = "tensors") -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn() if unit == "tensors" else TextColumn("{task.percentage:>5.1f}%"),
+        MofNCompleteColumn() if unit in ("tensors", "blocks") else TextColumn("{task.percentage:>5.1f}%"),
         TimeRemainingColumn(),
         TextColumn("{task.fields[item]}", style="dim", markup=False),
         console=err,
@@ -133,25 +133,42 @@ def prune(
     exclude: ExcludeOpt = None,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
+    method: Annotated[str, typer.Option("--method", help="magnitude (no data) | wanda | sparsegpt")] = "magnitude",
+    calib: Annotated[
+        str, typer.Option("--calib", help="wanda/sparsegpt calibration text: python-help, .txt/.md/.jsonl, folder, teacher:N")
+    ] = "python-help",
+    calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="calibration samples")] = 128,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per calibration sample")] = 512,
+    damp: Annotated[float, typer.Option("--damp", min=0.0, help="SparseGPT dampening, a fraction of mean(diag H)")] = 0.01,
+    block_size: Annotated[int, typer.Option("--block-size", min=1, help="SparseGPT columns per lazy-update block")] = 128,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """One-shot magnitude N:M pruning, streamed tensor by tensor (dense-shaped output with exact zeros)."""
+    """One-shot N:M pruning: magnitude streamed tensor by tensor, or Wanda / SparseGPT calibrated block by block
+    (dense-shaped output with exact zeros)."""
     from nmcli.checkpoints import resolve
     from nmcli.io.atomic import check_writable
     from nmcli.prune import plan_prune
     from nmcli.prune import prune as run_prune
 
+    oneshot = None
     with user_errors():
         nm = parse_pattern(pattern)
+        chosen = _oneshot_method(method)
         check_writable(out_path, force)
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         plan = plan_prune(resolved, nm, include or (), exclude or ())
         started = time.perf_counter()
-        result = with_byte_progress(
-            "pruning", resolved.checkpoint.infos, not (quiet or as_json),
-            lambda progress: run_prune(resolved, plan, out_path, force=force, progress=progress),
-        )
+        if chosen.value == "magnitude":
+            result = with_byte_progress(
+                "pruning", resolved.checkpoint.infos, not (quiet or as_json),
+                lambda progress: run_prune(resolved, plan, out_path, force=force, progress=progress),
+            )
+        else:
+            result, oneshot = _calibrated_prune(
+                resolved, plan, out_path, chosen, calib, calib_samples, seq_len, damp, block_size, seed, force,
+                not (quiet or as_json),
+            )
         seconds = time.perf_counter() - started
     payload = {
         "out": str(result.out),
@@ -163,7 +180,12 @@ def prune(
         "bytes": result.bytes,
         "seconds": round(seconds, 3),
         "notes": result.notes,
+        "method": method,
     }
+    if oneshot is not None:
+        from nmcli.oneshot.calibrate import describe
+
+        payload["calibration"] = {**describe(oneshot), "reconstruction_error": oneshot.errors}
     if as_json:
         print_json(payload)
         return
@@ -172,9 +194,38 @@ def prune(
             out.print(Text.assemble(("skipped", "yellow"), f" {name}: {why}"))
         for note in result.notes:
             out.print(f"note: {note}")
+    if oneshot is not None and not quiet:
+        info = payload["calibration"]
+        out.print(
+            f"{method}: mean reconstruction error {info['mean_reconstruction_error']:.4f} "
+            f"(|WX - W'X|^2 / |WX|^2 on the calibration inputs), calibration activations {info['activation_mib']} MiB"
+        )
     out.print(
-        f"pruned {len(plan.targets)} layers to {nm} ({len(plan.skipped)} skipped) in {seconds:.2f}s -> {result.out}"
+        f"pruned {len(plan.targets)} layers to {nm} ({len(plan.skipped)} skipped) by {method} in {seconds:.2f}s -> {result.out}"
     )
+
+
+def _oneshot_method(name: str):  # noqa: ANN202
+    from nmcli.oneshot.calibrate import OneShotMethod
+
+    try:
+        return OneShotMethod(name)
+    except ValueError:
+        raise NMSparseError(f"--method {name!r}: choose one of {', '.join(m.value for m in OneShotMethod)}") from None
+
+
+def _calibrated_prune(resolved, plan, out_path, method, calib, samples, seq_len, damp, block_size, seed, force, show):  # noqa: ANN001, ANN202, PLR0913
+    """Wanda / SparseGPT with a progress bar over the model's blocks."""
+    from nmcli.oneshot.calibrate import SolverSettings
+    from nmcli.oneshot.service import CalibrationSettings, oneshot_prune
+
+    with progress_bar(show, unit="blocks") as bar:
+        task = bar.add_task(f"{method.value} (block by block)", total=None, item="")
+        return oneshot_prune(
+            resolved, plan, out_path, SolverSettings(method, plan.pattern, damp, block_size),
+            CalibrationSettings(calib, samples, seq_len, seed), force=force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
 
 
 @app.command()

@@ -73,7 +73,7 @@ def read_prompts(path: Path | None) -> tuple[str, ...]:
 class Generated:
     samples: TokenSamples
     seconds: float  # 0 when read from the cache
-    cache: Path
+    cache: Path | None
 
 
 def _key(model_id: str, count: int, seq_len: int, seed: int, prompts: tuple[str, ...]) -> str:
@@ -109,12 +109,12 @@ def _generate_for_prompt(teacher: nn.Module, prompt_ids: list[int], count: int, 
 
 def teacher_samples(
     teacher: nn.Module, tokenizer, model_id: str, count: int, seq_len: int, seed: int,  # noqa: ANN001
-    prompts: tuple[str, ...], folder: Path,
+    prompts: tuple[str, ...], folder: Path | None,
 ) -> Generated:
-    """`count` sequences written by `teacher`, cached in `folder`."""
-    path = folder / CACHE_FILE
+    """`count` sequences written by `teacher`, cached in `folder` (None: not cached)."""
+    path = folder / CACHE_FILE if folder is not None else None
     key = _key(model_id, count, seq_len, seed, prompts)
-    cached = _cached(path, key)
+    cached = _cached(path, key) if path is not None else None
     if cached is not None:
         return Generated(TokenSamples(list(cached)), 0.0, path)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -132,7 +132,8 @@ def teacher_samples(
         ]
     torch.set_rng_state(generator_state)  # generation does not shift the run's own random stream
     ids = torch.cat(parts).contiguous()
-    folder.mkdir(exist_ok=True)
-    with atomic_output(path, force=True) as tmp:
-        save_file({"ids": ids}, str(tmp), metadata={"key": key})
+    if path is not None:
+        path.parent.mkdir(exist_ok=True)
+        with atomic_output(path, force=True) as tmp:
+            save_file({"ids": ids}, str(tmp), metadata={"key": key})
     return Generated(TokenSamples(list(ids)), round(time.perf_counter() - started, 1), path)

@@ -21,6 +21,7 @@ LAYERS = "nmsparse.layers"  # {tensor name: {"layout": ..., "k_axis": ..., "patt
 SKIPPED = "nmsparse.skipped"  # {tensor name: reason}
 MODEL = "nmsparse.model"  # {"source": "timm"|"hf", "name": ..., "kwargs": {...}}
 RECIPE = "nmsparse.recipe"
+ONESHOT = "nmsparse.oneshot"  # {"method": "sparsegpt", "calib": ..., "samples": ..., ...}
 
 DENSE_MASKED = "dense-masked"  # dense-shaped tensors with exact zeros
 
@@ -35,6 +36,7 @@ class SparsityMetadata:
     model: dict | None = None
     recipe: dict | None = None
     format: str = DENSE_MASKED
+    oneshot: dict | None = None
 
     def to_strings(self) -> dict[str, str]:
         out = {
@@ -50,6 +52,8 @@ class SparsityMetadata:
             out[MODEL] = json.dumps(self.model, sort_keys=True)
         if self.recipe is not None:
             out[RECIPE] = json.dumps(self.recipe, sort_keys=True)
+        if self.oneshot is not None:
+            out[ONESHOT] = json.dumps(self.oneshot, sort_keys=True)
         return out
 
     @classmethod
@@ -65,6 +69,7 @@ class SparsityMetadata:
                 model=json.loads(meta[MODEL]) if MODEL in meta else None,
                 recipe=json.loads(meta[RECIPE]) if RECIPE in meta else None,
                 format=meta.get(FORMAT, DENSE_MASKED),
+                oneshot=json.loads(meta[ONESHOT]) if ONESHOT in meta else None,
             )
         except (json.JSONDecodeError, NMSparseError) as exc:
             raise NMSparseError(f"{where}: broken nmsparse metadata ({exc}); re-run prune on the original") from None

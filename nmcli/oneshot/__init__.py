@@ -1,0 +1,1 @@
+"""Data-aware one-shot N:M (methods.md §7): Wanda and SparseGPT, calibrated block by block."""

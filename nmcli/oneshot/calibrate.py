@@ -1,0 +1,194 @@
+"""Sequential calibration, as in the reference implementations of Wanda and SparseGPT (methods.md §7).
+
+The model's transformer blocks (the longest ModuleList of same-class modules) are processed in order. The
+calibration activations entering block 0 are captured once; for block i, each target layer's H = 2·XᵀX / n is
+accumulated from the block's forward pass on the current activations, the layers are pruned (and, for SparseGPT,
+updated), and the block is run again: its outputs, computed by the already-pruned block, are what block i+1 sees.
+Target layers outside the blocks (e.g. BERT's pooler) are pruned by magnitude and listed.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmcli.errors import NMSparseError
+from nmcli.models import LayerInfo
+from nmcli.nm import HF_CONV1D, NMPattern, apply_nm
+from nmcli.oneshot.solvers import reconstruction_error, sparsegpt, wanda
+
+
+class OneShotMethod(enum.Enum):
+    MAGNITUDE = "magnitude"
+    WANDA = "wanda"
+    SPARSEGPT = "sparsegpt"
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    method: OneShotMethod
+    pattern: NMPattern
+    damp: float = 0.01
+    block_size: int = 128
+
+
+@dataclass
+class OneShotResult:
+    weights: dict[str, torch.Tensor]  # module name -> pruned weight (in the module's own layout)
+    errors: dict[str, float]  # module name -> ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs
+    outside_blocks: list[str] = field(default_factory=list)  # pruned by magnitude: no block to calibrate them in
+    activation_bytes: int = 0  # the calibration activations held between blocks
+    seconds: float = 0.0
+
+
+class _Captured(Exception):
+    """Raised by the capture hook: everything after block 0's inputs is not needed."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the longest ModuleList whose children all share one class."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise NMSparseError(f"{type(model).__name__}: no list of blocks found to calibrate block by block; use --method magnitude")
+    return best
+
+
+def capture_inputs(model: nn.Module, first: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) that the first block receives, one entry per calibration batch."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(**batch)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class _Hessian:
+    """Running mean of 2·xᵀx over every token a layer sees (float64)."""
+
+    def __init__(self, k: int):
+        self.h = torch.zeros(k, k, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        t = x.shape[0]
+        self.h *= self.n / (self.n + t)
+        self.n += t
+        self.h += (2 / self.n) * (x.T @ x)
+
+
+def _as_rows_by_k(weight: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
+    """The weight as [rows, K]: a Linear already is; an HF Conv1D [in, out] is transposed."""
+    return weight.T if layer.layout is HF_CONV1D else weight
+
+
+def _solve(weight: torch.Tensor, hessian: torch.Tensor, settings: SolverSettings, name: str) -> torch.Tensor:
+    if settings.method is OneShotMethod.WANDA:
+        return weight * wanda(weight, hessian.diagonal(), settings.pattern)
+    return sparsegpt(weight, hessian, settings.pattern, damp=settings.damp, block=settings.block_size, where=name)
+
+
+def _prune_block(block: nn.Module, prefix: str, layers: dict[str, LayerInfo], inputs: list[tuple[tuple, dict]],
+                 settings: SolverSettings, result: OneShotResult) -> None:
+    """Accumulate H for the block's target layers over all inputs, then prune them."""
+    modules = {name: block.get_submodule(name.removeprefix(prefix)) for name in layers}
+    hessians = {name: _Hessian(_as_rows_by_k(m.weight, layers[name]).shape[1]) for name, m in modules.items()}
+    handles = [m.register_forward_hook(lambda _m, inp, _out, name=name: hessians[name].add(inp[0]))
+               for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, module in modules.items():
+        weight = _as_rows_by_k(module.weight.detach(), layers[name])
+        pruned = _solve(weight.float(), hessians[name].h, settings, name).to(weight.dtype)
+        result.errors[name] = reconstruction_error(weight.float(), pruned.float(), hessians[name].h)
+        module.weight.data.copy_(_as_rows_by_k(pruned, layers[name]))
+        result.weights[name] = module.weight.detach().clone()
+
+
+def _block_outputs(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    with torch.no_grad():
+        outputs = [block(*args, **kwargs) for args, kwargs in inputs]
+    return [_with_hidden(a, k, out[0] if isinstance(out, tuple) else out) for (a, k), out in zip(inputs, outputs)]
+
+
+def calibrate_and_prune(
+    model: nn.Module,
+    layers: dict[str, LayerInfo],
+    batches: list[dict[str, torch.Tensor]],
+    settings: SolverSettings,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> OneShotResult:
+    """Prune `layers` (keyed by module name) of `model` in place, block by block; returns the pruned weights."""
+    started = time.perf_counter()
+    model.eval()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False  # a KV cache would grow each time a block is run again on the same inputs
+    prefix, blocks = find_blocks(model)
+    result = OneShotResult({}, {})
+    inputs = capture_inputs(model, blocks[0], batches)
+    result.activation_bytes = sum(_hidden(a, k).numel() * _hidden(a, k).element_size() for a, k in inputs)
+    for index, block in enumerate(blocks):
+        block_prefix = f"{prefix}.{index}."
+        mine = {name: layer for name, layer in layers.items() if name.startswith(block_prefix)}
+        if mine:
+            _prune_block(block, block_prefix, mine, inputs, settings, result)
+        if index + 1 < len(blocks):
+            inputs = _block_outputs(block, inputs)
+        progress(index + 1, len(blocks))
+    modules = dict(model.named_modules())
+    for name, layer in layers.items():
+        if name not in result.weights:
+            weight = modules[name].weight
+            weight.data.copy_(apply_nm(weight.detach(), settings.pattern, layer.layout))
+            result.weights[name] = weight.detach().clone()
+            result.outside_blocks.append(name)
+    result.seconds = round(time.perf_counter() - started, 2)
+    return result
+
+
+def describe(result: OneShotResult) -> dict[str, Any]:
+    errors = list(result.errors.values())
+    return {
+        "mean_reconstruction_error": sum(errors) / len(errors) if errors else None,
+        "outside_blocks": result.outside_blocks,
+        "activation_mib": round(result.activation_bytes / 2**20, 1),
+        "seconds": result.seconds,
+    }
