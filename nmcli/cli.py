@@ -366,7 +366,7 @@ def finetune(
     ] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="HF models: tokens per sample")] = 128,
     start: Annotated[
-        Optional[str], typer.Option("--start", help="HF models: start the student from this N:M checkpoint (default: the dense model)")
+        Optional[str], typer.Option("--start", help="HF models: magnitude | wanda | sparsegpt (one-shot first) or an N:M checkpoint (default: the dense model)")
     ] = None,
     prompts: Annotated[
         Optional[Path], typer.Option("--prompts", help="--data teacher:N: prompts, one per line (default: built-in)")

@@ -100,6 +100,15 @@ def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, llama,
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["start_perplexity"] == pytest.approx(summary["one_shot_perplexity"])  # it starts 2:4 already
+    starts = {}
+    for method in ("magnitude", "sparsegpt"):
+        r = cli("finetune", "--model", llama, "--start", method, "--recipe", "fixed-mask", "--epochs", "1", *COMMON,
+                "--out", tmp_path / method, "--json")
+        assert r.exit_code == 0, r.output
+        summary = json.loads(r.stdout)
+        assert summary["start_perplexity"] == pytest.approx(summary["one_shot_perplexity"]), method
+        starts[method] = summary["start_perplexity"]
+    assert starts["sparsegpt"] != starts["magnitude"]  # SparseGPT's updated weights, not the magnitude mask
     r = cli("finetune", "--model", llama, "--start", bert, "--epochs", "1", *COMMON, "--out", tmp_path / "p")
     assert r.exit_code == 2 and "a checkpoint of LlamaForCausalLM is needed" in r.output
     r = cli("finetune", "--model", llama, "--num-classes", "3", *COMMON, "--out", tmp_path / "q")

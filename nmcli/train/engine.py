@@ -170,7 +170,8 @@ def _task(config: FinetuneConfig) -> tuple[Task, torch.nn.Module, ModelRef, Reso
     teacher = load_model(resolved)
     if config.use_bf16:
         teacher = teacher.to(torch.bfloat16)
-    student = student_of(load_model(resolved) if config.use_bf16 else teacher, resolved, config.start)
+    plan = plan_prune(resolved, config.recipe.target, config.recipe.include, config.recipe.exclude)
+    student = student_of(load_model(resolved) if config.use_bf16 else teacher, resolved, config.start, plan, text)
     task = distill_task(resolved, teacher, config.recipe.distill, text)
     return task, student, ref, resolved
 

@@ -27,6 +27,9 @@ from nmcli.data.tokens import check_tokenizer_files, load_tokenizer
 from nmcli.errors import NMSparseError
 from nmcli.eval import TextQuality, accuracy, text_data
 from nmcli.models import ModelKind, ModelRef, data_config, model_kind
+from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
+from nmcli.oneshot.service import CalibrationSettings, calibration_batches
+from nmcli.prune import PrunePlan, prune_model_
 from nmcli.train.distill import Distiller, resolve_spec
 from nmcli.train.distributed import DistEnv, shard
 
@@ -102,10 +105,21 @@ def image_task(resolved: Resolved, ref: ModelRef, model: nn.Module, data: str, l
     return ImageTask(train, val, splits.description + limited)
 
 
-def student_of(teacher: nn.Module, resolved: Resolved, start: str | None) -> nn.Module:
-    """The student's starting weights: the teacher's (a copy), or an N:M checkpoint of the same architecture."""
-    if start is None:
-        return copy.deepcopy(teacher)
+def student_of(dense: nn.Module, resolved: Resolved, start: str | None, plan: PrunePlan, text: TextSettings) -> nn.Module:
+    """The student's starting weights: a copy of the dense model; pruned one-shot by `--start magnitude|wanda|
+    sparsegpt` (calibrated on the training text); or an N:M checkpoint of the same architecture (`--start PATH`)."""
+    methods = {m.value: m for m in OneShotMethod}
+    if start is None or start in methods:
+        student = copy.deepcopy(dense)
+        if start == OneShotMethod.MAGNITUDE.value:
+            prune_model_(student, plan)
+        elif start is not None:
+            calib = CalibrationSettings(PYTHON_HELP if teacher_count(text.data) else text.data, seed=text.seed,
+                                        seq_len=text.seq_len)
+            by_module = {layer.module: layer for layer in plan.targets.values()}
+            calibrate_and_prune(student, by_module, calibration_batches(resolved, student, calib),
+                                SolverSettings(methods[start], plan.pattern))
+        return student
     started = resolve(start)
     if started.model is None or started.model.name != resolved.model.name:
         raise NMSparseError(
