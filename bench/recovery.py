@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.child import run_child  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
 from nmcli.train.example import minilm_folder  # noqa: E402
 
@@ -30,17 +28,6 @@ MODELS = {
     "minilm": (("cosine", "sentence_cosine", "spearman"), ["--batch-size", "16", "--lr", "3e-4", "--seq-len", "128"]),
     "smollm2": (("perplexity",), ["--batch-size", "4", "--lr", "2e-4", "--seq-len", "256", "--bf16"]),
 }
-
-
-def _run(cmd: list[str]) -> tuple[int, float, float]:
-    """(exit code, wall seconds, peak RSS GiB) of one child process."""
-    started = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        sys.stderr.write(child.stderr.read()[-2000:])
-    return child.returncode, time.perf_counter() - started, usage.ru_maxrss / 2**20
 
 
 def _curve(out: Path, keys: tuple[str, ...]) -> list[dict]:
@@ -71,15 +58,15 @@ def main() -> None:
                    "--eval-every", str(args.eval_every), *options, *args.extra.split()]
             if args.limit:
                 cmd += ["--limit", str(args.limit)]
-            code, seconds, rss = _run(cmd)
+            code, _, seconds, rss = run_child(cmd)
             if code:
                 print(f"{pattern} {data}: failed (exit {code})")
                 continue
             summary = json.loads((out / "summary.json").read_text())
             print(f"\n## {pattern}, data {data}: {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB, {summary['steps']} steps")
             print(f"data: {summary['data']}")
-            print("  " + " | ".join(f"{k}: dense {summary[f'start_{k}']:.4f}, one-shot {summary[f'one_shot_{k}']:.4f}, "
-                                     f"recovered {summary[f'final_{k}']:.4f}" for k in keys))
+            print("  " + " | ".join(f"{k}: start {summary[f'start_{k}']:.4f}, magnitude mask of the start "
+                                     f"{summary[f'one_shot_{k}']:.4f}, recovered {summary[f'final_{k}']:.4f}" for k in keys))
             print("  curve (minutes since start of training: " + ", ".join(keys) + ")")
             for event in _curve(out, keys):
                 minutes = event.get("elapsed_s", 0.0) / 60 if event["event"] != "final" else summary["wall_seconds"] / 60

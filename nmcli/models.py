@@ -122,13 +122,19 @@ def _build_hf(ref: ModelRef) -> nn.Module:
     try:
         config = transformers.AutoConfig.for_model(model_type, **config_dict)
     except (ValueError, KeyError, TypeError) as exc:
-        raise NMSparseError(f"{ref.name}/config.json: cannot build a config ({exc})") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise NMSparseError(
+            f"config.json (architecture {ref.name}): transformers {transformers.__version__} cannot build a config for "
+            f"model_type {model_type!r} ({first}); a newer transformers or the model's own code may be needed"
+        ) from None
     config._attn_implementation = "eager"  # sdpa's mask checks call .item(), which meta tensors cannot
     arch = (config.architectures or [None])[0]
     model_class = getattr(transformers, arch, None) if arch else None
-    if model_class is not None:
-        return model_class(config)
-    return transformers.AutoModel.from_config(config)
+    try:
+        return model_class(config) if model_class is not None else transformers.AutoModel.from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise NMSparseError(f"config.json: transformers cannot build {arch or model_type} from it ({first})") from None
 
 
 def data_config(model: nn.Module, ref: ModelRef) -> dict:

@@ -172,3 +172,46 @@ def test_eval_command(cli, tmp_path, llama, bert):
     assert metrics["cosine"] < 1 - 1e-6  # a tiny random BERT barely notices (MiniLM: test_text_eval)
     r = cli("eval", pruned, "--teacher", llama)
     assert r.exit_code == 2 and "not the same architecture" in r.output
+
+
+def test_hf_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, llama):
+    bare = save_tiny_hf(tmp_path / "bare", "llama")  # no tokenizer files
+    r = cli("finetune", "--model", bare, "--seq-len", "16", "--out", tmp_path / "a")
+    assert r.exit_code == 2 and "no tokenizer files" in r.output and "Traceback" not in r.output
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words.\n\nand a few more.")
+    r = cli("finetune", "--model", llama, "--data", short, "--seq-len", "64", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "shorter than one chunk of --seq-len 64" in r.output
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\x00\x01\x02")
+    r = cli("finetune", "--model", llama, "--data", binary, "--seq-len", "16", "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "binary data" in r.output
+    alien = tmp_path / "alien"
+    alien.mkdir()
+    (alien / "config.json").write_text(json.dumps({"model_type": "not-a-real-architecture", "architectures": ["Nope"]}))
+    (alien / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes())
+    for command in (("report", alien), ("prune", alien, "--out", tmp_path / "d"), ("eval", alien)):
+        r = cli(*command)
+        assert r.exit_code == 2 and "cannot build a config" in r.output and "Traceback" not in r.output, command
+    assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_two_process_ddp_distillation_on_cpu(tmp_path, bert):
+    """torchrun, 2 processes, gloo, an HF encoder (its pooler gets no gradient from the distillation loss)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nmcli",
+           "finetune", "--model", str(bert), "--recipe", "sr-ste", "--epochs", "2", *COMMON, "--out", str(out), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["all_layers_compliant"] is True
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event": "epoch"' in line]
+    assert [e["masks_identical_across_ranks"] for e in events] == [True, True]
+    assert transformers.AutoModel.from_pretrained(out) is not None
