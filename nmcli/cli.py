@@ -436,7 +436,7 @@ def finetune(
     elif result.get("example") == "minilm":
         one, rec = result["one_shot"], result["recovered"]
         out.print(
-            f"embedding cosine to dense (held-out paragraphs / sentences): one-shot {result['pattern']} "
+            f"embedding cosine to dense (held-out paragraphs / sentences): {result['start']} one-shot {result['pattern']} "
             f"{one['paragraphs']:.4f} / {one['sentences']:.4f} | {result['recipe']} {result['pattern']} distilled "
             f"{rec['paragraphs']:.4f} / {rec['sentences']:.4f} (Spearman {rec['spearman']:.4f}) | N:M compliant: "
             f"{result['all_layers_compliant']} | {result['wall_seconds']}s -> {result['sparse_checkpoint']}"

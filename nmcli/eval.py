@@ -34,6 +34,7 @@ from nmcli.train.distributed import DistEnv, sum_over_ranks
 MAX_EVAL_SAMPLES = 256  # per held-out set of an encoder: enough for a stable mean, small enough for every epoch
 MAX_EVAL_CHUNKS = 64  # held-out LM chunks (64 x 128 tokens = 8 K tokens by default)
 EVAL_BATCH = 32
+LM_EVAL_BATCH = 4  # logits are batch x tokens x vocab floats: 32 x 256 x 49152 would be 1.6 GB per copy
 
 
 def accuracy(model: nn.Module, loader: DataLoader, env: DistEnv, autocast: Callable = contextlib.nullcontext) -> float:
@@ -49,8 +50,8 @@ def accuracy(model: nn.Module, loader: DataLoader, env: DistEnv, autocast: Calla
     return float(counts[0] / counts[1]) if counts[1] else 0.0
 
 
-def _batches(samples: TokenSamples, pad_id: int):  # noqa: ANN202
-    return DataLoader(samples, batch_size=EVAL_BATCH, collate_fn=PadCollate(pad_id))
+def _batches(samples: TokenSamples, pad_id: int, batch_size: int = EVAL_BATCH):  # noqa: ANN202
+    return DataLoader(samples, batch_size=batch_size, collate_fn=PadCollate(pad_id))
 
 
 def _spread(samples: TokenSamples, limit: int = MAX_EVAL_SAMPLES) -> TokenSamples:
@@ -66,7 +67,7 @@ def perplexity(model: nn.Module, samples: TokenSamples, pad_id: int, autocast: C
     model.eval()
     nll, count = 0.0, 0
     with torch.no_grad(), autocast():
-        for batch in _batches(samples, pad_id):
+        for batch in _batches(samples, pad_id, LM_EVAL_BATCH):
             logits = model(**batch).logits.float()
             pairs = batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]
             losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")

@@ -160,7 +160,8 @@ def test_built_in_minilm_example_runs_end_to_end_with_its_options(cli, tmp_path)
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["example"] == "minilm" and result["pattern"] == "1:4" and result["all_layers_compliant"] is True
-    assert result["dense"] == pytest.approx(1.0) and result["one_shot"]["paragraphs"] < 0.7  # 1:4 magnitude wrecks it
+    assert result["start"] == "sparsegpt"
+    assert result["one_shot"]["paragraphs"] < 0.95  # 1:4 one-shot loses quality, even with SparseGPT
     assert 0 < result["recovered"]["paragraphs"] <= 1 and 0 < result["recovered"]["sentences"] <= 1
     assert cli("report", result["sparse_checkpoint"], "--check", "1:4", "--quiet", "--no-flops").exit_code == 0
     recipe = (tmp_path / "ex" / "recipe.yaml").read_text()

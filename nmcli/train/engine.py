@@ -297,9 +297,16 @@ def _begin(run: _Run, reporter: Reporter) -> tuple[int, int, dict[str, float] | 
         run.sparsifier.set_plan(StepPlan("finetune", (target,), 0))  # every target layer at its magnitude N:M mask
         run.one_shot = run.evaluate()
         run.sparsifier.set_plan(StepPlan("dense", (target,), 0))
-        reporter.message(f"one-shot magnitude {target}: {quality_text(run.one_shot)} (no training)")
+        reporter.message(f"one-shot {_start_label(config.start)} {target}: {quality_text(run.one_shot)} (no training)")
     run.log.write({"event": "start", **quality, **{f"one_shot_{k}": v for k, v in (run.one_shot or {}).items()}, "step": 0})
     return 0, 0, quality
+
+
+def _start_label(start: str | None) -> str:
+    """How the student's one-shot N:M weights were made (the one-shot quality is the target mask of the start)."""
+    if start is None:
+        return "magnitude"
+    return start if start in ("magnitude", "wanda", "sparsegpt") else f"from {start}"
 
 
 def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[int, StepPlan | None]:
