@@ -20,7 +20,7 @@ from nmcli.data.teacher import read_prompts, teacher_count, teacher_samples
 from nmcli.data.text import load_texts
 from nmcli.data.tokens import PadCollate, TokenSamples, encoder_samples, encoder_texts, lm_chunks, load_tokenizer
 from nmcli.errors import NMSparseError
-from nmcli.io.rewrite import copy_item, rewrite
+from nmcli.io.rewrite import Item, copy_item, rewrite
 from nmcli.models import ModelKind, model_kind
 from nmcli.oneshot.calibrate import OneShotMethod, OneShotResult, SolverSettings, calibrate_and_prune, describe
 from nmcli.prune import PrunePlan, PruneResult
@@ -77,13 +77,16 @@ def oneshot_prune(
     tensors = {name: result.weights[layer.module] for name, layer in plan.targets.items()}
     ckpt = resolved.checkpoint
 
-    def items(names: list[str]) -> list:
+    def items(names: list[str]) -> list[Item]:
+        """Calibrated layers come from memory (no read of the source tensor); the rest is copied."""
         made = []
         for name in names:
-            item = copy_item(ckpt, name)
+            info = ckpt.infos[name]
             if name in tensors:
-                item.produce = lambda _inputs, name=name: [tensors[name].to(ckpt.infos[name].dtype).contiguous()]
-            made.append(item)
+                made.append(Item([], [(name, info.shape, info.dtype)],
+                                 lambda _inputs, name=name: [tensors[name].to(ckpt.infos[name].dtype).contiguous()]))
+            else:
+                made.append(copy_item(ckpt, name))
         return made
 
     meta_obj = plan.metadata(resolved.model)
