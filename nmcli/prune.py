@@ -15,7 +15,7 @@ from nmcli.io.metadata import SparsityMetadata
 from nmcli.io.rewrite import Item, Progress, copy_item, rewrite
 from nmcli.io.sources import Checkpoint
 from nmcli.models import LayerInfo, ModelRef, select_targets
-from nmcli.nm import MASKABLE_DTYPES, NMPattern, apply_nm_, count_nonfinite, reduction_length
+from nmcli.nm import MASKABLE_DTYPES, NMPattern, apply_nm_, reduction_length
 
 @dataclass
 class PrunePlan:
@@ -70,15 +70,16 @@ def plan_prune(
 
 
 def prune_tensor(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tensor) -> torch.Tensor:
-    """Target `name` of `ckpt` pruned to the plan's pattern; NaN/Inf weights are refused, not hidden."""
-    layer = plan.targets[name]
-    bad = count_nonfinite(tensor)
+    """Target `name` of `ckpt` pruned to the plan's pattern; NaN/Inf weights are refused, not hidden (they are
+    counted by the mask's own pass, and the output is abandoned)."""
+    pruned = tensor.clone() if ckpt.is_in_memory else tensor
+    bad = apply_nm_(pruned, plan.pattern, plan.targets[name].layout)
     if bad:
         raise NMSparseError(
             f"{ckpt.where}: layer {name} has {bad} NaN/Inf weights; prune will not hide them "
             "(nmsparse report lists them): fix or re-export the checkpoint"
         )
-    return apply_nm_(tensor.clone() if ckpt.is_in_memory else tensor, plan.pattern, layer.layout)
+    return pruned
 
 
 def prune_model_(model: nn.Module, plan: PrunePlan) -> nn.Module:

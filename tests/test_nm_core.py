@@ -104,14 +104,16 @@ def test_in_place_and_chunked_apply_equal_brute_force(layout, shape, monkeypatch
     w = _tie_heavy(shape, 7)
     expected = w * brute_force_mask(w, 2, 4, layout.k_axis)
     assert torch.equal(apply_nm(w, NMPattern(2, 4), layout), expected)
-    assert torch.equal(apply_nm_(w.clone(), NMPattern(2, 4), layout), expected)
+    in_place = w.clone()
+    assert apply_nm_(in_place, NMPattern(2, 4), layout) == 0
+    assert torch.equal(in_place, expected)
 
 
 def test_in_place_apply_on_a_non_contiguous_view_writes_through():
     base = _tie_heavy((64, 8), 8)
     view = base.t()  # [8, 64] with K = 64 not innermost in memory
     expected = view * brute_force_mask(view, 1, 8, k_axis=1)
-    assert apply_nm_(view, NMPattern(1, 8), LINEAR) is view
+    apply_nm_(view, NMPattern(1, 8), LINEAR)
     assert torch.equal(base.t(), expected)
 
 
@@ -147,11 +149,34 @@ def test_cpu_kernel_agrees_with_the_sorting_path_of_other_devices(dtype, pattern
 
 
 def test_in_place_apply_with_inf_and_nan_leaves_exact_zeros():
-    w = torch.tensor([[math.inf, math.inf, math.inf, 1.0, 2.0, math.nan, 0.5, math.nan]])
-    out = apply_nm_(w.clone(), NMPattern(2, 4), LINEAR)
+    out = torch.tensor([[math.inf, math.inf, math.inf, 1.0, 2.0, math.nan, 0.5, math.nan]])
+    assert apply_nm_(out, NMPattern(2, 4), LINEAR) == 5  # counted before masking: 3 Inf + 2 NaN
     expected = torch.tensor([[math.inf, math.inf, 0.0, 0.0, 0.0, math.nan, 0.0, math.nan]])
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", [LINEAR, CONV, HF_CONV1D], ids=["linear", "conv", "conv1d"])
+def test_in_place_apply_counts_nan_and_inf_in_its_own_pass(dtype, layout, monkeypatch):
+    """prune refuses NaN/Inf weights from this count alone (no second pass): it must equal isfinite's count, over
+    the chunk pool too, for signalling/negative NaNs, -Inf and the largest finite value (which is not Inf)."""
+    import nmcli.nm.mask
+
+    monkeypatch.setattr(nmcli.nm.mask, "CHUNK_ELEMENTS", 24)
+    monkeypatch.setattr(nmcli.nm.mask, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    shape = {"linear": (12, 16), "conv": (6, 8, 3, 3), "hf_conv1d": (16, 12)}[layout.name]
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    flat = w.view(-1)
+    flat[::7] = math.nan
+    flat[3::11] = -math.inf
+    flat[5::13] = math.inf
+    flat[1::17] = torch.finfo(dtype).max
+    expected = int((~torch.isfinite(w)).sum())
+    assert expected > 10
+    assert apply_nm_(w, NMPattern(2, 4), layout) == expected
+    assert apply_nm_(torch.randn(shape).to(dtype), NMPattern(1, 4), layout) == 0
 
 
 def test_group_mask_has_exactly_n_per_group_on_large_random():

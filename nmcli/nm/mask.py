@@ -19,6 +19,7 @@ import numba
 import numpy as np
 import torch
 
+from nmcli.nm.compliance import count_nonfinite
 from nmcli.nm.layout import Layout, from_groups, to_groups
 from nmcli.nm.pattern import NMPattern
 
@@ -57,7 +58,8 @@ def _exact_keep(keys, n, keep):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def _keep_groups(bits, n, abs_mask, nan_key, out):  # pragma: no cover - compiled
-    """`out[g, j]`: is entry j among the N largest magnitudes of group g (rows of raw float bits)?
+    """`out[g, j]`: is entry j among the N largest magnitudes of group g (rows of raw float bits)? Returns how many
+    entries are NaN/Inf (key at or above Inf's), counted in the same pass so no caller reads the tensor again.
 
     Fast path without data-dependent branches: the N-th largest key of the group (a min/max network for M = 4,
     the maximum for N = 1), keep what is at or above it. Only a group whose kept count is then not N (a tie at
@@ -66,11 +68,13 @@ def _keep_groups(bits, n, abs_mask, nan_key, out):  # pragma: no cover - compile
     groups, m = bits.shape
     keys = np.empty(m, np.int64)
     keep = np.empty(m, np.bool_)
+    nonfinite = 0
     for g in range(groups):
         threshold = -1
         for j in range(m):
             keys[j] = min(bits[g, j] & abs_mask, nan_key)
             threshold = max(threshold, keys[j])
+            nonfinite += keys[j] >= nan_key - 1
         if m == 4 and n > 1:
             hi1, lo1 = max(keys[0], keys[1]), min(keys[0], keys[1])
             hi2, lo2 = max(keys[2], keys[3]), min(keys[2], keys[3])
@@ -88,6 +92,7 @@ def _keep_groups(bits, n, abs_mask, nan_key, out):  # pragma: no cover - compile
             _exact_keep(keys, n, keep)
             for j in range(m):
                 out[g, j] = keep[j]
+    return nonfinite
 
 
 @numba.njit(nogil=True, cache=True)
@@ -154,27 +159,32 @@ def apply_nm(weight: torch.Tensor, pattern: NMPattern, layout: Layout) -> torch.
     return weight.masked_fill(~nm_mask(weight, pattern, layout), 0)
 
 
-def apply_nm_(weight: torch.Tensor, pattern: NMPattern, layout: Layout) -> torch.Tensor:
+def apply_nm_(weight: torch.Tensor, pattern: NMPattern, layout: Layout) -> int:
     """In-place `apply_nm`: no full-size mask, so peak memory stays near the tensor itself (plus one copy for
     conv layouts, whose K axis is not contiguous). Dropped entries become +0.0.
 
-    Used by the streaming prune, where the largest tensor of a checkpoint bounds the memory needed.
+    Returns how many entries were NaN/Inf before masking. On the CPU they are counted inside the mask's own pass,
+    so the streaming prune (where the largest tensor bounds memory and each pass over it costs time) refuses
+    non-finite weights without reading the tensor once more.
     """
     if pattern.n >= pattern.m:
-        return weight
+        return count_nonfinite(weight)
     groups = to_groups(weight, layout, pattern.m)
     if groups.device.type != "cpu" or groups.dtype not in _BITS:
+        nonfinite = count_nonfinite(groups)
         groups = groups.masked_fill(~_sorted_group_mask(groups, pattern.n), 0)
     else:
         groups = groups.contiguous()  # a copy only when the K axis is not the innermost one
         bits, abs_mask, nan_key = _cpu_bits(groups)
+        counts = []  # one entry per chunk; list.append is atomic under the GIL
 
         def zero_chunk(start: int, stop: int) -> None:
             keep = np.empty((stop - start, pattern.m), dtype=np.bool_)
-            _keep_groups(bits[start:stop], pattern.n, abs_mask, nan_key, keep)
+            counts.append(_keep_groups(bits[start:stop], pattern.n, abs_mask, nan_key, keep))
             _zero_dropped(bits[start:stop], keep)
 
         _for_row_chunks(groups.shape[0], groups.shape[1], zero_chunk)
+        nonfinite = sum(counts)
     if groups.data_ptr() != weight.data_ptr():
         weight.copy_(from_groups(groups, weight.shape, layout))
-    return weight
+    return nonfinite
