@@ -26,6 +26,7 @@ from nmcli.checkpoints import Resolved, load_model, resolve
 from nmcli.data.images import MNIST5K, load_data
 from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import PadCollate, TokenSamples, encoder_samples, encoder_texts, lm_chunks, load_tokenizer
+from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models import ModelKind, data_config, model_kind
 from nmcli.train.distill import mean_pool
@@ -41,17 +42,21 @@ def accuracy(model: nn.Module, loader: DataLoader, env: DistEnv, autocast: Calla
     """Top-1 accuracy over a (rank-sharded) loader of (images, labels)."""
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64)
+    device = model_device(model)
     with torch.no_grad(), autocast():
         for images, labels in loader:
-            counts[0] += (model(images).argmax(1) == labels).sum()
+            images, labels = place((images, labels), device)
+            counts[0] += int((model(images).argmax(1) == labels).sum())
             counts[1] += len(labels)
     model.train()
     counts = sum_over_ranks(counts, env)
     return float(counts[0] / counts[1]) if counts[1] else 0.0
 
 
-def _batches(samples: TokenSamples, pad_id: int, batch_size: int = EVAL_BATCH):  # noqa: ANN202
-    return DataLoader(samples, batch_size=batch_size, collate_fn=PadCollate(pad_id))
+def _batches(model: nn.Module, samples: TokenSamples, pad_id: int, batch_size: int = EVAL_BATCH):  # noqa: ANN202
+    """Padded batches of `samples`, on `model`'s device."""
+    device = model_device(model)
+    return (place(batch, device) for batch in DataLoader(samples, batch_size=batch_size, collate_fn=PadCollate(pad_id)))
 
 
 def _spread(samples: TokenSamples, limit: int = MAX_EVAL_SAMPLES) -> TokenSamples:
@@ -67,7 +72,7 @@ def perplexity(model: nn.Module, samples: TokenSamples, pad_id: int, autocast: C
     model.eval()
     nll, count = 0.0, 0
     with torch.no_grad(), autocast():
-        for batch in _batches(samples, pad_id, LM_EVAL_BATCH):
+        for batch in _batches(model, samples, pad_id, LM_EVAL_BATCH):
             logits = model(**batch).logits.float()
             pairs = batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]
             losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
@@ -83,9 +88,9 @@ def embed(model: nn.Module, samples: TokenSamples, pad_id: int, autocast: Callab
     model.eval()
     rows = []
     with torch.no_grad(), autocast():
-        for batch in _batches(samples, pad_id):
+        for batch in _batches(model, samples, pad_id):
             hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
-            rows.append(mean_pool(hidden.float(), batch["attention_mask"]))
+            rows.append(mean_pool(hidden.float(), batch["attention_mask"]).cpu())
     model.train(was_training)
     return torch.cat(rows)
 
@@ -161,7 +166,7 @@ def _logits(model: nn.Module, samples: TokenSamples, pad_id: int, autocast: Call
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast():
-        out = torch.cat([model(**batch).logits.float() for batch in _batches(samples, pad_id)])
+        out = torch.cat([model(**batch).logits.float().cpu() for batch in _batches(model, samples, pad_id)])
     model.train(was_training)
     return out
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from nmcli.data.tokens import TokenSamples
 from nmcli.data.text import read_text
+from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
 
@@ -98,12 +99,12 @@ def _generate_for_prompt(teacher: nn.Module, prompt_ids: list[int], count: int, 
     rows = []
     for start in range(0, count, GENERATION_BATCH):
         batch = min(GENERATION_BATCH, count - start)
-        ids = torch.tensor([prompt_ids] * batch)
+        ids = place(torch.tensor([prompt_ids] * batch), model_device(teacher))
         out = teacher.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95, temperature=1.0,
             top_k=0, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id,
         )
-        rows.append(out[:, :seq_len])
+        rows.append(out[:, :seq_len].cpu())
     return torch.cat(rows)
 
 
@@ -122,15 +123,15 @@ def teacher_samples(
         if not 1 <= len(ids) < seq_len:
             raise NMSparseError(f"prompt {prompt[:40]!r}: {len(ids)} tokens; prompts need 1 to {seq_len - 1} tokens for --seq-len {seq_len}")
     started = time.perf_counter()
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
     teacher.eval()
     per_prompt = [count // len(prompts) + (i < count % len(prompts)) for i in range(len(prompts))]
-    with torch.no_grad():
+    device = model_device(teacher)
+    # generation does not shift the run's own random streams (the CPU's, and the GPU's when sampling there)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
         parts = [
             _generate_for_prompt(teacher, ids, n, seq_len, int(tokenizer.pad_token_id)) for ids, n in zip(encoded, per_prompt) if n
         ]
-    torch.set_rng_state(generator_state)  # generation does not shift the run's own random stream
     ids = torch.cat(parts).contiguous()
     if path is not None:
         path.parent.mkdir(exist_ok=True)

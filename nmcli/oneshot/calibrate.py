@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models import LayerInfo
 from nmcli.nm import HF_CONV1D, NMPattern, apply_nm
@@ -72,11 +73,12 @@ def capture_inputs(model: nn.Module, first: nn.Module, batches: list[dict[str, t
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    device = model_device(model)
     try:
         with torch.no_grad():
             for batch in batches:
                 try:
-                    model(**batch)
+                    model(**place(batch, device))
                 except _Captured:
                     pass
     finally:

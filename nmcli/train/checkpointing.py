@@ -26,16 +26,25 @@ STATE_KEYS = frozenset(
 )  # what the engine saves (plus the RNG states added here); a state.pt without them is not ours
 
 
+def rng_states() -> dict[str, Any]:
+    """Every random state a run draws from: torch's CPU generator, Python's, and each CUDA device's when CUDA is
+    in use (dropout and sampling on the GPU draw from those)."""
+    states = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_initialized():
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return states
+
+
 def save_training_checkpoint(out: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
-    state = {**state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    state = {**state, **rng_states()}
     with atomic_output(out / CHECKPOINT_DIR, force=True, directory=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
 
 
-def load_training_checkpoint(run: Path, fingerprint: dict[str, Any], model: torch.nn.Module) -> dict:
-    """Load `run`'s weights into `model` and return its training state, refusing a run of another model, recipe
-    or setting."""
+def read_training_state(run: Path, fingerprint: dict[str, Any]) -> dict:
+    """`run`'s training state, refusing a run of another model, recipe or setting. Read before any model or data
+    is loaded, so a wrong `--resume` fails at once."""
     folder = run / CHECKPOINT_DIR
     recover(folder)  # a run killed while replacing its checkpoint resumes from the previous complete one
     if not (folder / "state.pt").is_file():
@@ -43,7 +52,8 @@ def load_training_checkpoint(run: Path, fingerprint: dict[str, Any], model: torc
     try:
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise NMSparseError(f"{folder / 'state.pt'}: cannot read the training state ({exc})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise NMSparseError(f"{folder / 'state.pt'}: cannot read the training state ({first}); start a new --out") from None
     missing = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["(not a dict)"]
     if missing:
         raise NMSparseError(f"{folder / 'state.pt'}: not an nmsparse training state (missing {', '.join(missing)})")
@@ -54,13 +64,21 @@ def load_training_checkpoint(run: Path, fingerprint: dict[str, Any], model: torc
                 f"--resume {run}: it was a run with {key}={saved.get(key)!r}, this one has {fingerprint.get(key)!r}; "
                 "resume with the same settings or start a new --out"
             )
-    try:
-        load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        raise NMSparseError(f"{folder / 'model.safetensors'}: does not fit this run's model ({str(exc).splitlines()[0]})") from None
     return state
 
 
+def load_checkpoint_weights(run: Path, model: torch.nn.Module) -> None:
+    """`run`'s checkpointed weights into `model`, on the model's device."""
+    path = run / CHECKPOINT_DIR / "model.safetensors"
+    try:
+        load_model(model, str(path), device=str(next(model.parameters()).device))
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise NMSparseError(f"{path}: does not fit this run's model ({str(exc).splitlines()[0]})") from None
+
+
 def restore_rng(state: dict) -> None:
+    """Undo `rng_states`; a CPU checkpoint resumed on a GPU keeps the GPU's seeded state, and vice versa."""
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -1,4 +1,5 @@
-"""torch.distributed, launched with `torchrun`: gloo on CPU, nccl on GPU. World size 1 needs no process group."""
+"""torch.distributed, launched with `torchrun`: gloo on CPU, nccl on GPU (one GPU per local rank). World size 1
+needs no process group. Every collective's tensor is placed on the rank's device first (nccl takes no CPU tensor)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
+from nmcli.device import place, run_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -33,19 +37,23 @@ def shard(dataset: Dataset, env: DistEnv) -> Dataset:
     return Subset(dataset, range(env.rank, len(dataset), env.world))
 
 
-def init_distributed(device: torch.device) -> DistEnv:
+def init_distributed(requested_device: str) -> DistEnv:
+    """This process's rank and device (`--device cuda` under torchrun: the GPU of its local rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    device = run_device(requested_device, local_rank, world)
     if world <= 1:
-        return DistEnv()
+        return DistEnv(device=device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
 def all_equal(value: torch.Tensor, env: DistEnv) -> bool:
     """True when every rank holds the same tensor (used to check that masks agree)."""
     if not env.enabled:
         return True
+    value = place(value, env.device)
     gathered = [torch.empty_like(value) for _ in range(env.world)]
     dist.all_gather(gathered, value)
     return all(torch.equal(g, value) for g in gathered)
@@ -54,15 +62,18 @@ def all_equal(value: torch.Tensor, env: DistEnv) -> bool:
 def mean_over_ranks(value: float, env: DistEnv) -> float:
     if not env.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = place(torch.tensor([value], dtype=torch.float64), env.device)
     dist.all_reduce(t)
     return float(t.item()) / env.world
 
 
 def sum_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.enabled:
-        dist.all_reduce(values)
-    return values
+    """The element-wise sum of `values` over all ranks, on `values`' own device."""
+    if not env.enabled:
+        return values
+    summed = place(values, env.device)
+    dist.all_reduce(summed)
+    return summed.to(values.device)
 
 
 def shutdown(env: DistEnv) -> None:

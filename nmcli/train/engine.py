@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from nmcli.checkpoints import Resolved, load_model, resolve
 from nmcli.data.images import MNIST5K
 from nmcli.data.text import PYTHON_HELP
+from nmcli.device import place
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
 from nmcli.io.metadata import MODEL
@@ -39,10 +40,16 @@ from nmcli.prune import PrunePlan, plan_prune
 from nmcli.recipes import Recipe, to_dict
 from nmcli.report.flops import per_layer_flops
 from nmcli.schedules import Phases
-from nmcli.train.checkpointing import CHECKPOINT_DIR, load_training_checkpoint, restore_rng, save_training_checkpoint
+from nmcli.train.checkpointing import (
+    CHECKPOINT_DIR,
+    load_checkpoint_weights,
+    read_training_state,
+    restore_rng,
+    save_training_checkpoint,
+)
 from nmcli.train.distributed import DistEnv, all_equal, init_distributed, mean_over_ranks, shutdown
 from nmcli.train.metrics import GradientFlowProbe, MetricsLog
-from nmcli.train.tasks import Task, TextSettings, check_text_settings, distill_task, image_task, student_of, to_device
+from nmcli.train.tasks import Task, TextSettings, check_text_settings, distill_task, image_task, student_of
 
 MODEL_FILE, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE = "model.safetensors", "summary.json", "recipe.yaml", "metrics.jsonl"
 
@@ -148,8 +155,8 @@ def _check_out(config: FinetuneConfig) -> None:
         raise NMSparseError(f"output folder {out.parent} does not exist; create it first")
 
 
-def _task(config: FinetuneConfig) -> tuple[Task, torch.nn.Module, ModelRef, Resolved]:
-    """The model to train (the student, for Hugging Face models) and its task."""
+def _task(config: FinetuneConfig, device: torch.device) -> tuple[Task, torch.nn.Module, ModelRef, Resolved]:
+    """The model to train (the student, for Hugging Face models) and its task; the teacher computes on `device`."""
     resolved = resolve(config.model, checkpoint=config.checkpoint, seed=config.seed, model_kwargs=config.model_kwargs)
     if resolved.model is None:
         raise NMSparseError(f"{config.model}: the architecture is unknown; fine-tuning needs a timm name or a Hugging Face folder")
@@ -167,21 +174,21 @@ def _task(config: FinetuneConfig) -> tuple[Task, torch.nn.Module, ModelRef, Reso
         raise NMSparseError("--num-classes goes with timm models; a Hugging Face model keeps its own head")
     text = TextSettings(config.data or PYTHON_HELP, config.seq_len, config.limit, config.seed, config.prompts, config.out)
     check_text_settings(resolved, text)
-    teacher = load_model(resolved)
+    teacher = load_model(resolved).to(device)
     if config.use_bf16:
         teacher = teacher.to(torch.bfloat16)
     plan = plan_prune(resolved, config.recipe.target, config.recipe.include, config.recipe.exclude)
-    student = student_of(load_model(resolved) if config.use_bf16 else teacher, resolved, config.start, plan, text)
+    dense = load_model(resolved).to(device) if config.use_bf16 else teacher
+    student = student_of(dense, resolved, config.start, plan, text)
     task = distill_task(resolved, teacher, config.recipe.distill, text)
     return task, student, ref, resolved
 
 
 def run_finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> FinetuneResult:
     reporter = reporter or Reporter()
-    device = torch.device(config.device)
-    env = init_distributed(device)
+    env = init_distributed(config.device)
     try:
-        return _run(config, reporter, env, device)
+        return _run(config, reporter, env)
     finally:
         shutdown(env)
 
@@ -238,10 +245,10 @@ def _optimizer_and_scheduler(recipe: Recipe, model: torch.nn.Module, epochs: int
     return optimizer, scheduler
 
 
-def _prepare(config: FinetuneConfig, env: DistEnv, device: torch.device) -> _Run:
+def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
     """Data, model, target layers with the recipe's masks attached, loaders, schedule, optimizer."""
-    recipe, target = config.recipe, config.recipe.target
-    task, model, ref, resolved = _task(config)
+    recipe, target, device = config.recipe, config.recipe.target, env.device
+    task, model, ref, resolved = _task(config, device)
     model.to(device)
     plan = plan_prune(resolved, target, recipe.include, recipe.exclude)
     sparsifier = Sparsifier(model, plan.targets).attach()
@@ -257,8 +264,11 @@ def _prepare(config: FinetuneConfig, env: DistEnv, device: torch.device) -> _Run
         optimizer=optimizer,
         scheduler=scheduler,
         # a Hugging Face model has parameters its distillation loss may not reach (BERT's pooler)
-        train_model=DistributedDataParallel(model, find_unused_parameters=task.kind is not ModelKind.IMAGE_CLASSIFIER)
-        if env.enabled else model,
+        train_model=DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=task.kind is not ModelKind.IMAGE_CLASSIFIER,
+        ) if env.enabled else model,
         autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.use_bf16 else contextlib.nullcontext,
         probe=GradientFlowProbe(sparsifier, target) if config.grad_log_every else None,
     )
@@ -269,13 +279,13 @@ def quality_text(quality: dict[str, float]) -> str:
     return ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in quality.items())
 
 
-def _begin(run: _Run, reporter: Reporter) -> tuple[int, int, dict[str, float] | None]:
-    """Resume from the run's checkpoint, or start fresh and measure the starting quality.
+def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int, dict[str, float] | None]:
+    """Resume from the run's checkpoint `state`, or start fresh and measure the starting quality.
     Returns (first epoch, first step, start quality or None when resumed)."""
     config = run.config
     metrics = config.out / METRICS_FILE if run.env.is_main else None
-    if config.resume:
-        state = load_training_checkpoint(config.out, config.fingerprint(run.env.world), run.model)
+    if state is not None:
+        load_checkpoint_weights(config.out, run.model)
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         run.sparsifier.load_masks_state(state["masks"])
@@ -315,7 +325,7 @@ def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[
     run.sampler.set_epoch(epoch)
     running, plan = 0.0, None
     for batch in run.train_loader:
-        batch = to_device(batch, run.device)
+        batch = place(batch, run.device)
         plan = plan_step(recipe, recipe.target, run.phases, step)
         run.sparsifier.set_plan(plan)
         run.scheduler.step_update(step)
@@ -380,12 +390,13 @@ def _finish(run: _Run, start: dict[str, float] | None, started: float) -> dict[s
     return summary
 
 
-def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv, device: torch.device) -> FinetuneResult:
+def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv) -> FinetuneResult:
     started = time.perf_counter()
     _check_out(config)
     _seed_everything(config.seed)
-    run = _prepare(config, env, device)
-    first_epoch, step, start = _begin(run, reporter)
+    state = read_training_state(config.out, config.fingerprint(env.world)) if config.resume else None
+    run = _prepare(config, env)
+    first_epoch, step, start = _begin(run, reporter, state)
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, first_epoch + config.stop_after)
     reporter.start(run.phases.total, step, f"{config.recipe.name} {config.recipe.target}")
     for epoch in range(first_epoch, last_epoch):
@@ -418,7 +429,8 @@ def _masks_agree(sparsifier: Sparsifier, env: DistEnv) -> bool:
         pattern = param.pattern()
         if pattern is not None:
             keep = param.keep_mask(sparsifier.original(name), pattern)
-            digest[i] = float((keep.flatten().double() * torch.arange(1, keep.numel() + 1, dtype=torch.float64)).sum())
+            positions = torch.arange(1, keep.numel() + 1, dtype=torch.float64, device=keep.device)
+            digest[i] = float((keep.flatten().double() * positions).sum())
     return all_equal(digest, env)
 
 

@@ -44,15 +44,6 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, env: DistEnv, autocast: Callable) -> dict[str, float]: ...
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """A batch (tensor, tuple/list or dict of tensors) on `device`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return type(batch)(to_device(v, device) for v in batch)
-
-
 def limit_samples(dataset: Dataset, limit: int | None) -> Dataset:
     """A fixed random subset (the same for every seed): folders and files are often sorted by class or topic."""
     if not limit or limit >= len(dataset):
