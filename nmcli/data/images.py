@@ -63,6 +63,24 @@ def load_mnist5k(input_size: tuple[int, int, int]) -> DataSplits:
     return DataSplits(train, val, 10, f"mnist5k ({len(train)} train / {len(val)} val real MNIST digits)")
 
 
+class DecodedImages(Dataset):
+    """timm's image dataset, except that an image which cannot be decoded is an error naming the file (timm skips
+    it with a log line and gives up only after ten in a row, with a message that names none)."""
+
+    def __init__(self, images: Dataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):  # noqa: ANN204 - (image tensor, label)
+        try:
+            return self.images[index]
+        except RuntimeError:
+            name = self.images.filename(index, absolute=True)
+            raise NMSparseError(f"{name}: cannot be decoded as an image (nor the ones after it); remove or replace it") from None
+
+
 def load_image_folder(root: Path, data_config: dict) -> DataSplits:
     """`root/train/<class>/*` and `root/val/<class>/*`, read and transformed by timm."""
     from timm.data import create_dataset, create_transform
@@ -82,7 +100,7 @@ def load_image_folder(root: Path, data_config: dict) -> DataSplits:
     train_classes = train.reader.class_to_idx
     if train_classes != val.reader.class_to_idx:
         raise NMSparseError(f"{root}: train/ and val/ have different class folders")
-    return DataSplits(train, val, len(train_classes), f"{root} ({len(train)} train / {len(val)} val images)")
+    return DataSplits(DecodedImages(train), DecodedImages(val), len(train_classes), f"{root} ({len(train)} train / {len(val)} val images)")
 
 
 def load_data(spec: str, data_config: dict) -> DataSplits:
