@@ -8,13 +8,15 @@ validation accuracy, training FLOPs relative to dense (methods.md §5), and grad
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
+import signal
 import statistics
 import tempfile
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,21 +76,39 @@ def _map(jobs: int, configs: list[FinetuneConfig], done: Callable[[FinetuneConfi
             results.append(_run(config))
             done(config, results[-1])
         return results
-    # spawn, not fork: forking a process whose OpenMP threads already ran can deadlock the child
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_run, c) for c in configs]
+    # spawn, not fork: forking a process whose OpenMP threads already ran can deadlock the child. Leaving the
+    # `with` for any reason (an error, Ctrl-C, SIGTERM) terminates the workers, never waits for their runs.
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         results = []
-        for config, future in zip(configs, futures):
-            results.append(future.result())
-            done(config, results[-1])
+        for config, result in zip(configs, pool.imap(_run, configs)):
+            results.append(result)
+            done(config, result)
         return results
+
+
+@contextlib.contextmanager
+def _terminated_cleanly() -> Iterator[None]:
+    """SIGTERM (a `kill`, a CI timeout) ends the study the way Ctrl-C does: the worker pool is terminated and the
+    scratch folder removed on the way out, instead of both being left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_study(settings: StudySettings, say: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.perf_counter()
     settings.out.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="nmsparse-study-") as tmp:
+    with _terminated_cleanly(), tempfile.TemporaryDirectory(prefix="nmsparse-study-") as tmp:
         work = Path(tmp)
         common = dict(model=MODEL, model_kwargs=settings.model_kwargs, limit=settings.limit, force=True)
         dense = [

@@ -55,3 +55,42 @@ def test_paired_comparison_and_gradient_summary_on_hand_made_runs():
     lines = gradient_summary(data)
     assert "- `sr-ste`: 200.0x at the first step, 101.5x over the run" in lines
     assert "- `mdgf-linear`: 1.0x at the first step, 2.5x over the run" in lines
+
+
+def test_a_terminated_study_leaves_no_workers_and_no_scratch_folder(tmp_path):
+    """SIGTERM during the runs: the study exits, its worker processes are gone, its scratch folder is removed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    study = subprocess.Popen([sys.executable, "-m", "nmcli", "study", "--quick", "--out", str(tmp_path / "out"),
+                              "--jobs", "2", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ours() -> list[int]:
+        """Live processes started with this test's TMPDIR (the study and its workers)."""
+        pids = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if f"TMPDIR={scratch}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    if b"Z" not in (proc / "stat").read_bytes().split(b")")[-1][:3]:
+                        pids.append(int(proc.name))
+            except OSError:
+                pass
+        return pids
+
+    deadline = time.monotonic() + 120
+    while len(ours()) < 3 and time.monotonic() < deadline:  # the study and both workers
+        time.sleep(0.2)
+    assert len(ours()) >= 3 and list(scratch.glob("nmsparse-study-*"))
+    study.send_signal(signal.SIGTERM)
+    assert study.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ours() == [] and not list(scratch.glob("nmsparse-study-*"))
