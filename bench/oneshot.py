@@ -52,7 +52,7 @@ def main() -> None:
     print(f"# {args.model}: dense {key} {json.loads(dense)['metrics'][key]:.4f}; calibration {args.calib_samples} x {seq_len} tokens "
           f"of python-help; CPU threads {os.cpu_count()}")
     print("| pattern | method | held-out " + key + (" (paragraphs / sentences)" if key == "cosine" else "") +
-          " | prune wall s | peak RSS GiB so far |")
+          " | prune wall s | prune peak RSS GiB |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         for pattern in args.patterns.split(","):

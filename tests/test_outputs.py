@@ -127,3 +127,24 @@ def test_onnx_model_and_external_data_are_one_output(cli, tmp_path, resnet_file)
     assert len(second) == 1 and second != first  # the replaced export's data is gone, the new one is named anew
     assert _onnx_export(cli, resnet_file, out, "--pattern", "2:4", "--prune", "--force").exit_code == 0
     assert list(tmp_path.glob("m.onnx.*.data")) == []  # an inline export leaves no stale data behind
+
+
+def test_onnx_data_left_by_killed_exports_is_removed_by_the_next_export(cli, tmp_path, resnet_file):
+    """A kill after the data was written but before the model appeared leaves data no model names: the next export
+    of the same output removes it. Data of a writer that still runs, and files not named by us, stay."""
+    import os
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    out = tmp_path / "m.onnx"
+    orphan = tmp_path / f"m.onnx.{dead}-0123abcd.data"
+    live = tmp_path / f"m.onnx.{os.getppid()}-4567cdef.data"
+    unrelated = tmp_path / "m.onnx.data"
+    for path in (orphan, live, unrelated):
+        path.write_bytes(b"x")
+    assert _onnx_export(cli, resnet_file, out, "--pattern", "2:4", "--prune", "--external-data").exit_code == 0
+    assert not orphan.exists() and live.exists() and unrelated.exists()
+    names = {p.name for p in tmp_path.glob("m.onnx.*.data")} - {live.name}
+    assert len(names) == 1 and names.pop().startswith(f"m.onnx.{os.getpid()}-")

@@ -9,6 +9,7 @@ or as MatMul with a transposed [in, out] initializer; the metadata records the a
 from __future__ import annotations
 
 import glob
+import os
 import re
 import secrets
 import warnings
@@ -20,7 +21,7 @@ import torch
 from nmcli.checkpoints import Resolved, load_model
 from nmcli.errors import NMSparseError
 from nmcli.export.formats import ExportResult
-from nmcli.io.atomic import atomic_output, check_writable, scratch_dir
+from nmcli.io.atomic import alive, atomic_output, check_writable, scratch_dir
 from nmcli.io.metadata import SparsityMetadata
 from nmcli.io.onnx_source import weight_layouts
 from nmcli.prune import PrunePlan, prune_model_
@@ -119,20 +120,38 @@ def export_onnx(
     return ExportResult(out, "onnx", sorted(matched), [], notes, extra_files=[data] if data else [])
 
 
-def _data_files(out: Path) -> list[Path]:
-    """External data files of the export `out`: `<out>.<token>.data` (and the `<out>.data` of older versions)."""
-    candidates = out.parent.glob(f"{glob.escape(out.name)}.*data")
-    return [p for p in candidates if re.fullmatch(r"(\.[0-9a-f]{8})?\.data", p.name[len(out.name):])]
+_DATA_NAME = r"\.(?:(?P<pid>\d+)-)?[0-9a-f]{8}\.data|\.data"  # after the model's name: .<pid>-<token>.data now
+
+
+def _data_files(out: Path) -> dict[Path, int | None]:
+    """External data files of the export `out` and the pid of the export that wrote each: `<out>.<pid>-<token>.data`
+    (and `<out>.<token>.data` / `<out>.data` of older versions, whose writer is unknown)."""
+    found = {}
+    for path in out.parent.glob(f"{glob.escape(out.name)}.*data"):
+        match = re.fullmatch(_DATA_NAME, path.name[len(out.name):])
+        if match:
+            found[path] = int(match["pid"]) if match["pid"] else None
+    return found
+
+
+def _orphans(out: Path, keep: Path | None, replaced: list[Path]) -> list[Path]:
+    """Data that no published model can name once `out` is published: the replaced export's, and the data of
+    exports killed before their model appeared (a writer that no longer runs). A live writer's data is its own."""
+    return [
+        path for path, pid in _data_files(out).items()
+        if path != keep and (path in replaced or (pid is not None and pid != os.getpid() and not alive(pid)))
+    ]
 
 
 def _publish(onnx_model, out: Path, force: bool, external: bool) -> Path | None:  # noqa: ANN001
     """Model and external data as one output. The data gets a name of its own, written first; then the model,
-    which names it, appears atomically; then the data of the export it replaced is removed. So a model is never
-    paired with another export's data, even if the run is killed in between."""
+    which names it, appears atomically; then the data of the export it replaced is removed, with any left by an
+    export killed earlier. So a model is never paired with another export's data, even if the run is killed in
+    between, and a killed run's data does not stay behind for ever."""
     import onnx
 
-    previous = _data_files(out) if out.exists() else []  # data of an export that --force replaces
-    data = out.with_name(f"{out.name}.{secrets.token_hex(4)}.data") if external else None
+    previous = list(_data_files(out)) if out.exists() else []  # data of an export that --force replaces
+    data = out.with_name(f"{out.name}.{os.getpid()}-{secrets.token_hex(4)}.data") if external else None
     try:
         with atomic_output(out, force=force) as tmp:
             if data is None:
@@ -144,6 +163,6 @@ def _publish(onnx_model, out: Path, force: bool, external: bool) -> Path | None:
         if data is not None:
             data.unlink(missing_ok=True)
         raise
-    for stale in previous:
+    for stale in _orphans(out, data, previous):
         stale.unlink(missing_ok=True)
     return data

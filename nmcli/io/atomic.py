@@ -52,7 +52,8 @@ def recover(path: Path) -> None:
         os.replace(old, path)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Does process `pid` still run (ours or another user's)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +68,7 @@ def clean_stale(path: Path) -> None:
     prefix = _side_name(path, "tmp")
     for item in path.parent.iterdir():
         pid = item.name[len(prefix):].split(".", 1)[0] if item.name.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
             _remove(item)
 
 
