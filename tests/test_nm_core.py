@@ -148,6 +148,32 @@ def test_cpu_kernel_agrees_with_the_sorting_path_of_other_devices(dtype, pattern
     assert torch.all(group_mask(groups, p.n).sum(1) == p.n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_in_place_apply_equals_the_brute_force_mask_on_ties_nan_and_inf(dtype, pattern, monkeypatch):
+    """The in-place path has kernels of its own (one branch-free pass for M = 4 and N = 1, then exact ranks for
+    tied groups): on many exact ties, signed zeros, NaN and Inf it must keep exactly the brute-force entries."""
+    import nmcli.nm.mask
+
+    monkeypatch.setattr(nmcli.nm.mask, "CHUNK_ELEMENTS", 96)
+    monkeypatch.setattr(nmcli.nm.mask, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    p = parse_pattern(pattern)
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randint(-3, 4, (40, 4 * p.m), generator=g) / 4).to(dtype)  # exact ties and +-0.0 everywhere
+    w[::7, 1] = math.nan
+    w[3::11, -2] = math.inf
+    w[5::13, 0] = -math.inf
+    w[9::5] = torch.randn(w[9::5].shape, generator=g).to(dtype)
+    keep = brute_force_mask(w, p.n, p.m, 1)
+    nan_rows = w.isnan().any(1)
+    out = w.clone()
+    apply_nm_(out, p, LINEAR)
+    assert torch.equal(out.ne(0) | out.isnan(), (w.ne(0) | w.isnan()) & keep), pattern
+    assert torch.equal(out.nan_to_num(), (w * keep).nan_to_num())
+    assert nan_rows.any()
+
+
 def test_in_place_apply_with_inf_and_nan_leaves_exact_zeros():
     out = torch.tensor([[math.inf, math.inf, math.inf, 1.0, 2.0, math.nan, 0.5, math.nan]])
     assert apply_nm_(out, NMPattern(2, 4), LINEAR) == 5  # counted before masking: 3 Inf + 2 NaN

@@ -104,6 +104,66 @@ def _zero_dropped(bits, keep):  # pragma: no cover - compiled
         flat_bits[i] *= flat_keep[i]
 
 
+@numba.njit(nogil=True, cache=True)
+def _zero_below_threshold4(flat, n, abs_mask, nan_key, ties):  # pragma: no cover - compiled
+    """In place, for M = 4: zero every entry below its group's N-th largest key (min/max network), in one pass
+    with the group size fixed and no data-dependent branch, which LLVM turns into SIMD code (about 3x the scalar
+    `_keep_groups` + `_zero_dropped` on a 4096x8192 tensor). `ties[g]` marks a group that kept more than N (a
+    tie at the threshold), for `_fix_ties`. Returns the NaN/Inf count. What stays keeps its bits and what was
+    zeroed was below the threshold (nothing is when the threshold is 0), so a tied group is settled afterwards
+    on the same keys it had."""
+    nonfinite = 0
+    inf_key = nan_key - 1
+    for g in range(flat.shape[0] // 4):
+        i = 4 * g
+        k0 = min(flat[i] & abs_mask, nan_key)
+        k1 = min(flat[i + 1] & abs_mask, nan_key)
+        k2 = min(flat[i + 2] & abs_mask, nan_key)
+        k3 = min(flat[i + 3] & abs_mask, nan_key)
+        nonfinite += (k0 >= inf_key) + (k1 >= inf_key) + (k2 >= inf_key) + (k3 >= inf_key)
+        hi1, lo1, hi2, lo2 = max(k0, k1), min(k0, k1), max(k2, k3), min(k2, k3)
+        if n == 1:
+            threshold = max(hi1, hi2)
+        elif n == 2:
+            threshold = max(min(hi1, hi2), max(lo1, lo2))
+        else:
+            threshold = min(max(lo1, lo2), min(hi1, hi2))
+        flat[i] = flat[i] if k0 >= threshold else 0
+        flat[i + 1] = flat[i + 1] if k1 >= threshold else 0
+        flat[i + 2] = flat[i + 2] if k2 >= threshold else 0
+        flat[i + 3] = flat[i + 3] if k3 >= threshold else 0
+        ties[g] = (k0 >= threshold) + (k1 >= threshold) + (k2 >= threshold) + (k3 >= threshold) != n
+    return nonfinite
+
+
+@numba.njit(nogil=True, cache=True)
+def _fix_ties(bits, ties, n, abs_mask, nan_key):  # pragma: no cover - compiled
+    """Rank the groups `_zero_below_threshold4` marked exactly (ties to the lower index); zero all but N."""
+    m = bits.shape[1]
+    keys = np.empty(m, np.int64)
+    keep = np.empty(m, np.bool_)
+    for g in range(bits.shape[0]):
+        if ties[g]:
+            for j in range(m):
+                keys[j] = min(bits[g, j] & abs_mask, nan_key)
+            _exact_keep(keys, n, keep)
+            for j in range(m):
+                bits[g, j] *= keep[j]
+
+
+def _zero_chunk(bits: np.ndarray, n: int, abs_mask: int, nan_key: int) -> int:
+    """Exact N:M of a chunk of groups [G, M], in place; returns its NaN/Inf count (counted before zeroing)."""
+    if bits.shape[1] == 4:
+        ties = np.empty(bits.shape[0], dtype=np.bool_)
+        nonfinite = _zero_below_threshold4(bits.reshape(-1), n, abs_mask, nan_key, ties)
+        _fix_ties(bits, ties, n, abs_mask, nan_key)
+        return nonfinite
+    keep = np.empty(bits.shape, dtype=np.bool_)
+    nonfinite = _keep_groups(bits, n, abs_mask, nan_key, keep)
+    _zero_dropped(bits, keep)
+    return nonfinite
+
+
 def _for_row_chunks(rows: int, m: int, work) -> None:  # noqa: ANN001 - work(start, stop)
     """Run `work` over consecutive cache-sized row ranges. Large tensors: torch's thread count of workers, each
     taking the next chunk when it is done with one (a shared counter), so a slow core simply does fewer chunks."""
@@ -177,13 +237,10 @@ def apply_nm_(weight: torch.Tensor, pattern: NMPattern, layout: Layout) -> int:
         groups = groups.contiguous()  # a copy only when the K axis is not the innermost one
         bits, abs_mask, nan_key = _cpu_bits(groups)
         counts = []  # one entry per chunk; list.append is atomic under the GIL
-
-        def zero_chunk(start: int, stop: int) -> None:
-            keep = np.empty((stop - start, pattern.m), dtype=np.bool_)
-            counts.append(_keep_groups(bits[start:stop], pattern.n, abs_mask, nan_key, keep))
-            _zero_dropped(bits[start:stop], keep)
-
-        _for_row_chunks(groups.shape[0], groups.shape[1], zero_chunk)
+        _for_row_chunks(
+            groups.shape[0], groups.shape[1],
+            lambda start, stop: counts.append(_zero_chunk(bits[start:stop], pattern.n, abs_mask, nan_key)),
+        )
         nonfinite = sum(counts)
     if groups.data_ptr() != weight.data_ptr():
         weight.copy_(from_groups(groups, weight.shape, layout))
