@@ -135,8 +135,9 @@ def prune(
     seed: SeedOpt = 0,
     method: Annotated[str, typer.Option("--method", help="magnitude (no data) | wanda | sparsegpt")] = "magnitude",
     calib: Annotated[
-        str, typer.Option("--calib", help="wanda/sparsegpt calibration text: python-help, .txt/.md/.jsonl, folder, teacher:N")
-    ] = "python-help",
+        Optional[str], typer.Option("--calib", help="wanda/sparsegpt calibration data: text (python-help [default], "
+                                    ".txt/.md/.jsonl, folder, teacher:N) for transformers; images (folder, mnist5k) for timm models")
+    ] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per calibration sample")] = 512,
     damp: Annotated[float, typer.Option("--damp", min=0.0, help="SparseGPT dampening, a fraction of mean(diag H)")] = 0.01,
@@ -144,8 +145,8 @@ def prune(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """One-shot N:M pruning: magnitude streamed tensor by tensor, or Wanda / SparseGPT calibrated block by block
-    (dense-shaped output with exact zeros)."""
+    """One-shot N:M pruning: magnitude streamed tensor by tensor, or Wanda / SparseGPT calibrated layer by layer on
+    the outputs of the layers already pruned (dense-shaped output with exact zeros)."""
     from nmcli.checkpoints import resolve
     from nmcli.io.atomic import check_writable
     from nmcli.prune import plan_prune
@@ -220,7 +221,7 @@ def _calibrated_prune(resolved, plan, out_path, method, calib, samples, seq_len,
     from nmcli.oneshot.service import CalibrationSettings, oneshot_prune
 
     with progress_bar(show, unit="blocks") as bar:
-        task = bar.add_task(f"{method.value} (block by block)", total=None, item="")
+        task = bar.add_task(f"{method.value} (calibrating)", total=None, item="")
         return oneshot_prune(
             resolved, plan, out_path, SolverSettings(method, plan.pattern, damp, block_size),
             CalibrationSettings(calib, samples, seq_len, seed), force=force,

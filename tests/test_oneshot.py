@@ -8,11 +8,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from safetensors.torch import save_file
+
 from nmcli.models import LayerInfo
-from nmcli.nm import LINEAR, apply_nm, parse_pattern
-from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
+from nmcli.nm import CONV, LINEAR, apply_nm, parse_pattern
+from nmcli.nm.layout import to_groups
+from nmcli.oneshot.calibrate import (
+    OneShotMethod,
+    SolverSettings,
+    calibrate_and_prune,
+    from_weight_rows,
+    input_rows,
+    weight_rows,
+)
+from nmcli.oneshot.onepass import calibrate_in_one_pass
 from nmcli.oneshot.solvers import reconstruction_error, sparsegpt, wanda
-from tests.conftest import save_tiny_hf
+from tests.conftest import save_tiny_hf, timm_state
 from tests.reference import brute_force_mask
 
 PATTERNS = ["2:4", "1:4", "4:8", "1:8", "2:16"]
@@ -125,7 +136,81 @@ def test_calibrated_prune_bad_input(cli, tmp_path, llama, resnet_file):
     r = cli("prune", llama, "--method", "obs", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--method 'obs': choose one of magnitude, wanda, sparsegpt" in r.output
     r = cli("prune", "resnet18", "--checkpoint", resnet_file, "--method", "wanda", "--out", tmp_path / "y.safetensors")
-    assert r.exit_code == 2 and "use --method magnitude" in r.output
+    assert r.exit_code == 2 and "--calib IMAGE_FOLDER" in r.output
+    plain = tmp_path / "plain.safetensors"
+    save_file({"fc.weight": torch.randn(8, 16)}, str(plain))
+    r = cli("prune", plain, "--method", "sparsegpt", "--out", tmp_path / "y.safetensors")
+    assert r.exit_code == 2 and "architecture" in r.output and "--method magnitude" in r.output
     r = cli("prune", llama, "--method", "sparsegpt", "--calib", tmp_path / "missing.txt", "--out", tmp_path / "z")
     assert r.exit_code == 2 and "missing.txt: no such file or folder" in r.output
     assert not (tmp_path / "z").exists()
+
+
+def test_conv_rows_reproduce_the_convolution():
+    """The channels-last row views of a Conv2d's inputs and weight multiply to exactly what F.conv2d computes, so
+    H = XᵀX is the Hessian of the layer's real outputs and N:M groups (M channels at a tap) stay consecutive."""
+    conv = torch.nn.Conv2d(8, 6, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), bias=False).double()
+    layer = LayerInfo("c.weight", "c", CONV)
+    x = torch.randn(3, 8, 9, 7, dtype=torch.float64)
+    out = conv(x)
+    rows = input_rows(conv, x, layer) @ weight_rows(conv.weight, layer).T  # [N·L, O]
+    assert torch.allclose(rows.reshape(3, -1, 6).permute(0, 2, 1).reshape(out.shape), out)
+    assert torch.equal(from_weight_rows(weight_rows(conv.weight, layer), conv.weight, layer), conv.weight)
+    groups = weight_rows(conv.weight, layer).reshape(-1, 4)
+    assert torch.equal(groups, to_groups(conv.weight, layer.layout, 4))  # the K order of every other N:M path
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.second = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.grouped = torch.nn.Conv2d(8, 8, 1, groups=2, bias=False)
+
+    def forward(self, x):
+        return self.grouped(self.second(torch.relu(self.first(x))))
+
+
+def test_one_pass_calibrates_each_layer_on_its_pruned_predecessors():
+    torch.manual_seed(0)
+    model = _ConvNet()
+    x = torch.randn(6, 4, 5, 5)
+    dense_first, dense_second = model.first.weight.detach().clone(), model.second.weight.detach().clone()
+    layers = {name: LayerInfo(f"{name}.weight", name, CONV) for name in ("first", "second", "grouped")}
+    pattern = parse_pattern("2:4")
+    result = calibrate_in_one_pass(model, layers, x, SolverSettings(OneShotMethod.SPARSEGPT, pattern))
+    assert result.outside_blocks == ["grouped"]  # grouped convolutions are pruned by magnitude, and listed
+    for name in ("first", "second"):
+        assert torch.equal(getattr(model, name).weight, result.weights[name])
+        assert int((to_groups(result.weights[name], CONV, 4) != 0).sum(1).max()) == 2
+
+    def solved(inputs):
+        rows = input_rows(model.second, inputs, layers["second"]).double()
+        return sparsegpt(weight_rows(dense_second, layers["second"]), 2 * rows.T @ rows / rows.shape[0], pattern)
+
+    expected = solved(torch.relu(torch.nn.functional.conv2d(x, result.weights["first"], padding=1)))
+    wrong = solved(torch.relu(torch.nn.functional.conv2d(x, dense_first, padding=1)))
+    assert not torch.allclose(expected, wrong), "the test needs inputs where the order matters"
+    assert torch.allclose(weight_rows(result.weights["second"], layers["second"]), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_prune_calibrates_timm_models_on_images(cli, tmp_path, name):
+    """timm's small test models (a ResNet: 3x3 and 1x1 convolutions; a ViT: Linear layers), calibrated on digits."""
+    source = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_state(name).items()}, str(source))
+    args = ("prune", name, "--checkpoint", source, "--pattern", "2:4", "--method", "sparsegpt",
+            "--calib", "mnist5k", "--calib-samples", "8")
+    r = cli(*args, "--out", tmp_path / "a.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    solved = set(payload["calibration"]["reconstruction_error"])
+    assert solved | set(payload["calibration"]["outside_blocks"]) == {n.removesuffix(".weight") for n in payload["pruned_layers"]}
+    assert len(solved) >= 0.8 * len(payload["pruned_layers"])  # grouped (depthwise) convolutions fall back, listed
+    assert cli(*args, "--out", tmp_path / "b.safetensors", "--quiet").exit_code == 0
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    dense = load_file(str(source))
+    some = sorted(solved)[len(solved) // 2] + ".weight"
+    assert ((a[some] != dense[some]) & (a[some] != 0)).any(), "SparseGPT updates the weights it keeps"
+    assert cli("report", name, "--checkpoint", tmp_path / "a.safetensors", "--check", "2:4", "--quiet").exit_code == 0

@@ -21,8 +21,10 @@ from torch import nn
 from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models import LayerInfo
-from nmcli.nm import HF_CONV1D, NMPattern, apply_nm
-from nmcli.oneshot.solvers import reconstruction_error, sparsegpt, wanda
+from nmcli.nm import CONV, HF_CONV1D, NMPattern, apply_nm
+from nmcli.oneshot.solvers import SingularHessian, reconstruction_error, sparsegpt, wanda
+
+MAX_DAMP = 1.0  # a singular Hessian gets 10x more damping per try, up to this
 
 
 class OneShotMethod(enum.Enum):
@@ -43,7 +45,8 @@ class SolverSettings:
 class OneShotResult:
     weights: dict[str, torch.Tensor]  # module name -> pruned weight (in the module's own layout)
     errors: dict[str, float]  # module name -> ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs
-    outside_blocks: list[str] = field(default_factory=list)  # pruned by magnitude: no block to calibrate them in
+    outside_blocks: list[str] = field(default_factory=list)  # pruned by magnitude: no calibration input reached them
+    damped: dict[str, float] = field(default_factory=dict)  # layers whose Hessian needed more than --damp: damp used
     activation_bytes: int = 0  # the calibration activations held between blocks
     seconds: float = 0.0
 
@@ -96,38 +99,115 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
-class _Hessian:
-    """Running mean of 2·xᵀx over every token a layer sees (float64)."""
+class Hessian:
+    """Running mean of 2·xᵀx over every row of inputs a layer sees (float64); rows come from `input_rows`."""
 
     def __init__(self, k: int):
         self.h = torch.zeros(k, k, dtype=torch.float64)
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    def add(self, rows: torch.Tensor) -> None:
+        x = rows.to(torch.float64)
         t = x.shape[0]
         self.h *= self.n / (self.n + t)
         self.n += t
         self.h += (2 / self.n) * (x.T @ x)
 
 
-def _as_rows_by_k(weight: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
-    """The weight as [rows, K]: a Linear already is; an HF Conv1D [in, out] is transposed."""
-    return weight.T if layer.layout is HF_CONV1D else weight
+def input_rows(module: nn.Module, x: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
+    """What the layer multiplies its weight with, as [rows, K] in the column order of `weight_rows`: the tokens
+    of a Linear / Conv1D input, or the receptive fields of a Conv2d (channels-last: tap-major, channel-minor)."""
+    if layer.layout is not CONV:
+        return x.reshape(-1, x.shape[-1])
+    patches = torch.nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    batch, _, places = patches.shape  # [N, C·kh·kw, L], channel-major
+    taps = module.kernel_size[0] * module.kernel_size[1]
+    return patches.reshape(batch, -1, taps, places).permute(0, 3, 2, 1).reshape(batch * places, -1)
 
 
-def _solve(weight: torch.Tensor, hessian: torch.Tensor, settings: SolverSettings, name: str) -> torch.Tensor:
+def solvable(module: nn.Module, layer: LayerInfo) -> bool:
+    """Can this layer's inputs be turned into rows? Linear, Conv1D, and ungrouped Conv2d with zero padding."""
+    if layer.layout is not CONV:
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def weight_rows(weight: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
+    """The weight as [rows, K]: a Linear already is; an HF Conv1D [in, out] is transposed; a Conv2d [O, C, kh, kw]
+    becomes [O, kh·kw·C] (the N:M groups of M consecutive channels at each tap stay consecutive)."""
+    if layer.layout is HF_CONV1D:
+        return weight.T
+    if layer.layout is CONV:
+        return weight.movedim(1, -1).reshape(weight.shape[0], -1)
+    return weight
+
+
+def from_weight_rows(rows: torch.Tensor, like: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
+    """Inverse of `weight_rows`, to `like`'s shape."""
+    if layer.layout is HF_CONV1D:
+        return rows.T
+    if layer.layout is CONV:
+        return rows.reshape(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
+    return rows
+
+
+def _sparsegpt_damped(weight: torch.Tensor, hessian: torch.Tensor, settings: SolverSettings, name: str,
+                      result: OneShotResult) -> torch.Tensor:
+    """SparseGPT; a Hessian that is singular at --damp gets 10x more damping per try (recorded), up to MAX_DAMP."""
+    damp = settings.damp
+    while True:
+        try:
+            pruned = sparsegpt(weight, hessian, settings.pattern, damp=damp, block=settings.block_size, where=name)
+        except SingularHessian:
+            if damp >= MAX_DAMP:
+                raise NMSparseError(
+                    f"{name}: the calibration Hessian is singular even at --damp {MAX_DAMP}; use more calibration "
+                    "samples, or --method wanda"
+                ) from None
+            damp = min(MAX_DAMP, damp * 10 if damp > 0 else 0.01)
+            continue
+        if damp != settings.damp:
+            result.damped[name] = damp
+        return pruned
+
+
+def solve_layer(module: nn.Module, name: str, layer: LayerInfo, hessian: torch.Tensor, settings: SolverSettings,
+                result: OneShotResult) -> None:
+    """Prune `module`'s weight in place from its calibration Hessian; record the weight and its error."""
+    if not torch.isfinite(hessian).all():
+        raise NMSparseError(
+            f"{name}: the calibration activations reaching this layer hold NaN/Inf; check the weights before it "
+            "(nmsparse report) and the calibration data"
+        )
+    weight = weight_rows(module.weight.detach(), layer).float()
     if settings.method is OneShotMethod.WANDA:
-        return weight * wanda(weight, hessian.diagonal(), settings.pattern)
-    return sparsegpt(weight, hessian, settings.pattern, damp=settings.damp, block=settings.block_size, where=name)
+        pruned = weight * wanda(weight, hessian.diagonal(), settings.pattern)
+    else:
+        pruned = _sparsegpt_damped(weight, hessian, settings, name, result)
+    result.errors[name] = reconstruction_error(weight, pruned, hessian)
+    module.weight.data.copy_(from_weight_rows(pruned, module.weight, layer).to(module.weight.dtype))
+    result.weights[name] = module.weight.detach().clone()
+
+
+def prune_by_magnitude(model: nn.Module, layers: dict[str, LayerInfo], pattern: NMPattern, result: OneShotResult) -> None:
+    """Target layers calibration did not solve (no input reached them, or no row view): magnitude, listed."""
+    modules = dict(model.named_modules())
+    for name, layer in layers.items():
+        if name not in result.weights:
+            weight = modules[name].weight
+            weight.data.copy_(apply_nm(weight.detach(), pattern, layer.layout))
+            result.weights[name] = weight.detach().clone()
+            result.outside_blocks.append(name)
 
 
 def _prune_block(block: nn.Module, prefix: str, layers: dict[str, LayerInfo], inputs: list[tuple[tuple, dict]],
                  settings: SolverSettings, result: OneShotResult) -> None:
     """Accumulate H for the block's target layers over all inputs, then prune them."""
     modules = {name: block.get_submodule(name.removeprefix(prefix)) for name in layers}
-    hessians = {name: _Hessian(_as_rows_by_k(m.weight, layers[name]).shape[1]) for name, m in modules.items()}
-    handles = [m.register_forward_hook(lambda _m, inp, _out, name=name: hessians[name].add(inp[0]))
+    modules = {name: m for name, m in modules.items() if solvable(m, layers[name])}
+    hessians = {name: Hessian(weight_rows(m.weight, layers[name]).shape[1]) for name, m in modules.items()}
+    handles = [m.register_forward_hook(lambda mod, inp, _out, name=name: hessians[name].add(input_rows(mod, inp[0], layers[name])))
                for name, m in modules.items()]
     try:
         with torch.no_grad():
@@ -137,11 +217,7 @@ def _prune_block(block: nn.Module, prefix: str, layers: dict[str, LayerInfo], in
         for handle in handles:
             handle.remove()
     for name, module in modules.items():
-        weight = _as_rows_by_k(module.weight.detach(), layers[name])
-        pruned = _solve(weight.float(), hessians[name].h, settings, name).to(weight.dtype)
-        result.errors[name] = reconstruction_error(weight.float(), pruned.float(), hessians[name].h)
-        module.weight.data.copy_(_as_rows_by_k(pruned, layers[name]))
-        result.weights[name] = module.weight.detach().clone()
+        solve_layer(module, name, layers[name], hessians[name].h, settings, result)
 
 
 def _block_outputs(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
@@ -175,13 +251,7 @@ def calibrate_and_prune(
         if index + 1 < len(blocks):
             inputs = _block_outputs(block, inputs)
         progress(index + 1, len(blocks))
-    modules = dict(model.named_modules())
-    for name, layer in layers.items():
-        if name not in result.weights:
-            weight = modules[name].weight
-            weight.data.copy_(apply_nm(weight.detach(), settings.pattern, layer.layout))
-            result.weights[name] = weight.detach().clone()
-            result.outside_blocks.append(name)
+    prune_by_magnitude(model, layers, settings.pattern, result)
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 

@@ -1,28 +1,31 @@
 """`nmsparse prune --method wanda|sparsegpt`: calibration data -> sequential calibration -> the streamed writer.
 
-The model is loaded whole on the CPU (fine for the ~100 M-parameter checkpoints this targets; the calibration
-activations of one block are the other large term, reported in the result). The output is written exactly as a
-magnitude prune writes it (same pipeline, dense-shaped, exact zeros), with the method and calibration settings in
-the metadata.
+Transformers are calibrated block by block on text (calibrate.py), image models layer by layer in one forward
+pass over a batch of images (onepass.py). The model is loaded whole on the CPU (fine for the ~100 M-parameter
+checkpoints this targets; the calibration activations are the other large term, reported in the result). The
+output is written exactly as a magnitude prune writes it (same pipeline, dense-shaped, exact zeros), with the
+method and calibration settings in the metadata.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from nmcli.checkpoints import Resolved, load_model
+from nmcli.data.images import calibration_images
 from nmcli.data.teacher import read_prompts, teacher_count, teacher_samples
-from nmcli.data.text import load_texts
+from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import PadCollate, TokenSamples, encoder_samples, encoder_texts, lm_chunks, load_tokenizer
 from nmcli.errors import NMSparseError
 from nmcli.io.rewrite import Item, copy_item, rewrite
-from nmcli.models import ModelKind, model_kind
+from nmcli.models import ModelKind, data_config, model_kind
 from nmcli.oneshot.calibrate import OneShotMethod, OneShotResult, SolverSettings, calibrate_and_prune, describe
+from nmcli.oneshot.onepass import calibrate_in_one_pass
 from nmcli.prune import PrunePlan, PruneResult
 
 CALIB_BATCH = 8
@@ -30,10 +33,21 @@ CALIB_BATCH = 8
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    data: str = "python-help"
+    data: str | None = None  # None: the built-in python-help text for transformers; image models must name theirs
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
+
+    def for_model(self, kind: ModelKind) -> CalibrationSettings:
+        """The settings with the data made explicit for this kind of model."""
+        if self.data is not None:
+            return self
+        if kind is ModelKind.IMAGE_CLASSIFIER:
+            raise NMSparseError(
+                "an image model is calibrated on images of its own domain: pass --calib IMAGE_FOLDER (with train/ "
+                "class folders) or --calib mnist5k"
+            )
+        return replace(self, data=PYTHON_HELP)
 
 
 def calibration_batches(resolved: Resolved, model: torch.nn.Module, calib: CalibrationSettings) -> list[dict]:
@@ -58,11 +72,21 @@ def calibration_batches(resolved: Resolved, model: torch.nn.Module, calib: Calib
 
 
 def check_oneshot_input(resolved: Resolved, method: OneShotMethod) -> None:
-    if resolved.model is None or model_kind(resolved.model) is ModelKind.IMAGE_CLASSIFIER:
+    if resolved.model is None:
         raise NMSparseError(
-            f"--method {method.value} calibrates Hugging Face transformers (text); for {resolved.checkpoint.where} "
-            "use --method magnitude"
+            f"--method {method.value} runs the model on calibration data, and the architecture of "
+            f"{resolved.checkpoint.where} is unknown: pass --model (a timm name), use a Hugging Face folder, or use "
+            "--method magnitude"
         )
+
+
+def _calibrate(resolved: Resolved, model: torch.nn.Module, layers: dict, solver: SolverSettings,
+               calib: CalibrationSettings, progress: Callable[[int, int], None]) -> OneShotResult:
+    """Image models: one pass over a batch of images; transformers: block by block over text batches."""
+    if model_kind(resolved.model) is ModelKind.IMAGE_CLASSIFIER:
+        images = calibration_images(calib.data, data_config(model, resolved.model), calib.samples, calib.seed)
+        return calibrate_in_one_pass(model, layers, images, solver, progress)
+    return calibrate_and_prune(model, layers, calibration_batches(resolved, model, calib), solver, progress)
 
 
 def oneshot_prune(
@@ -70,10 +94,10 @@ def oneshot_prune(
     force: bool = False, progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[PruneResult, OneShotResult]:
     check_oneshot_input(resolved, solver.method)
+    calib = calib.for_model(model_kind(resolved.model))
     model = load_model(resolved)
-    batches = calibration_batches(resolved, model, calib)
     by_module = {layer.module: layer for layer in plan.targets.values()}
-    result = calibrate_and_prune(model, by_module, batches, solver, progress)
+    result = _calibrate(resolved, model, by_module, solver, calib, progress)
     tensors = {name: result.weights[layer.module] for name, layer in plan.targets.items()}
     ckpt = resolved.checkpoint
 
@@ -96,6 +120,10 @@ def oneshot_prune(
     notes = resolved.match.notes() if resolved.match is not None else []
     notes += rewrite(ckpt, items, out, {**kept, **meta_obj.to_strings()}, force=force)
     if result.outside_blocks:
-        notes.append(f"pruned by magnitude (outside the calibrated blocks): {', '.join(result.outside_blocks)}")
+        notes.append(f"pruned by magnitude (no calibration input reached them, or they cannot be solved): "
+                     f"{', '.join(result.outside_blocks)}")
+    if result.damped:
+        notes.append(f"the calibration Hessian was singular at --damp {solver.damp}; damping raised for "
+                     + ", ".join(f"{name} ({damp:g})" for name, damp in result.damped.items()))
     total = sum(i.nbytes for i in ckpt.infos.values())
     return PruneResult(out, plan, len(ckpt.infos), total, notes), result

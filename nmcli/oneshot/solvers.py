@@ -25,13 +25,17 @@ def wanda(weight: torch.Tensor, hessian_diag: torch.Tensor, pattern: NMPattern) 
     return _keep_top_n(weight.detach().to(torch.float64).abs() * norms, pattern)
 
 
+class SingularHessian(NMSparseError):
+    """H + damping is not positive definite: the caller may retry with more damping."""
+
+
 def _inverse_cholesky_upper(hessian: torch.Tensor, damp: float, where: str) -> torch.Tensor:
     """U with UᵀU = (H + λ·mean(diag H)·I)⁻¹, U upper triangular."""
     eye = torch.eye(len(hessian), dtype=hessian.dtype)
     damped = hessian + damp * hessian.diagonal().mean() * eye
     factor, info = torch.linalg.cholesky_ex(damped)
     if info:
-        raise NMSparseError(f"{where}: the calibration Hessian is not positive definite; raise --damp (now {damp})")
+        raise SingularHessian(f"{where}: the calibration Hessian is not positive definite at --damp {damp}")
     return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
 
 
