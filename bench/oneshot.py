@@ -47,8 +47,8 @@ def main() -> None:
     folder = minilm_folder() if args.model == "minilm" else smollm2_folder(ROOT / "bench" / ".models" / "smollm2-135m")
     seq_len = args.seq_len or ("128" if args.model == "minilm" else "512")
     key = "cosine" if args.model == "minilm" else "perplexity"
-    teacher = ["--teacher", str(folder)]
-    dense, _, _ = _nmsparse("eval", str(folder), *teacher, "--json")
+    teacher = ["--teacher", str(folder)] if key == "cosine" else []  # perplexity needs no teacher; dense is measured once
+    dense, _, _ = _nmsparse("eval", str(folder), "--teacher", str(folder), "--json")
     print(f"# {args.model}: dense {key} {json.loads(dense)['metrics'][key]:.4f}; calibration {args.calib_samples} x {seq_len} tokens "
           f"of python-help; CPU threads {os.cpu_count()}")
     print("| pattern | method | held-out " + key + (" (paragraphs / sentences)" if key == "cosine" else "") +
