@@ -139,6 +139,8 @@ def load_model(resolved: Resolved) -> nn.Module:
             "(files written by prune/finetune and Hugging Face folders carry it)"
         )
     model = build_model(resolved.model, device="cpu")
-    state = {key: resolved.checkpoint.read(name) for name, key in resolved.match.to_model.items()}
-    model.load_state_dict(state, strict=False)
+    targets = model.state_dict(keep_vars=True)
+    with torch.no_grad():  # one tensor at a time: peak memory is the model plus its largest tensor, not two models
+        for name, key in resolved.match.to_model.items():
+            targets[key].copy_(resolved.checkpoint.read(name))
     return model

@@ -214,3 +214,33 @@ def test_prune_calibrates_timm_models_on_images(cli, tmp_path, name):
     some = sorted(solved)[len(solved) // 2] + ".weight"
     assert ((a[some] != dense[some]) & (a[some] != 0)).any(), "SparseGPT updates the weights it keeps"
     assert cli("report", name, "--checkpoint", tmp_path / "a.safetensors", "--check", "2:4", "--quiet").exit_code == 0
+
+
+class _SharedInputBlock(nn.Module):
+    """q and k read the same tensor, o reads another of the same shape: q and k may share a Hessian, o may not."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.o = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        return x + self.o(torch.relu(self.q(h) * self.k(h)))
+
+
+def test_layers_reading_the_same_input_share_its_hessian_and_others_do_not():
+    torch.manual_seed(1)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([_SharedInputBlock()])
+    model.forward = lambda x: model.blocks[0](x)
+    batches = [{"x": torch.randn(16, 8) * 3}, {"x": torch.randn(16, 8)}]
+    q, k, o = (getattr(model.blocks[0], n).weight.detach().clone() for n in "qko")
+    layers = {f"blocks.0.{n}": LayerInfo(f"blocks.0.{n}.weight", f"blocks.0.{n}", LINEAR) for n in "qko"}
+    pattern = parse_pattern("2:4")
+    result = calibrate_and_prune(model, layers, batches, SolverSettings(OneShotMethod.SPARSEGPT, pattern))
+    x = torch.cat([b["x"] for b in batches])
+    h = torch.tanh(x).double()
+    inner = torch.relu((h.float() @ q.T) * (h.float() @ k.T)).double()
+    for name, weight, inputs in (("q", q, h), ("k", k, h), ("o", o, inner)):
+        expected = sparsegpt(weight, 2 * inputs.T @ inputs / len(inputs), pattern)
+        assert torch.allclose(result.weights[f"blocks.0.{name}"], expected, atol=1e-5), name
