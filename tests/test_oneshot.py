@@ -179,7 +179,7 @@ def test_one_pass_calibrates_each_layer_on_its_pruned_predecessors():
     layers = {name: LayerInfo(f"{name}.weight", name, CONV) for name in ("first", "second", "grouped")}
     pattern = parse_pattern("2:4")
     result = calibrate_in_one_pass(model, layers, x, SolverSettings(OneShotMethod.SPARSEGPT, pattern))
-    assert result.outside_blocks == ["grouped"]  # grouped convolutions are pruned by magnitude, and listed
+    assert result.by_magnitude == ["grouped"]  # grouped convolutions are pruned by magnitude, and listed
     for name in ("first", "second"):
         assert torch.equal(getattr(model, name).weight, result.weights[name])
         assert int((to_groups(result.weights[name], CONV, 4) != 0).sum(1).max()) == 2
@@ -205,7 +205,7 @@ def test_prune_calibrates_timm_models_on_images(cli, tmp_path, name):
     assert r.exit_code == 0, r.output
     payload = json.loads(r.stdout)
     solved = set(payload["calibration"]["reconstruction_error"])
-    assert solved | set(payload["calibration"]["outside_blocks"]) == {n.removesuffix(".weight") for n in payload["pruned_layers"]}
+    assert solved | set(payload["calibration"]["by_magnitude"]) == {n.removesuffix(".weight") for n in payload["pruned_layers"]}
     assert len(solved) >= 0.8 * len(payload["pruned_layers"])  # grouped (depthwise) convolutions fall back, listed
     assert cli(*args, "--out", tmp_path / "b.safetensors", "--quiet").exit_code == 0
     a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
@@ -244,3 +244,20 @@ def test_layers_reading_the_same_input_share_its_hessian_and_others_do_not():
     for name, weight, inputs in (("q", q, h), ("k", k, h), ("o", o, inner)):
         expected = sparsegpt(weight, 2 * inputs.T @ inputs / len(inputs), pattern)
         assert torch.allclose(result.weights[f"blocks.0.{name}"], expected, atol=1e-5), name
+
+
+def test_a_singular_hessian_gets_more_damping_and_says_so_and_nan_activations_are_named():
+    from nmcli.errors import NMSparseError
+    from nmcli.oneshot.calibrate import OneShotResult, solve_layer
+
+    layer = LayerInfo("fc.weight", "fc", LINEAR)
+    module = nn.Linear(8, 4, bias=False)
+    rows = torch.randn(3, 8, dtype=torch.float64)  # 3 samples for K = 8: H has rank 3
+    hessian = 2 * rows.T @ rows / 3
+    result = OneShotResult({}, {})
+    solve_layer(module, "fc", layer, hessian, SolverSettings(OneShotMethod.SPARSEGPT, parse_pattern("2:4"), damp=0.0), result)
+    assert result.damped == {"fc": 0.01}  # undamped Cholesky fails; 0.01 x mean(diag H) is enough
+    assert int((module.weight != 0).reshape(4, 2, 4).sum(-1).max()) == 2
+    hessian[2, 3] = float("nan")
+    with pytest.raises(NMSparseError, match="fc: the calibration activations reaching this layer hold NaN/Inf"):
+        solve_layer(module, "fc", layer, hessian, SolverSettings(OneShotMethod.WANDA, parse_pattern("2:4")), result)

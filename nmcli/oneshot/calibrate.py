@@ -45,7 +45,7 @@ class SolverSettings:
 class OneShotResult:
     weights: dict[str, torch.Tensor]  # module name -> pruned weight (the module's own tensor and layout)
     errors: dict[str, float]  # module name -> ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs
-    outside_blocks: list[str] = field(default_factory=list)  # pruned by magnitude: no calibration input reached them
+    by_magnitude: list[str] = field(default_factory=list)  # no calibration input reached them, or no row view
     damped: dict[str, float] = field(default_factory=dict)  # layers whose Hessian needed more than --damp: damp used
     activation_bytes: int = 0  # the calibration activations held between blocks
     seconds: float = 0.0
@@ -223,7 +223,7 @@ def prune_by_magnitude(model: nn.Module, layers: dict[str, LayerInfo], pattern: 
             weight = modules[name].weight
             weight.data.copy_(apply_nm(weight.detach(), pattern, layer.layout))
             result.weights[name] = weight.detach()
-            result.outside_blocks.append(name)
+            result.by_magnitude.append(name)
 
 
 def _prune_block(block: nn.Module, prefix: str, layers: dict[str, LayerInfo], inputs: list[tuple[tuple, dict]],
@@ -288,7 +288,7 @@ def describe(result: OneShotResult) -> dict[str, Any]:
     errors = list(result.errors.values())
     return {
         "mean_reconstruction_error": sum(errors) / len(errors) if errors else None,
-        "outside_blocks": result.outside_blocks,
+        "by_magnitude": result.by_magnitude,
         "activation_mib": round(result.activation_bytes / 2**20, 1),
         "seconds": result.seconds,
     }

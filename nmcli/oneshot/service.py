@@ -119,9 +119,9 @@ def oneshot_prune(
     kept = {k: v for k, v in ckpt.metadata.items() if not k.startswith("nmsparse.")}
     notes = resolved.match.notes() if resolved.match is not None else []
     notes += rewrite(ckpt, items, out, {**kept, **meta_obj.to_strings()}, force=force)
-    if result.outside_blocks:
+    if result.by_magnitude:
         notes.append(f"pruned by magnitude (no calibration input reached them, or they cannot be solved): "
-                     f"{', '.join(result.outside_blocks)}")
+                     f"{', '.join(result.by_magnitude)}")
     if result.damped:
         notes.append(f"the calibration Hessian was singular at --damp {solver.damp}; damping raised for "
                      + ", ".join(f"{name} ({damp:g})" for name, damp in result.damped.items()))
