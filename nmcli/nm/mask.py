@@ -122,7 +122,10 @@ def _zero_below_threshold4(flat, n, abs_mask, nan_key, ties):  # pragma: no cove
     thread: 46 ms against 78 ms for `_keep_groups` + `_zero_dropped`). `ties[g]` marks a group that kept more
     than N (a tie at the threshold) for `_settle_ties`. Returns the NaN/Inf count. What stays keeps its bits and
     what was zeroed was below the threshold (nothing is when the threshold is 0), so a tied group is settled
-    afterwards on the same keys it had."""
+    afterwards on the same keys it had.
+
+    The four key lines are written out here and in `_mark4` on purpose: a shared helper returning the keys as a
+    tuple stopped LLVM from vectorising the loop (330 ms instead of 46 ms, measured)."""
     nonfinite = 0
     inf_key = nan_key - 1
     for g in range(flat.shape[0] // 4):

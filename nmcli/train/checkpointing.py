@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from nmcli.device import model_device
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output, recover
 
@@ -71,7 +72,7 @@ def load_checkpoint_weights(run: Path, model: torch.nn.Module) -> None:
     """`run`'s checkpointed weights into `model`, on the model's device."""
     path = run / CHECKPOINT_DIR / "model.safetensors"
     try:
-        load_model(model, str(path), device=str(next(model.parameters()).device))
+        load_model(model, str(path), device=str(model_device(model)))
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise NMSparseError(f"{path}: does not fit this run's model ({str(exc).splitlines()[0]})") from None
 

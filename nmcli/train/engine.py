@@ -36,6 +36,7 @@ from nmcli.methods.plan import StepPlan, plan_step, relative_training_flops
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models import ModelKind, ModelRef, model_kind
 from nmcli.nm import compliance, count_nonfinite
+from nmcli.oneshot.calibrate import OneShotMethod
 from nmcli.prune import PrunePlan, plan_prune
 from nmcli.recipes import Recipe, to_dict
 from nmcli.report.flops import per_layer_flops
@@ -316,7 +317,7 @@ def _start_label(start: str | None) -> str:
     """How the student's one-shot N:M weights were made (the one-shot quality is the target mask of the start)."""
     if start is None:
         return "magnitude"
-    return start if start in ("magnitude", "wanda", "sparsegpt") else f"from {start}"
+    return start if start in {m.value for m in OneShotMethod} else f"from {start}"
 
 
 def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[int, StepPlan | None]:
