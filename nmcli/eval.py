@@ -180,6 +180,14 @@ class TextData:
     collate: PadCollate
 
 
+def training_samples(kind: ModelKind, tokenizer, documents: list[str], seq_len: int, where: str) -> TokenSamples:  # noqa: ANN001
+    """What a model of this kind trains on: LM chunks, or paragraphs plus single sentences for encoders."""
+    if kind is ModelKind.CAUSAL_LM:
+        return lm_chunks(tokenizer, documents, seq_len, where)
+    paragraphs, sentences = encoder_texts(documents)
+    return encoder_samples(tokenizer, paragraphs + sentences, seq_len, where)
+
+
 def text_data(
     kind: ModelKind, folder: Path | None, spec: str, seq_len: int, teacher: nn.Module | None, with_train: bool = True
 ) -> TextData:
@@ -188,15 +196,14 @@ def text_data(
     tokenizer = load_tokenizer(folder)
     corpus = load_texts(spec)
     pad_id = int(tokenizer.pad_token_id)
+    train = training_samples(kind, tokenizer, corpus.train, seq_len, f"{spec} (training part)") if with_train else TokenSamples([])
     if kind is ModelKind.CAUSAL_LM:
-        train = lm_chunks(tokenizer, corpus.train, seq_len, f"{spec} (training part)") if with_train else TokenSamples([])
         sets = {"chunks": _spread(lm_chunks(tokenizer, corpus.heldout, seq_len, f"{spec} (held-out part)"), MAX_EVAL_CHUNKS)}
         counts = f"{len(sets['chunks'])} held-out chunks of {seq_len} tokens"
         if with_train:
             counts = f"{len(train)} train / {counts}"
     else:
         paragraphs, sentences = encoder_texts(corpus.train) if with_train else ([], [])
-        train = encoder_samples(tokenizer, paragraphs + sentences, seq_len, f"{spec} (training part)") if with_train else TokenSamples([])
         held_paragraphs, held_sentences = encoder_texts(corpus.heldout)
         sets = {
             "paragraphs": _spread(encoder_samples(tokenizer, held_paragraphs, seq_len, f"{spec} (held-out part)")),

@@ -69,25 +69,27 @@ def _run(config: FinetuneConfig) -> dict[str, Any]:
     return summary
 
 
-def _map(jobs: int, configs: list[FinetuneConfig], done: Callable[[FinetuneConfig, dict], None]) -> list[dict]:
+def map_runs(jobs: int, configs: list[FinetuneConfig], done: Callable[[FinetuneConfig, dict], None],
+             work: Callable[[FinetuneConfig], dict] = _run) -> list[dict]:
+    """`work` on every config, `jobs` processes at a time, `done` called in order as results arrive."""
     if jobs <= 1:
         results = []
         for config in configs:
-            results.append(_run(config))
+            results.append(work(config))
             done(config, results[-1])
         return results
     # spawn, not fork: forking a process whose OpenMP threads already ran can deadlock the child. Leaving the
     # `with` for any reason (an error, Ctrl-C, SIGTERM) terminates the workers, never waits for their runs.
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         results = []
-        for config, result in zip(configs, pool.imap(_run, configs)):
+        for config, result in zip(configs, pool.imap(work, configs)):
             results.append(result)
             done(config, result)
         return results
 
 
 @contextlib.contextmanager
-def _terminated_cleanly() -> Iterator[None]:
+def terminated_cleanly() -> Iterator[None]:
     """SIGTERM (a `kill`, a CI timeout) ends the study the way Ctrl-C does: the worker pool is terminated and the
     scratch folder removed on the way out, instead of both being left behind."""
     if threading.current_thread() is not threading.main_thread():
@@ -108,7 +110,7 @@ def run_study(settings: StudySettings, say: Callable[[str], None] = print) -> di
     started = time.perf_counter()
     settings.out.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
-    with _terminated_cleanly(), tempfile.TemporaryDirectory(prefix="nmsparse-study-") as tmp:
+    with terminated_cleanly(), tempfile.TemporaryDirectory(prefix="nmsparse-study-") as tmp:
         work = Path(tmp)
         common = dict(model=MODEL, model_kwargs=settings.model_kwargs, limit=settings.limit, force=True)
         dense = [
@@ -119,7 +121,7 @@ def run_study(settings: StudySettings, say: Callable[[str], None] = print) -> di
             for seed in range(settings.seeds)
         ]
         say(f"pretraining {settings.seeds} dense models ({settings.dense_epochs} epochs each)")
-        pretrained = _map(settings.jobs, dense, lambda c, r: say(f"  seed {c.seed}: dense {r['final_val_accuracy']:.4f}"))
+        pretrained = map_runs(settings.jobs, dense, lambda c, r: say(f"  seed {c.seed}: dense {r['final_val_accuracy']:.4f}"))
         configs = []
         for seed in range(settings.seeds):
             for recipe in settings.recipes:
@@ -138,7 +140,7 @@ def run_study(settings: StudySettings, say: Callable[[str], None] = print) -> di
             say(f"  [{count[0]}/{len(configs)}] {config.recipe.name} {config.recipe.pattern} seed {config.seed}: "
                 f"{result['final_val_accuracy']:.4f}")
 
-        for config, result in zip(configs, _map(settings.jobs, configs, done)):
+        for config, result in zip(configs, map_runs(settings.jobs, configs, done)):
             runs.append({"recipe": config.recipe.name, "pattern": config.recipe.pattern if config.recipe.name != "dense" else None,
                          "seed": config.seed, **{k: result[k] for k in (
                              "start_val_accuracy", "final_val_accuracy", "training_flops_relative_to_dense", "wall_seconds",

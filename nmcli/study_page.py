@@ -12,7 +12,7 @@ from nmcli.nm import parse_pattern
 GRADIENT_FLOW = ("mdgf-linear", "mdgf-exponential", "sdgf-stepwise", "sdgf-geometric", "mdgf-sdgf")
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -22,7 +22,7 @@ def summarise(data: dict[str, Any]) -> dict[tuple[str, str | None], dict[str, fl
         groups[(run["recipe"], run["pattern"])].append(run)
     out = {}
     for key, runs in groups.items():
-        mean, std = _stats([r["final_val_accuracy"] for r in runs])
+        mean, std = mean_std([r["final_val_accuracy"] for r in runs])
         out[key] = {"mean": mean, "std": std, "n": len(runs), "flops": statistics.fmean(r["training_flops_relative_to_dense"] for r in runs)}
     return out
 
@@ -62,7 +62,7 @@ def outcome(table: dict, patterns: list[str], data: dict[str, Any] | None = None
         )
         diffs = paired(data, best, "sr-ste", pattern) if data else []
         if len(diffs) > 1:
-            m, sd = _stats(diffs)
+            m, sd = mean_std(diffs)
             wins = sum(d > 0 for d in diffs)
             line += (
                 f" Paired by seed: {m:+.2f} ± {sd:.2f} points, ahead in {wins} of {len(diffs)} seeds"
@@ -87,7 +87,7 @@ def guidance(table: dict, patterns: list[str]) -> list[str]:
     return lines
 
 
-def _save(fig, ax, path: Path, xlabel: str, ylabel: str) -> str:
+def save_plot(fig, ax, path: Path, xlabel: str, ylabel: str) -> str:
     import matplotlib.pyplot as plt
 
     ax.set_xlabel(xlabel)
@@ -119,7 +119,7 @@ def _plots(data: dict[str, Any], table: dict, patterns: list[str], out: Path) ->
     if dense:
         ax.axhline(100 * dense["mean"], color="black", linestyle="--", label="dense (same budget)")
     ax.set_xticks(range(len(patterns)), [f"{p}\n{100 * sparsity[p]:.1f}% sparse" for p in patterns])
-    files.append(_save(fig, ax, out / "accuracy_vs_sparsity.png", "N:M pattern", "val accuracy (%), mean ± std over seeds"))
+    files.append(save_plot(fig, ax, out / "accuracy_vs_sparsity.png", "N:M pattern", "val accuracy (%), mean ± std over seeds"))
 
     curve_pattern = data["settings"]["curve_pattern"]
     for key, name, ylabel, log in (("grad_var_curve", "gradient_variance.png", "mean over layers of Var(dL/dW)", True),
@@ -135,13 +135,13 @@ def _plots(data: dict[str, Any], table: dict, patterns: list[str], out: Path) ->
         if log:
             ax.set_yscale("log")
         ax.set_title(f"{curve_pattern} (dense: same model, no mask), mean over seeds")
-        files.append(_save(fig, ax, out / name, "fine-tuning step", ylabel))
+        files.append(save_plot(fig, ax, out / name, "fine-tuning step", ylabel))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for recipe in recipes:
         points = [(table[(recipe, p)]["flops"], 100 * table[(recipe, p)]["mean"]) for p in patterns if (recipe, p) in table]
         ax.plot(*zip(*points), marker="o", linestyle="none", label=recipe)
-    files.append(_save(fig, ax, out / "accuracy_vs_training_flops.png",
+    files.append(save_plot(fig, ax, out / "accuracy_vs_training_flops.png",
                        "training FLOPs relative to dense training (methods §5)", "val accuracy (%), mean over seeds"))
     return files
 

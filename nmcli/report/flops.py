@@ -62,6 +62,13 @@ def per_layer_flops(ref: ModelRef, seq_len: int = 128) -> tuple[tuple[int, ...],
     return shape, counter.get_total_flops(), counts
 
 
+def target_costs(ref: ModelRef, k_lengths: dict[str, int], seq_len: int = 128) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(dense forward FLOPs of the model, target module -> (its dense forward FLOPs, its reduction length K)): what
+    the training-FLOPs account of methods §5 needs, given each target module's K."""
+    _, total, per_layer = per_layer_flops(ref, seq_len)
+    return total, {module: (per_layer.get(module, 0), k) for module, k in k_lengths.items()}
+
+
 def count_flops(
     ref: ModelRef, densities: dict[str, float], hw24_modules: set[str], seq_len: int = 128
 ) -> Flops:

@@ -39,7 +39,7 @@ from nmcli.nm import compliance, count_nonfinite
 from nmcli.oneshot.calibrate import OneShotMethod
 from nmcli.prune import PrunePlan, plan_prune
 from nmcli.recipes import Recipe, to_dict
-from nmcli.report.flops import per_layer_flops
+from nmcli.report.flops import target_costs
 from nmcli.schedules import Phases
 from nmcli.train.checkpointing import (
     CHECKPOINT_DIR,
@@ -77,6 +77,7 @@ class FinetuneConfig:
     seq_len: int = 128  # Hugging Face models: tokens per training / held-out sample
     start: str | None = None  # Hugging Face models: the student's starting N:M checkpoint (default: the teacher)
     prompts: Path | None = None  # --data teacher:N: prompts file (default: the built-in prompts)
+    measure_start: bool = True  # evaluate the start and one-shot quality (the study measures each start once)
 
     @property
     def use_bf16(self) -> bool:
@@ -282,7 +283,7 @@ def quality_text(quality: dict[str, float]) -> str:
 
 def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int, dict[str, float] | None]:
     """Resume from the run's checkpoint `state`, or start fresh and measure the starting quality.
-    Returns (first epoch, first step, start quality or None when resumed)."""
+    Returns (first epoch, first step, start quality or None when resumed or not measured)."""
     config = run.config
     metrics = config.out / METRICS_FILE if run.env.is_main else None
     if state is not None:
@@ -300,6 +301,8 @@ def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int,
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / METRICS_FILE).unlink(missing_ok=True)
     run.log = MetricsLog(metrics)
+    if not config.measure_start:
+        return 0, 0, None
     target = config.recipe.target
     run.sparsifier.set_plan(StepPlan("dense", (target,), 0))
     quality = run.evaluate()
@@ -361,14 +364,17 @@ def _evaluate_mid_epoch(run: _Run, step: int, plan: StepPlan, reporter: Reporter
 
 
 def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter: Reporter) -> None:
-    """Validate, log, and (main rank) write the training checkpoint that --resume continues from."""
+    """Validate, log, and (main rank) write the training checkpoint that --resume continues from. After the last
+    epoch the final evaluation (of the exact N:M weights) follows at once, so the epoch's own is skipped."""
     config = run.config
-    quality = run.evaluate()
+    last = epoch + 1 == config.epochs
+    quality = {} if last else run.evaluate()
     agree = _masks_agree(run.sparsifier, run.env)
     elapsed = round(time.perf_counter() - run.prepared_at, 1)
     run.log.write({"event": "epoch", "epoch": epoch, "step": step, **quality, "elapsed_s": elapsed,
                    "masks_identical_across_ranks": agree})
-    reporter.message(f"epoch {epoch + 1}/{config.epochs}: {quality_text(quality)} ({plan.label() if plan else ''})")
+    done = "trained, evaluating the final weights" if last else quality_text(quality)
+    reporter.message(f"epoch {epoch + 1}/{config.epochs}: {done} ({plan.label() if plan else ''})")
     if run.env.is_main:
         save_training_checkpoint(
             config.out, run.model,
@@ -439,11 +445,10 @@ def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float],
     """Quality as `start_<metric>` / `final_<metric>` (start is None after a resume), FLOPs, compliance, time."""
     config, model, layers = run.config, run.model, run.plan.targets
     recipe, target = config.recipe, config.recipe.target
-    _, total_flops, per_layer = per_layer_flops(run.ref, config.seq_len)
-    layer_costs = {
-        layer.module: (per_layer.get(layer.module, 0), model.get_submodule(layer.module).weight.shape[layer.layout.k_axis])
-        for layer in layers.values()
-    }
+    total_flops, layer_costs = target_costs(
+        run.ref, {layer.module: model.get_submodule(layer.module).weight.shape[layer.layout.k_axis] for layer in layers.values()},
+        config.seq_len,
+    )
     sparse = recipe.method != "dense"
     compliant = {
         name: compliance(model.get_submodule(layer.module).weight.detach(), target, layer.layout).compliant

@@ -1,0 +1,274 @@
+"""The recipe study on a real pretrained Hugging Face model: which recipe recovers it best at each N:M pattern.
+
+Every arm starts from the same pretrained checkpoint, so seeds vary only the data order and sampling, and the
+comparison is paired seed by seed. STE, SR-STE and the gradient-flow recipes train from the dense weights (their masks
+come from the weights as they train); fixed-mask starts from a one-shot mask: magnitude, and SparseGPT made once per
+pattern (the same start for every seed). Two equal budgets: the same steps for every arm, and the same training FLOPs
+(methods §5) as SR-STE's at those steps, by giving the arms that train denser proportionally fewer steps.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmcli.checkpoints import resolve
+from nmcli.data.teacher import teacher_count
+from nmcli.data.text import PYTHON_HELP, load_texts
+from nmcli.data.tokens import load_tokenizer
+from nmcli.errors import NMSparseError
+from nmcli.eval import training_samples
+from nmcli.methods.plan import relative_training_flops
+from nmcli.models import ModelKind, model_kind
+from nmcli.nm import parse_pattern
+from nmcli.prune import plan_prune
+from nmcli.recipes import Recipe, load_recipe
+from nmcli.report.flops import target_costs
+from nmcli.schedules import Phases
+from nmcli.study import map_runs, terminated_cleanly
+from nmcli.train.engine import FinetuneConfig, Reporter, run_finetune
+
+RECIPES = ("ste", "sr-ste", "fixed-mask", "mdgf-exponential", "sdgf-geometric", "mdgf-sdgf")
+PATTERNS = ("2:4", "1:4", "1:8")
+REFERENCE = "sr-ste"  # the equal-FLOPs budget is SR-STE's FLOPs at the equal-steps budget
+FLOPS_TOLERANCE = 0.02
+QUALITY_KEYS = ("final_cosine", "final_perplexity", "final_label_agreement")  # what the progress lines show  # arms within 2% of the reference's FLOPs reuse their equal-steps runs
+
+
+class Start(enum.Enum):
+    DENSE = "dense"  # the pretrained weights; the recipe derives its masks from them as it trains
+    MAGNITUDE = "magnitude"
+    SPARSEGPT = "sparsegpt"  # one SparseGPT checkpoint per pattern, made before any run
+
+
+class Budget(enum.Enum):
+    STEPS = "steps"
+    FLOPS = "flops"
+
+
+@dataclass(frozen=True)
+class Arm:
+    recipe: str
+    start: Start
+
+    @property
+    def label(self) -> str:
+        return self.recipe if self.start is not Start.SPARSEGPT else f"{self.recipe} (sparsegpt start)"
+
+
+@dataclass(frozen=True)
+class StudyBudget:
+    """Training steps per equal-steps run, given directly (`150`) or as minutes of SR-STE training (`20min`)."""
+
+    steps: int | None = None
+    minutes: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> StudyBudget:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(min)?\s*", text)
+        if not found or float(found.group(1)) <= 0 or (not found.group(2) and "." in found.group(1)):
+            raise NMSparseError(f"--budget {text!r}: give training steps per run (150) or minutes per run (20min)")
+        return cls(minutes=float(found.group(1))) if found.group(2) else cls(steps=int(found.group(1)))
+
+
+@dataclass
+class PretrainedStudySettings:
+    model: str  # a Hugging Face folder
+    out: Path
+    budget: StudyBudget = field(default_factory=lambda: StudyBudget(steps=100))
+    data: str | None = None  # None: the built-in python-help text
+    patterns: tuple[str, ...] = PATTERNS
+    recipes: tuple[str, ...] = RECIPES
+    seeds: int = 3
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-4
+    sparsegpt_start: bool = True  # fixed-mask also from a SparseGPT start
+    calib_samples: int = 128
+    jobs: int = 2
+
+
+def arms(settings: PretrainedStudySettings) -> list[Arm]:
+    out = []
+    for recipe in settings.recipes:
+        if recipe == "fixed-mask":
+            out.append(Arm(recipe, Start.MAGNITUDE))
+            if settings.sparsegpt_start:
+                out.append(Arm(recipe, Start.SPARSEGPT))
+        else:
+            out.append(Arm(recipe, Start.DENSE))
+    return out
+
+
+def check_settings(settings: PretrainedStudySettings) -> tuple[ModelKind, int]:
+    """Bad input before any run: the model, recipes, patterns and data. Returns (model kind, training samples)."""
+    resolved = resolve(settings.model)
+    if resolved.model is None or resolved.model.source != "hf" or resolved.checkpoint.folder is None:
+        raise NMSparseError(f"--model {settings.model}: the pretrained study takes a Hugging Face folder "
+                            "(run `nmsparse study` without --model for the MNIST study)")
+    if "dense" in settings.recipes:
+        raise NMSparseError("--recipes: `dense` is the teacher here, not an arm; leave it out")
+    for recipe in settings.recipes:
+        load_recipe(recipe)
+    for pattern in settings.patterns:
+        parse_pattern(pattern)
+    kind = model_kind(resolved.model)
+    data = settings.data or PYTHON_HELP
+    count = teacher_count(data)
+    if count is not None:
+        return kind, count
+    tokenizer = load_tokenizer(resolved.checkpoint.folder)
+    return kind, len(training_samples(kind, tokenizer, load_texts(data).train, settings.seq_len, f"--data {data}"))
+
+
+def _config(settings: PretrainedStudySettings, arm: Arm, pattern: str, seed: int, steps: int, budget: Budget,
+            starts: dict[str, Path], work: Path) -> FinetuneConfig:
+    recipe = load_recipe(arm.recipe).with_overrides(pattern=pattern, epochs=1, lr=settings.lr, batch_size=settings.batch_size)
+    start = {Start.DENSE: None, Start.MAGNITUDE: Start.MAGNITUDE.value}[arm.start] if arm.start is not Start.SPARSEGPT \
+        else str(starts[pattern])
+    name = f"{arm.label}-{pattern}-{seed}-{budget.value}".replace(" ", "_").replace(":", "of").replace("(", "").replace(")", "")
+    return FinetuneConfig(model=settings.model, recipe=recipe, out=work / name, data=settings.data, seed=seed,
+                          limit=steps * settings.batch_size, seq_len=settings.seq_len, start=start, force=True,
+                          measure_start=seed == 0)
+
+
+class _StepClock(Reporter):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def step(self, step: int, values: dict[str, Any]) -> None:
+        self.times.append(time.perf_counter())
+
+
+def _seconds_per_step(config: FinetuneConfig) -> dict[str, float]:
+    """Median wall time of one training step on one thread (evaluation not included)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    clock = _StepClock()
+    try:
+        run_finetune(config, clock)
+    finally:
+        torch.set_num_threads(threads)
+    return {"seconds_per_step": statistics.median(b - a for a, b in zip(clock.times, clock.times[1:]))}
+
+
+def _steps(settings: PretrainedStudySettings, available: int, work: Path, say: Callable[[str], None]) -> tuple[int, float | None]:
+    """Steps per equal-steps run (and the measured seconds per step for a minutes budget)."""
+    per_step = None
+    steps = settings.budget.steps
+    if steps is None:
+        probe = _config(settings, Arm(REFERENCE, Start.DENSE), settings.patterns[0], 0, 6, Budget.STEPS, {}, work)
+        per_step = map_runs(1, [replace(probe, out=work / "probe")], lambda c, r: None, _seconds_per_step)[0]["seconds_per_step"]
+        steps = max(1, int(settings.budget.minutes * 60 / per_step))
+        say(f"{REFERENCE} trains at {per_step:.2f} s per step on one thread: {settings.budget.minutes:g} min is {steps} steps")
+    if steps * settings.batch_size > available:
+        raise NMSparseError(
+            f"--budget: {steps} steps x batch {settings.batch_size} needs {steps * settings.batch_size} training samples; "
+            f"the data has {available} (one pass, no repeats): lower --budget or --batch-size, or pass more --data"
+        )
+    return steps, per_step
+
+
+def _sparsegpt_starts(settings: PretrainedStudySettings, work: Path, say: Callable[[str], None]) -> dict[str, Path]:
+    """One SparseGPT checkpoint per pattern, calibrated once (seed 0) on the study's data."""
+    from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings
+    from nmcli.oneshot.service import CalibrationSettings, oneshot_prune
+    resolved = resolve(settings.model)
+    starts = {}
+    for pattern in settings.patterns:
+        began = time.perf_counter()
+        plan = plan_prune(resolved, parse_pattern(pattern))
+        calib = CalibrationSettings(settings.data if teacher_count(settings.data or "") is None else None,
+                                    settings.calib_samples, settings.seq_len, seed=0)
+        starts[pattern] = work / f"sparsegpt-{pattern.replace(':', 'of')}"
+        oneshot_prune(resolved, plan, starts[pattern], SolverSettings(OneShotMethod.SPARSEGPT, plan.pattern), calib)
+        say(f"SparseGPT {pattern} start: {time.perf_counter() - began:.0f} s")
+    return starts
+
+
+def _record(config: FinetuneConfig, arm: Arm, budget: Budget, result: dict[str, Any]) -> dict[str, Any]:
+    metrics = {k: v for k, v in result.items() if k.startswith(("final_", "one_shot_", "start_")) and v is not None}
+    return {"arm": arm.label, "recipe": arm.recipe, "start": arm.start.value, "pattern": config.recipe.pattern,
+            "seed": config.seed, "budget": budget.value, "steps": result["steps"],
+            "training_flops_relative_to_dense": result["training_flops_relative_to_dense"],
+            "wall_seconds": result["wall_seconds"], "all_layers_compliant": result["all_layers_compliant"], **metrics}
+
+
+def _flops_steps(settings: PretrainedStudySettings, steps: int, available: int, chosen: list[Arm]) -> dict[tuple[Arm, str], int]:
+    """Per (arm, pattern) whose training FLOPs at `steps` differ from the reference's by more than the tolerance: the
+    step count whose FLOPs (methods §5, the same account the runs report) come closest to the reference's."""
+    resolved = resolve(settings.model)
+    out = {}
+    for pattern in settings.patterns:
+        plan = plan_prune(resolved, parse_pattern(pattern))
+        k_lengths = {layer.module: resolved.checkpoint.infos[name].shape[layer.layout.k_axis] for name, layer in plan.targets.items()}
+        total, costs = target_costs(resolved.model, k_lengths, settings.seq_len)
+
+        def spent(recipe: Recipe, n: int) -> float:
+            phases = Phases.from_fractions(n, recipe.dense_fraction, recipe.finetune_fraction)
+            return n * relative_training_flops(recipe, recipe.target, phases, costs, total)
+
+        budget = spent(load_recipe(REFERENCE).with_overrides(pattern=pattern), steps)
+        for arm in chosen:
+            recipe = load_recipe(arm.recipe).with_overrides(pattern=pattern)
+            if abs(spent(recipe, steps) / budget - 1) > FLOPS_TOLERANCE:
+                out[(arm, pattern)] = min(range(1, available // settings.batch_size + 1),
+                                          key=lambda n, recipe=recipe: abs(spent(recipe, n) - budget))
+    return out
+
+
+def _train(settings: PretrainedStudySettings, configs: list[tuple[FinetuneConfig, Arm, Budget]],
+           say: Callable[[str], None]) -> list[dict[str, Any]]:
+    count, records = [0], []
+
+    def done(config: FinetuneConfig, result: dict) -> None:
+        count[0] += 1
+        arm, budget = next((a, b) for c, a, b in configs if c is config)
+        records.append(_record(config, arm, budget, result))
+        quality = ", ".join(f"{k[6:]} {v:.4f}" for k, v in records[-1].items() if k in QUALITY_KEYS)
+        say(f"  [{count[0]}/{len(configs)}] {arm.label} {config.recipe.pattern} seed {config.seed} ({budget.value}, "
+            f"{result['steps']} steps): {quality}")
+
+    map_runs(settings.jobs, [c for c, _, _ in configs], done)
+    return records
+
+
+def run_pretrained_study(settings: PretrainedStudySettings, say: Callable[[str], None] = print) -> dict[str, Any]:
+    started = time.perf_counter()
+    kind, available = check_settings(settings)
+    with terminated_cleanly(), tempfile.TemporaryDirectory(prefix="nmsparse-study-") as tmp:
+        work = Path(tmp)
+        steps, per_step = _steps(settings, available, work, say)
+        chosen = arms(settings)
+        starts = _sparsegpt_starts(settings, work, say) if any(a.start is Start.SPARSEGPT for a in chosen) else {}
+        scaled = _flops_steps(settings, steps, available, chosen)
+        configs = [(_config(settings, arm, pattern, seed, steps, Budget.STEPS, starts, work), arm, Budget.STEPS)
+                   for seed in range(settings.seeds) for pattern in settings.patterns for arm in chosen]
+        configs += [(_config(settings, arm, pattern, seed, n, Budget.FLOPS, starts, work), arm, Budget.FLOPS)
+                    for seed in range(settings.seeds) for (arm, pattern), n in scaled.items()]
+        say(f"{len(configs)} runs: every arm {steps} steps; {len(scaled)} arm/pattern pairs also at {REFERENCE}'s "
+            f"training FLOPs ({', '.join(f'{a.label} {p}: {n} steps' for (a, p), n in scaled.items()) or 'none'}); "
+            f"{settings.jobs} at a time")
+        runs = _train(settings, configs, say)
+    data = {
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+                     "steps": steps, "seconds_per_step": per_step, "kind": kind.value, "training_samples": available},
+        "runs": runs,
+        "wall_minutes": round((time.perf_counter() - started) / 60, 1),
+    }
+    settings.out.mkdir(parents=True, exist_ok=True)
+    (settings.out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    from nmcli.pretrained_study_page import write_page
+
+    write_page(data, settings.out)
+    return data

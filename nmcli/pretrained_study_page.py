@@ -1,0 +1,292 @@
+"""The pretrained study's results page: tables at equal steps and equal FLOPs, paired differences against fixed-mask,
+quality vs training FLOPs and vs wall time, and an outcome stated with its criterion (docs/results/<model>/)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nmcli.models import ModelKind
+from nmcli.study_page import mean_std, save_plot
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # summary key without the final_ / one_shot_ prefix
+    title: str
+    higher_is_better: bool
+    digits: int
+
+    def better(self, a: float, b: float) -> float:
+        """How much better `a` is than `b`, in the metric's units (positive: better)."""
+        return a - b if self.higher_is_better else b - a
+
+    def text(self, value: float) -> str:
+        return f"{value:,.{self.digits}f}"
+
+
+METRICS = {
+    ModelKind.ENCODER.value: Metric("cosine", "held-out mean embedding cosine to the dense model (higher is better)", True, 4),
+    ModelKind.CAUSAL_LM.value: Metric("perplexity", "held-out perplexity (lower is better)", False, 2),
+    ModelKind.SEQUENCE_CLASSIFIER.value: Metric("label_agreement", "held-out label agreement with the dense model (higher is better)", True, 4),
+}
+
+
+def cell_runs(data: dict[str, Any], budget: str) -> dict[tuple[str, str], list[dict]]:
+    """(arm, pattern) -> its runs at this budget; at equal FLOPs an arm whose FLOPs already match the reference's
+    keeps its equal-steps runs."""
+    cells: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for run in data["runs"]:
+        cells[(run["arm"], run["pattern"])][run["budget"]].append(run)
+    return {key: by.get(budget) or by["steps"] for key, by in cells.items() if by.get(budget) or by.get("steps")}
+
+
+def baseline_arm(data: dict[str, Any]) -> str:
+    """What practitioners run today: fixed-mask from the best one-shot start in the study."""
+    arms = {run["arm"] for run in data["runs"]}
+    return "fixed-mask (sparsegpt start)" if "fixed-mask (sparsegpt start)" in arms else "fixed-mask"
+
+
+def paired_differences(runs: list[dict], base: list[dict], metric: Metric) -> list[float]:
+    """Per seed, how much better the arm ends than the baseline (same starting checkpoint, same data order)."""
+    by_seed = {r["seed"]: r[f"final_{metric.key}"] for r in base}
+    return [metric.better(r[f"final_{metric.key}"], by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+
+
+def verdict(diffs: list[float]) -> str:
+    """The criterion: better (or worse) in every seed, with a mean beyond one standard deviation of the differences."""
+    if len(diffs) < 2:
+        return "one seed only, no verdict"
+    mean, std = mean_std(diffs)
+    if all(d > 0 for d in diffs) and mean > std:
+        return "better"
+    if all(d < 0 for d in diffs) and -mean > std:
+        return "worse"
+    return "not distinguishable"
+
+
+def outcome(data: dict[str, Any], metric: Metric, budget: str, patterns: list[str]) -> list[str]:
+    """Per pattern: the best arm's paired difference to the baseline, and every arm that is better by the criterion."""
+    cells, base_arm = cell_runs(data, budget), baseline_arm(data)
+    lines = []
+    for pattern in patterns:
+        base = cells.get((base_arm, pattern))
+        if not base:
+            continue
+        scored = []
+        for (arm, p), runs in cells.items():
+            if p == pattern and arm != base_arm:
+                diffs = paired_differences(runs, base, metric)
+                scored.append((statistics.fmean(diffs), arm, diffs))
+        if not scored:
+            continue
+        mean, best, diffs = max(scored)
+        sd = mean_std(diffs)[1]
+        winners = [arm for _, arm, d in scored if verdict(d) == "better"]
+        lines.append(
+            f"- **{pattern}**: best `{best}`, {'+' if mean >= 0 else '−'}{metric.text(abs(mean))} ± {metric.text(sd)} "
+            f"better than `{base_arm}` paired by seed (ahead in {sum(d > 0 for d in diffs)} of {len(diffs)} seeds: "
+            f"{verdict(diffs)}). "
+            + (f"Better than `{base_arm}` by the criterion: {', '.join(f'`{w}`' for w in winners)}." if winners
+               else f"No recipe beats `{base_arm}` here by the criterion.")
+        )
+    return lines
+
+
+def quality_table(data: dict[str, Any], metric: Metric, budget: str, patterns: list[str]) -> list[str]:
+    cells = cell_runs(data, budget)
+    arms = list(dict.fromkeys(run["arm"] for run in data["runs"]))
+    lines = ["| recipe | " + " | ".join(patterns) + " |", "|---|" + "---|" * len(patterns)]
+    for arm in arms:
+        row = []
+        for pattern in patterns:
+            runs = cells.get((arm, pattern))
+            if not runs:
+                row.append("-")
+                continue
+            mean, std = mean_std([r[f"final_{metric.key}"] for r in runs])
+            row.append(f"{metric.text(mean)} ± {metric.text(std)} ({statistics.fmean(r['steps'] for r in runs):.0f} steps)")
+        lines.append(f"| {arm} | " + " | ".join(row) + " |")
+    return lines
+
+
+def paired_table(data: dict[str, Any], metric: Metric, budget: str, patterns: list[str]) -> list[str]:
+    cells, base_arm = cell_runs(data, budget), baseline_arm(data)
+    lines = ["| recipe | " + " | ".join(patterns) + " |", "|---|" + "---|" * len(patterns)]
+    for arm in dict.fromkeys(run["arm"] for run in data["runs"]):
+        if arm == base_arm:
+            continue
+        row = []
+        for pattern in patterns:
+            runs, base = cells.get((arm, pattern)), cells.get((base_arm, pattern))
+            diffs = paired_differences(runs, base, metric) if runs and base else []
+            if not diffs:
+                row.append("-")
+                continue
+            mean, std = mean_std(diffs)
+            row.append(f"{mean:+,.{metric.digits}f} ± {metric.text(std)} ({verdict(diffs)})")
+        lines.append(f"| {arm} | " + " | ".join(row) + " |")
+    return lines
+
+
+def cost_table(data: dict[str, Any], key: str, digits: int, patterns: list[str]) -> list[str]:
+    """Mean of a per-run cost (training FLOPs relative to dense, wall seconds) at equal steps and equal FLOPs."""
+    lines = ["| recipe | " + " | ".join(f"{p} steps / FLOPs budget" for p in patterns) + " |", "|---|" + "---|" * len(patterns)]
+    steps, flops = cell_runs(data, "steps"), cell_runs(data, "flops")
+    for arm in dict.fromkeys(run["arm"] for run in data["runs"]):
+        row = []
+        for pattern in patterns:
+            pair = [statistics.fmean(r[key] for r in cells[(arm, pattern)]) for cells in (steps, flops) if (arm, pattern) in cells]
+            row.append(" / ".join(f"{v:.{digits}f}" for v in pair) or "-")
+        lines.append(f"| {arm} | " + " | ".join(row) + " |")
+    return lines
+
+
+def one_shot_lines(data: dict[str, Any], metric: Metric, patterns: list[str]) -> list[str]:
+    """The starting points: the dense model and each one-shot start, before any training."""
+    lines = []
+    for pattern in patterns:
+        starts = {}
+        for run in data["runs"]:
+            if run["pattern"] == pattern and run["start"] != "dense" and f"one_shot_{metric.key}" in run:
+                starts[run["start"]] = run[f"one_shot_{metric.key}"]
+        if starts:
+            lines.append(f"- **{pattern}** one-shot (no training): "
+                         + ", ".join(f"{name} {metric.text(value)}" for name, value in sorted(starts.items())))
+    return lines
+
+
+def _plots(data: dict[str, Any], metric: Metric, patterns: list[str], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    arms = list(dict.fromkeys(run["arm"] for run in data["runs"]))
+    markers = dict(zip(patterns, "osD^v<>"))
+    for key, name, xlabel in (
+        ("training_flops_relative_to_dense", "quality_vs_training_flops.png", "training FLOPs per step relative to dense (methods §5) x steps / equal-steps budget"),
+        ("wall_seconds", "quality_vs_wall_time.png", "wall seconds per run (one thread, evaluations included)"),
+    ):
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for i, arm in enumerate(arms):
+            color = f"C{i}"
+            for budget, fill in (("steps", color), ("flops", "none")):
+                for pattern in patterns:
+                    runs = [r for r in data["runs"] if r["arm"] == arm and r["pattern"] == pattern and r["budget"] == budget]
+                    if not runs:
+                        continue
+                    x = statistics.fmean(_cost(r, key, data) for r in runs)
+                    y = statistics.fmean(r[f"final_{metric.key}"] for r in runs)
+                    ax.plot([x], [y], marker=markers[pattern], color=color, markerfacecolor=fill, linestyle="none",
+                            label=f"{arm}" if budget == "steps" and pattern == patterns[0] else None)
+        if not metric.higher_is_better:
+            ax.set_yscale("log")
+        ax.set_title("marker: " + ", ".join(f"{p} {m}" for p, m in markers.items() if p in patterns)
+                     + "; filled: equal steps, open: equal FLOPs", fontsize=9)
+        files.append(save_plot(fig, ax, out / name, xlabel, f"final {metric.key}, mean over seeds"))
+    return files
+
+
+def _cost(run: dict[str, Any], key: str, data: dict[str, Any]) -> float:
+    """A run's cost on the plot's axis: wall seconds, or FLOPs in units of one dense equal-steps run."""
+    if key == "wall_seconds":
+        return run[key]
+    return run[key] * run["steps"] / data["settings"]["steps"]
+
+
+def display_name(folder: str) -> str:
+    """A model folder's name; a folder called `model` (inside a wheel) is named by its parent."""
+    path = Path(folder)
+    return path.parent.name if path.name == "model" else path.name
+
+
+def write_page(data: dict[str, Any], out: Path) -> None:
+    settings = data["settings"]
+    metric = METRICS[settings["kind"]]
+    patterns = [p for p in settings["patterns"] if any(r["pattern"] == p for r in data["runs"])]
+    files = _plots(data, metric, patterns, out)
+    base = baseline_arm(data)
+    model = display_name(settings["model"])
+    budget = (f"{settings['budget']['minutes']:g} min of SR-STE training ({settings['seconds_per_step']:.2f} s per step) = "
+              if settings["budget"].get("minutes") else "")
+    lines = [
+        f"# Recipe study on a pretrained model: {model}",
+        "",
+        f"Generated by `nmsparse study --model` from {len(data['runs'])} runs in {data['wall_minutes']} minutes on a 2-core CPU "
+        f"({settings['jobs']} runs at a time, one thread each). Quality: {metric.title}, on the held-out part of "
+        f"`{settings['data'] or 'python-help'}`. Every run: {budget}{settings['steps']} steps of batch {settings['batch_size']} x "
+        f"{settings['seq_len']} tokens (one pass over {settings['steps'] * settings['batch_size']} of the "
+        f"{settings['training_samples']} training samples), lr {settings['lr']:g}, distillation from the dense model "
+        f"with the recipe's default loss for a {settings['kind']}. {settings['seeds']} seeds; a seed changes the data "
+        "order and sampling only: every run of every seed starts from the same checkpoint.",
+        "",
+        "Arms: `ste`, `sr-ste` and the gradient-flow recipes start from the dense pretrained weights; `fixed-mask` starts "
+        "from the one-shot magnitude mask, and `fixed-mask (sparsegpt start)` from one SparseGPT checkpoint per pattern "
+        f"({settings['calib_samples']} calibration samples, made once). The baseline is `{base}`: what practitioners "
+        "run today.",
+        "",
+        "Two budgets: **equal steps** (every arm the same steps) and **equal FLOPs** (an arm that trains denser than "
+        "SR-STE per step — MDGF while its decay is on — gets proportionally fewer steps, so that its training FLOPs "
+        "(methods §5) match SR-STE's; arms within 2% of SR-STE's FLOPs keep their equal-steps runs). The FLOPs count "
+        "the student's training only; the teacher's forward pass costs every arm the same per step.",
+        "",
+        "## Starting points",
+        "",
+        *one_shot_lines(data, metric, patterns),
+        "",
+        "## Outcome",
+        "",
+        f"Criterion: an arm is *better* than `{base}` when it ends better in every seed and its mean paired difference "
+        "exceeds one standard deviation of the paired differences (*worse* likewise).",
+        "",
+        "Equal steps:",
+        "",
+        *outcome(data, metric, "steps", patterns),
+        "",
+        "Equal training FLOPs:",
+        "",
+        *outcome(data, metric, "flops", patterns),
+        "",
+        f"## {metric.title[0].upper() + metric.title[1:]}, mean ± std over seeds",
+        "",
+        "Equal steps:",
+        "",
+        *quality_table(data, metric, "steps", patterns),
+        "",
+        "Equal training FLOPs:",
+        "",
+        *quality_table(data, metric, "flops", patterns),
+        "",
+        f"## Paired difference to `{base}` (positive: better), mean ± std over seeds",
+        "",
+        "Equal steps:",
+        "",
+        *paired_table(data, metric, "steps", patterns),
+        "",
+        "Equal training FLOPs:",
+        "",
+        *paired_table(data, metric, "flops", patterns),
+        "",
+        "## Cost",
+        "",
+        "Training FLOPs per step relative to dense training (methods §5), equal-steps / equal-FLOPs runs:",
+        "",
+        *cost_table(data, "training_flops_relative_to_dense", 3, patterns),
+        "",
+        "Wall seconds per run (one thread, evaluations and the one-shot start included), equal-steps / equal-FLOPs runs:",
+        "",
+        *cost_table(data, "wall_seconds", 0, patterns),
+        "",
+        "## Plots",
+        "",
+        *[f"![{f}]({f})" for f in files],
+        "",
+        "Raw numbers of every run: `results.json`.",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
