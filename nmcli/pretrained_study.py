@@ -168,7 +168,8 @@ def _steps(settings: PretrainedStudySettings, available: int, work: Path, say: C
     steps = settings.budget.steps
     if steps is None:
         probe = _config(settings, Arm(REFERENCE, Start.DENSE), settings.patterns[0], 0, 6, Budget.STEPS, {}, work)
-        per_step = map_runs(1, [replace(probe, out=work / "probe")], lambda c, r: None, _seconds_per_step)[0]["seconds_per_step"]
+        probe = replace(probe, out=work / "probe", measure_start=False)
+        per_step = map_runs(1, [probe], lambda c, r: None, _seconds_per_step)[0]["seconds_per_step"]
         steps = max(1, int(settings.budget.minutes * 60 / per_step))
         say(f"{REFERENCE} trains at {per_step:.2f} s per step on one thread: {settings.budget.minutes:g} min is {steps} steps")
     if steps * settings.batch_size > available:
@@ -183,6 +184,7 @@ def _sparsegpt_starts(settings: PretrainedStudySettings, work: Path, say: Callab
     """One SparseGPT checkpoint per pattern, calibrated once (seed 0) on the study's data."""
     from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings
     from nmcli.oneshot.service import CalibrationSettings, oneshot_prune
+
     resolved = resolve(settings.model)
     starts = {}
     for pattern in settings.patterns:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def outcome(data: dict[str, Any], metric: Metric, budget: str, patterns: list[st
     for pattern in patterns:
         base = cells.get((base_arm, pattern))
         if not base:
+            lines.append(f"- **{pattern}**: no `{base_arm}` runs, so no baseline to compare with.")
             continue
         scored = []
         for (arm, p), runs in cells.items():
@@ -151,8 +153,8 @@ def one_shot_lines(data: dict[str, Any], metric: Metric, patterns: list[str]) ->
     for pattern in patterns:
         starts = {}
         for run in data["runs"]:
-            if run["pattern"] == pattern and run["start"] != "dense" and f"one_shot_{metric.key}" in run:
-                starts[run["start"]] = run[f"one_shot_{metric.key}"]
+            if run["pattern"] == pattern and f"one_shot_{metric.key}" in run:  # a dense start's is its magnitude mask
+                starts["magnitude" if run["start"] == "dense" else run["start"]] = run[f"one_shot_{metric.key}"]
         if starts:
             lines.append(f"- **{pattern}** one-shot (no training): "
                          + ", ".join(f"{name} {metric.text(value)}" for name, value in sorted(starts.items())))
@@ -199,6 +201,21 @@ def _cost(run: dict[str, Any], key: str, data: dict[str, Any]) -> float:
     return run[key] * run["steps"] / data["settings"]["steps"]
 
 
+def _both_budgets(render: Callable[[str], list[str]]) -> list[str]:
+    """A section's lines for the equal-steps budget, then for the equal-FLOPs one."""
+    return [line for budget, title in (("steps", "Equal steps:"), ("flops", "Equal training FLOPs:"))
+            for line in (title, "", *render(budget), "")]
+
+
+def rerun_command(settings: dict[str, Any], out: Path) -> str:
+    """The command that reproduces the study from its recorded settings."""
+    budget = f"{settings['budget']['minutes']:g}min" if settings["budget"].get("minutes") else str(settings["budget"]["steps"])
+    extra = (f" --data {settings['data']}" if settings["data"] else "") + ("" if settings["sparsegpt_start"] else " --no-sparsegpt-start")
+    return (f"nmsparse study --model {settings['model']} --out {out} --budget {budget} --batch-size {settings['batch_size']} "
+            f"--seq-len {settings['seq_len']} --lr {settings['lr']:g} --patterns {','.join(settings['patterns'])} "
+            f"--recipes {','.join(settings['recipes'])} --seeds {settings['seeds']} --jobs {settings['jobs']}{extra}")
+
+
 def display_name(folder: str) -> str:
     """A model folder's name; a folder called `model` (inside a wheel) is named by its parent."""
     path = Path(folder)
@@ -222,8 +239,11 @@ def write_page(data: dict[str, Any], out: Path) -> None:
         f"`{settings['data'] or 'python-help'}`. Every run: {budget}{settings['steps']} steps of batch {settings['batch_size']} x "
         f"{settings['seq_len']} tokens (one pass over {settings['steps'] * settings['batch_size']} of the "
         f"{settings['training_samples']} training samples), lr {settings['lr']:g}, distillation from the dense model "
-        f"with the recipe's default loss for a {settings['kind']}. {settings['seeds']} seeds; a seed changes the data "
-        "order and sampling only: every run of every seed starts from the same checkpoint.",
+        f"with the recipe's default loss for this kind of model ({settings['kind']}). {settings['seeds']} "
+        f"seed{'s' if settings['seeds'] > 1 else ''}; a seed changes the data order and sampling only: every run of "
+        "every seed starts from the same checkpoint.",
+        "",
+        f"Rerun: `{rerun_command(settings, out)}`",
         "",
         "Arms: `ste`, `sr-ste` and the gradient-flow recipes start from the dense pretrained weights; `fixed-mask` starts "
         "from the one-shot magnitude mask, and `fixed-mask (sparsegpt start)` from one SparseGPT checkpoint per pattern "
@@ -244,34 +264,13 @@ def write_page(data: dict[str, Any], out: Path) -> None:
         f"Criterion: an arm is *better* than `{base}` when it ends better in every seed and its mean paired difference "
         "exceeds one standard deviation of the paired differences (*worse* likewise).",
         "",
-        "Equal steps:",
-        "",
-        *outcome(data, metric, "steps", patterns),
-        "",
-        "Equal training FLOPs:",
-        "",
-        *outcome(data, metric, "flops", patterns),
-        "",
+        *_both_budgets(lambda budget: outcome(data, metric, budget, patterns)),
         f"## {metric.title[0].upper() + metric.title[1:]}, mean ± std over seeds",
         "",
-        "Equal steps:",
-        "",
-        *quality_table(data, metric, "steps", patterns),
-        "",
-        "Equal training FLOPs:",
-        "",
-        *quality_table(data, metric, "flops", patterns),
-        "",
+        *_both_budgets(lambda budget: quality_table(data, metric, budget, patterns)),
         f"## Paired difference to `{base}` (positive: better), mean ± std over seeds",
         "",
-        "Equal steps:",
-        "",
-        *paired_table(data, metric, "steps", patterns),
-        "",
-        "Equal training FLOPs:",
-        "",
-        *paired_table(data, metric, "flops", patterns),
-        "",
+        *_both_budgets(lambda budget: paired_table(data, metric, budget, patterns)),
         "## Cost",
         "",
         "Training FLOPs per step relative to dense training (methods §5), equal-steps / equal-FLOPs runs:",

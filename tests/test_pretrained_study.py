@@ -111,6 +111,17 @@ def test_equal_flops_cells_fall_back_to_the_equal_steps_runs():
     assert cells[("mdgf-exponential", "2:4")][0]["steps"] == 6
 
 
+def test_a_minutes_budget_becomes_steps_from_a_timed_probe(cli, tmp_path):
+    folder = save_tiny_hf(tmp_path / "bert", "bert", tokenizer=True)
+    r = cli("study", "--model", folder, "--out", tmp_path / "page", "--budget", "0.01min", "--seeds", "1", "--patterns", "2:4",
+            "--recipes", "sr-ste", "--batch-size", "2", "--seq-len", "16", "--no-sparsegpt-start", "--jobs", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    settings = json.loads((tmp_path / "page" / "results.json").read_text())["settings"]
+    assert 0 < settings["seconds_per_step"] < 5
+    assert settings["steps"] == max(1, int(0.6 / settings["seconds_per_step"]))
+    assert "0.01 min of SR-STE training" in (tmp_path / "page" / "README.md").read_text()
+
+
 def test_budget_is_steps_or_minutes():
     assert StudyBudget.parse("150") == StudyBudget(steps=150)
     assert StudyBudget.parse("20min") == StudyBudget(minutes=20.0)
