@@ -17,6 +17,23 @@ def test_safetensors_header_is_read_without_data(tmp_path):
     assert torch.equal(ckpt.read("b"), torch.ones(3))
 
 
+def test_streaming_writer_replaces_a_longer_file_and_fills_an_empty_one(tmp_path):
+    """It opens without O_TRUNC (so that ext4 does not flush on close), yet a longer old file is cut to the new data."""
+    from safetensors.torch import load_file
+
+    from nmcli.io.safetensors_stream import encode_header, write_streaming
+
+    path = tmp_path / "x.safetensors"
+    write_streaming(path, [("old", (1000,), torch.float32)], [torch.ones(1000)])
+    write_streaming(path, [("new", (3,), torch.float32)], [torch.arange(3.0)])
+    assert path.stat().st_size == len(encode_header([("new", (3,), torch.float32)])) + 12
+    assert torch.equal(load_file(str(path))["new"], torch.arange(3.0))
+    empty = tmp_path / "empty.safetensors"
+    empty.touch()  # what atomic_output hands over
+    write_streaming(empty, [("a", (2,), torch.float16)], [torch.ones(2).half()])
+    assert torch.equal(load_file(str(empty))["a"], torch.ones(2).half())
+
+
 def test_reader_and_streaming_writer_agree_with_the_safetensors_library(tmp_path):
     from safetensors.torch import load_file
 
