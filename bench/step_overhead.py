@@ -23,6 +23,7 @@ from nmcli.models import ModelRef, build_model, layers_of_model, select_targets
 from nmcli.recipes import builtin_names, load_recipe
 from nmcli.schedules import Phases
 from nmcli.train.engine import train_step
+from nmcli.train.tasks import ImageTask
 from nmcli.train.example import EXAMPLE_KWARGS, EXAMPLE_MODEL
 
 SCHEDULE_STEPS = 1000
@@ -30,6 +31,7 @@ PATTERNS = ("2:4", "1:16")
 
 
 PLAIN = "(plain model)"
+TASK = ImageTask(train=None, val=None, description="one fixed batch")  # the loss fine-tuning uses: cross-entropy
 
 
 def make_runner(name: str, pattern: str, batch: tuple[torch.Tensor, torch.Tensor]):
@@ -50,7 +52,7 @@ def make_runner(name: str, pattern: str, batch: tuple[torch.Tensor, torch.Tensor
         for _ in range(steps):
             step = (position[0] * 97) % SCHEDULE_STEPS  # visit the whole schedule
             sparsifier.set_plan(plan_step(recipe, recipe.target, phases, step))
-            train_step(model, *batch, optimizer)
+            train_step(model, batch, optimizer, loss_fn=TASK.loss)
             position[0] += 1
         return (time.perf_counter() - start) / steps
 

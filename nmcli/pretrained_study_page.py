@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nmcli.models import ModelKind
-from nmcli.study_page import mean_std, save_plot
+from nmcli.study_page import GRADIENT_FLOW, mean_std, save_plot
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,11 @@ def verdict(diffs: list[float]) -> str:
     return "not distinguishable"
 
 
-def outcome(data: dict[str, Any], metric: Metric, budget: str, patterns: list[str]) -> list[str]:
-    """Per pattern: the best arm's paired difference to the baseline, and every arm that is better by the criterion."""
-    cells, base_arm = cell_runs(data, budget), baseline_arm(data)
+def outcome(data: dict[str, Any], metric: Metric, budget: str, patterns: list[str], base_arm: str | None = None,
+            candidates: tuple[str, ...] | None = None) -> list[str]:
+    """Per pattern: the best arm's paired difference to the baseline (default: fixed-mask, from the best start), and
+    every arm that is better by the criterion; `candidates` limits the arms compared."""
+    cells, base_arm = cell_runs(data, budget), base_arm or baseline_arm(data)
     lines = []
     for pattern in patterns:
         base = cells.get((base_arm, pattern))
@@ -80,7 +82,7 @@ def outcome(data: dict[str, Any], metric: Metric, budget: str, patterns: list[st
             continue
         scored = []
         for (arm, p), runs in cells.items():
-            if p == pattern and arm != base_arm:
+            if p == pattern and arm != base_arm and (candidates is None or arm in candidates):
                 diffs = paired_differences(runs, base, metric)
                 scored.append((statistics.fmean(diffs), arm, diffs))
         if not scored:
@@ -89,9 +91,9 @@ def outcome(data: dict[str, Any], metric: Metric, budget: str, patterns: list[st
         sd = mean_std(diffs)[1]
         winners = [arm for _, arm, d in scored if verdict(d) == "better"]
         lines.append(
-            f"- **{pattern}**: best `{best}`, {'+' if mean >= 0 else '−'}{metric.text(abs(mean))} ± {metric.text(sd)} "
-            f"better than `{base_arm}` paired by seed (ahead in {sum(d > 0 for d in diffs)} of {len(diffs)} seeds: "
-            f"{verdict(diffs)}). "
+            f"- **{pattern}**: best `{best}`, {metric.text(abs(mean))} ± {metric.text(sd)} "
+            f"{'ahead of' if mean >= 0 else 'behind'} `{base_arm}` paired by seed (ahead in {sum(d > 0 for d in diffs)} "
+            f"of {len(diffs)} seeds: {verdict(diffs)}). "
             + (f"Better than `{base_arm}` by the criterion: {', '.join(f'`{w}`' for w in winners)}." if winners
                else f"No recipe beats `{base_arm}` here by the criterion.")
         )
@@ -171,7 +173,7 @@ def _plots(data: dict[str, Any], metric: Metric, patterns: list[str], out: Path)
     arms = list(dict.fromkeys(run["arm"] for run in data["runs"]))
     markers = dict(zip(patterns, "osD^v<>"))
     for key, name, xlabel in (
-        ("training_flops_relative_to_dense", "quality_vs_training_flops.png", "training FLOPs per step relative to dense (methods §5) x steps / equal-steps budget"),
+        ("training_flops_relative_to_dense", "quality_vs_training_flops.png", "training FLOPs of the run (methods §5), in dense runs of the equal-steps budget"),
         ("wall_seconds", "quality_vs_wall_time.png", "wall seconds per run (one thread, evaluations included)"),
     ):
         fig, ax = plt.subplots(figsize=(9, 5))
@@ -265,6 +267,15 @@ def write_page(data: dict[str, Any], out: Path) -> None:
         "exceeds one standard deviation of the paired differences (*worse* likewise).",
         "",
         *_both_budgets(lambda budget: outcome(data, metric, budget, patterns)),
+        "The paper's question — do the gradient-flow recipes beat SR-STE? — by the same criterion, paired by seed:",
+        "",
+        *_both_budgets(lambda budget: outcome(data, metric, budget, patterns, "sr-ste", GRADIENT_FLOW)),
+        f"What the budget means: {settings['steps'] * settings['batch_size']} training samples per run "
+        f"({100 * settings['steps'] * settings['batch_size'] / settings['training_samples']:.0f}% of one pass over the "
+        "training text). A short budget favours the arm with the best start; with longer training the recipes that "
+        "start from the dense weights have more time to catch up, so rerun with a larger `--budget` before trusting a "
+        "ranking for a long fine-tune.",
+        "",
         f"## {metric.title[0].upper() + metric.title[1:]}, mean ± std over seeds",
         "",
         *_both_budgets(lambda budget: quality_table(data, metric, budget, patterns)),

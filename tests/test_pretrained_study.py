@@ -99,9 +99,13 @@ def test_perplexity_is_better_when_lower_and_the_verdict_needs_every_seed():
     assert verdict([0.1, 5.0, 0.1]) == "not distinguishable"  # mean 1.73 below the spread 2.83
     data = {"runs": base + good}
     line = outcome(data, ppl, "steps", ["2:4"])[0]
-    assert "best `sr-ste`, +2.00 ± 1.00 better than `fixed-mask`" in line and "ahead in 3 of 3 seeds: better" in line
+    assert "best `sr-ste`, 2.00 ± 1.00 ahead of `fixed-mask`" in line and "ahead in 3 of 3 seeds: better" in line
     worse = {"runs": base + [_run("sr-ste", s, v) for s, v in ((0, 41.0), (1, 52.0), (2, 45.5))]}
-    assert "No recipe beats `fixed-mask` here" in outcome(worse, ppl, "steps", ["2:4"])[0]
+    line = outcome(worse, ppl, "steps", ["2:4"])[0]
+    assert "best `sr-ste`, 1.17 ± 0.76 behind `fixed-mask`" in line and "No recipe beats `fixed-mask` here" in line
+    # against another baseline, among chosen candidates only
+    line = outcome(data, ppl, "steps", ["2:4"], "sr-ste", ("fixed-mask",))[0]
+    assert "best `fixed-mask`, 2.00 ± 1.00 behind `sr-ste`" in line and "ahead in 0 of 3 seeds: worse" in line
 
 
 def test_equal_flops_cells_fall_back_to_the_equal_steps_runs():
