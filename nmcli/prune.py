@@ -69,17 +69,23 @@ def plan_prune(
     return plan
 
 
-def prune_tensor(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tensor) -> torch.Tensor:
-    """Target `name` of `ckpt` pruned to the plan's pattern; NaN/Inf weights are refused, not hidden (they are
-    counted by the mask's own pass, and the output is abandoned)."""
-    pruned = tensor.clone() if ckpt.is_in_memory else tensor
-    bad = apply_nm_(pruned, plan.pattern, plan.targets[name].layout)
+def prune_rows_(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows `rows` (of axis 0) of target `name` pruned in place to the plan's pattern; `split_row` keeps every N:M
+    group on one side. NaN/Inf weights are refused, not hidden (they are counted by the mask's own pass, and the
+    output is abandoned)."""
+    bad = apply_nm_(tensor[rows], plan.pattern, plan.targets[name].layout)
     if bad:
         raise NMSparseError(
             f"{ckpt.where}: layer {name} has {bad} NaN/Inf weights; prune will not hide them "
             "(nmsparse report lists them): fix or re-export the checkpoint"
         )
-    return pruned
+    return tensor
+
+
+def split_row(shape: tuple[int, ...], k_axis: int, m: int) -> int:
+    """About half of axis 0, at a group boundary when axis 0 is the reduction axis (Hugging Face Conv1D)."""
+    half = shape[0] // 2
+    return half - half % m if k_axis == 0 else half
 
 
 def prune_model_(model: nn.Module, plan: PrunePlan) -> nn.Module:
@@ -91,13 +97,22 @@ def prune_model_(model: nn.Module, plan: PrunePlan) -> nn.Module:
     return model
 
 
+def _own(ckpt: Checkpoint, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor prune may change in place: an in-memory checkpoint's own tensors are copied first."""
+    return tensor.clone() if ckpt.is_in_memory else tensor
+
+
 def prune_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str]) -> list[Item]:
     """Each target tensor becomes its pruned self; everything else is copied."""
     items = []
     for name in names:
         item = copy_item(ckpt, name)
-        if name in plan.targets:
-            item.produce = lambda tensors, name=name: [prune_tensor(ckpt, name, plan, tensors[0])]
+        if name in plan.targets:  # the reading thread prunes the first rows, the writing thread the rest
+            half = split_row(tuple(ckpt.infos[name].shape), plan.targets[name].layout.k_axis, plan.pattern.m)
+            item.produce = lambda tensors, name=name, half=half: [
+                prune_rows_(ckpt, name, plan, _own(ckpt, tensors[0]), slice(0, half))]
+            item.finish = lambda tensors, name=name, half=half: [
+                prune_rows_(ckpt, name, plan, tensors[0], slice(half, None))]
         items.append(item)
     return items
 

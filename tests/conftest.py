@@ -93,7 +93,7 @@ def save_tiny_hf(folder: Path, kind: str, seed: int = 0, tokenizer: bool = False
         )
         model = transformers.LlamaForCausalLM(config)
     elif kind == "gpt2":
-        config = transformers.GPT2Config(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64, **overrides)
+        config = transformers.GPT2Config(**{"n_embd": 32, "n_inner": 64, "n_layer": 2, "n_head": 4, "n_positions": 64, **overrides})
         model = transformers.GPT2LMHeadModel(config)
     elif kind == "bert":
         config = transformers.BertConfig(

@@ -134,3 +134,24 @@ def test_report_says_why_flops_are_missing_and_still_reports(cli, tmp_path, monk
     data = json.loads(r.stdout)
     assert data["flops"] is None and data["summary"]["target_layers"] == 13
     assert any("FLOPs not counted" in n and "data-dependent control flow" in n for n in data["notes"])
+
+
+@pytest.mark.parametrize("kind, pattern", [("gpt2", "1:8"), ("llama", "1:8"), ("bert", "2:4")])
+def test_streaming_prune_equals_the_mask_of_each_whole_tensor(cli, tmp_path, kind, pattern):
+    """prune masks the first rows of a tensor on the reading thread and the rest on the writing thread; the result
+    must be the whole tensor's mask, also for GPT-2's Conv1D, whose axis 0 is K (24 rows, 1:8: the split must not
+    fall inside a group)."""
+    from nmcli.nm import apply_nm_, parse_pattern
+    from nmcli.prune import plan_prune
+
+    folder = save_tiny_hf(tmp_path / kind, kind, n_embd=24, n_head=4) if kind == "gpt2" else save_tiny_hf(tmp_path / kind, kind)
+    out = tmp_path / "pruned"
+    assert cli("prune", folder, "--pattern", pattern, "--out", out, "--quiet").exit_code == 0
+    resolved = resolve(str(folder))
+    plan = plan_prune(resolved, parse_pattern(pattern))
+    ours = load_file(str(out / "model.safetensors"))
+    assert plan.targets
+    for name, layer in plan.targets.items():
+        expected = resolved.checkpoint.read(name).clone()
+        apply_nm_(expected, plan.pattern, layer.layout)
+        assert torch.equal(ours[name], expected), name

@@ -30,18 +30,25 @@ Spec = tuple[str, tuple[int, ...], torch.dtype]
 Progress = Callable[[str, int], None]  # (item name, bytes read for it)
 
 
+def _as_is(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return tensors
+
+
 @dataclass
 class Item:
-    """`produce(inputs)` turns the tensors named `inputs` into tensors matching `outputs`."""
+    """`produce(inputs)` turns the tensors named `inputs` into tensors matching `outputs`, on the reading thread;
+    `finish` then runs on the writing thread just before they are written (work split between the two keeps both
+    cores busy)."""
 
     inputs: list[str]
     outputs: list[Spec]
     produce: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    finish: Callable[[list[torch.Tensor]], list[torch.Tensor]] = _as_is
 
 
 def copy_item(ckpt: Checkpoint, name: str) -> Item:
     info = ckpt.infos[name]
-    return Item([name], [(name, info.shape, info.dtype)], lambda tensors: tensors)
+    return Item([name], [(name, info.shape, info.dtype)], _as_is)
 
 
 class _BufferPool:
@@ -91,9 +98,11 @@ def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterat
         refill()
         for item, size in zip(items, sizes):
             future, buffers = queue.popleft()
-            outputs = future.result()
+            produced = future.result()
             ahead -= size
-            refill()  # the worker reads ahead while the caller writes this item
+            refill()  # the worker reads ahead while the caller finishes and writes this item
+            outputs = item.finish(produced)
+            del produced
             yield from outputs
             del outputs
             if pool:
