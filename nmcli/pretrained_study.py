@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
-from nmcli.checkpoints import resolve
+from nmcli.checkpoints import Resolved, resolve
 from nmcli.data.teacher import teacher_count
 from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import load_tokenizer
 from nmcli.errors import NMSparseError
 from nmcli.eval import training_samples
+from nmcli.io.atomic import write_text_atomic
 from nmcli.methods.plan import relative_training_flops
 from nmcli.models import ModelKind, model_kind
 from nmcli.nm import parse_pattern
@@ -110,8 +111,9 @@ def arms(settings: PretrainedStudySettings) -> list[Arm]:
     return out
 
 
-def check_settings(settings: PretrainedStudySettings) -> tuple[ModelKind, int]:
-    """Bad input before any run: the model, recipes, patterns and data. Returns (model kind, training samples)."""
+def check_settings(settings: PretrainedStudySettings) -> tuple[Resolved, ModelKind, int]:
+    """Bad input before any run: the model, recipes, patterns and data. Returns (the model, its kind, training
+    samples)."""
     resolved = resolve(settings.model)
     if resolved.model is None or resolved.model.source != "hf" or resolved.checkpoint.folder is None:
         raise NMSparseError(f"--model {settings.model}: the pretrained study takes a Hugging Face folder "
@@ -126,16 +128,15 @@ def check_settings(settings: PretrainedStudySettings) -> tuple[ModelKind, int]:
     data = settings.data or PYTHON_HELP
     count = teacher_count(data)
     if count is not None:
-        return kind, count
+        return resolved, kind, count
     tokenizer = load_tokenizer(resolved.checkpoint.folder)
-    return kind, len(training_samples(kind, tokenizer, load_texts(data).train, settings.seq_len, f"--data {data}"))
+    return resolved, kind, len(training_samples(kind, tokenizer, load_texts(data).train, settings.seq_len, f"--data {data}"))
 
 
 def _config(settings: PretrainedStudySettings, arm: Arm, pattern: str, seed: int, steps: int, budget: Budget,
             starts: dict[str, Path], work: Path) -> FinetuneConfig:
     recipe = load_recipe(arm.recipe).with_overrides(pattern=pattern, epochs=1, lr=settings.lr, batch_size=settings.batch_size)
-    start = {Start.DENSE: None, Start.MAGNITUDE: Start.MAGNITUDE.value}[arm.start] if arm.start is not Start.SPARSEGPT \
-        else str(starts[pattern])
+    start = str(starts[pattern]) if arm.start is Start.SPARSEGPT else (None if arm.start is Start.DENSE else arm.start.value)
     name = f"{arm.label}-{pattern}-{seed}-{budget.value}".replace(" ", "_").replace(":", "of").replace("(", "").replace(")", "")
     return FinetuneConfig(model=settings.model, recipe=recipe, out=work / name, data=settings.data, seed=seed,
                           limit=steps * settings.batch_size, seq_len=settings.seq_len, start=start, force=True,
@@ -180,12 +181,12 @@ def _steps(settings: PretrainedStudySettings, available: int, work: Path, say: C
     return steps, per_step
 
 
-def _sparsegpt_starts(settings: PretrainedStudySettings, work: Path, say: Callable[[str], None]) -> dict[str, Path]:
+def _sparsegpt_starts(settings: PretrainedStudySettings, resolved: Resolved, work: Path,
+                      say: Callable[[str], None]) -> dict[str, Path]:
     """One SparseGPT checkpoint per pattern, calibrated once (seed 0) on the study's data."""
     from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings
     from nmcli.oneshot.service import CalibrationSettings, oneshot_prune
 
-    resolved = resolve(settings.model)
     starts = {}
     for pattern in settings.patterns:
         began = time.perf_counter()
@@ -206,15 +207,17 @@ def _record(config: FinetuneConfig, arm: Arm, budget: Budget, result: dict[str, 
             "wall_seconds": result["wall_seconds"], "all_layers_compliant": result["all_layers_compliant"], **metrics}
 
 
-def _flops_steps(settings: PretrainedStudySettings, steps: int, available: int, chosen: list[Arm]) -> dict[tuple[Arm, str], int]:
+def _flops_steps(settings: PretrainedStudySettings, resolved: Resolved, steps: int, available: int,
+                 chosen: list[Arm]) -> dict[tuple[Arm, str], int]:
     """Per (arm, pattern) whose training FLOPs at `steps` differ from the reference's by more than the tolerance: the
     step count whose FLOPs (methods §5, the same account the runs report) come closest to the reference's."""
-    resolved = resolve(settings.model)
+    plans = {pattern: plan_prune(resolved, parse_pattern(pattern)) for pattern in settings.patterns}
+    k_lengths = {layer.module: resolved.checkpoint.infos[name].shape[layer.layout.k_axis]
+                 for plan in plans.values() for name, layer in plan.targets.items()}
+    total, every_cost = target_costs(resolved.model, k_lengths, settings.seq_len)  # one FLOP count for all patterns
     out = {}
-    for pattern in settings.patterns:
-        plan = plan_prune(resolved, parse_pattern(pattern))
-        k_lengths = {layer.module: resolved.checkpoint.infos[name].shape[layer.layout.k_axis] for name, layer in plan.targets.items()}
-        total, costs = target_costs(resolved.model, k_lengths, settings.seq_len)
+    for pattern, plan in plans.items():
+        costs = {layer.module: every_cost[layer.module] for layer in plan.targets.values()}
 
         def spent(recipe: Recipe, n: int) -> float:
             phases = Phases.from_fractions(n, recipe.dense_fraction, recipe.finetune_fraction)
@@ -232,10 +235,11 @@ def _flops_steps(settings: PretrainedStudySettings, steps: int, available: int, 
 def _train(settings: PretrainedStudySettings, configs: list[tuple[FinetuneConfig, Arm, Budget]],
            say: Callable[[str], None]) -> list[dict[str, Any]]:
     count, records = [0], []
+    what = {id(config): (arm, budget) for config, arm, budget in configs}
 
     def done(config: FinetuneConfig, result: dict) -> None:
         count[0] += 1
-        arm, budget = next((a, b) for c, a, b in configs if c is config)
+        arm, budget = what[id(config)]
         records.append(_record(config, arm, budget, result))
         quality = ", ".join(f"{k[6:]} {v:.4f}" for k, v in records[-1].items() if k in QUALITY_KEYS)
         say(f"  [{count[0]}/{len(configs)}] {arm.label} {config.recipe.pattern} seed {config.seed} ({budget.value}, "
@@ -247,13 +251,13 @@ def _train(settings: PretrainedStudySettings, configs: list[tuple[FinetuneConfig
 
 def run_pretrained_study(settings: PretrainedStudySettings, say: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.perf_counter()
-    kind, available = check_settings(settings)
+    resolved, kind, available = check_settings(settings)
     with terminated_cleanly(), tempfile.TemporaryDirectory(prefix="nmsparse-study-") as tmp:
         work = Path(tmp)
         steps, per_step = _steps(settings, available, work, say)
         chosen = arms(settings)
-        starts = _sparsegpt_starts(settings, work, say) if any(a.start is Start.SPARSEGPT for a in chosen) else {}
-        scaled = _flops_steps(settings, steps, available, chosen)
+        starts = _sparsegpt_starts(settings, resolved, work, say) if any(a.start is Start.SPARSEGPT for a in chosen) else {}
+        scaled = _flops_steps(settings, resolved, steps, available, chosen)
         configs = [(_config(settings, arm, pattern, seed, steps, Budget.STEPS, starts, work), arm, Budget.STEPS)
                    for seed in range(settings.seeds) for pattern in settings.patterns for arm in chosen]
         configs += [(_config(settings, arm, pattern, seed, n, Budget.FLOPS, starts, work), arm, Budget.FLOPS)
@@ -269,7 +273,7 @@ def run_pretrained_study(settings: PretrainedStudySettings, say: Callable[[str],
         "wall_minutes": round((time.perf_counter() - started) / 60, 1),
     }
     settings.out.mkdir(parents=True, exist_ok=True)
-    (settings.out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_text_atomic(settings.out / "results.json", json.dumps(data, indent=1) + "\n")
     from nmcli.pretrained_study_page import write_page
 
     write_page(data, settings.out)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nmcli.io.atomic import write_text_atomic
 from nmcli.models import ModelKind
 from nmcli.study_page import GRADIENT_FLOW, mean_std, save_plot
 
@@ -100,10 +101,15 @@ def outcome(data: dict[str, Any], metric: Metric, budget: str, patterns: list[st
     return lines
 
 
+def _head(columns: list[str]) -> list[str]:
+    """A markdown table's first two lines: the recipe column, then `columns`."""
+    return ["| recipe | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+
+
 def quality_table(data: dict[str, Any], metric: Metric, budget: str, patterns: list[str]) -> list[str]:
     cells = cell_runs(data, budget)
     arms = list(dict.fromkeys(run["arm"] for run in data["runs"]))
-    lines = ["| recipe | " + " | ".join(patterns) + " |", "|---|" + "---|" * len(patterns)]
+    lines = _head(patterns)
     for arm in arms:
         row = []
         for pattern in patterns:
@@ -119,7 +125,7 @@ def quality_table(data: dict[str, Any], metric: Metric, budget: str, patterns: l
 
 def paired_table(data: dict[str, Any], metric: Metric, budget: str, patterns: list[str]) -> list[str]:
     cells, base_arm = cell_runs(data, budget), baseline_arm(data)
-    lines = ["| recipe | " + " | ".join(patterns) + " |", "|---|" + "---|" * len(patterns)]
+    lines = _head(patterns)
     for arm in dict.fromkeys(run["arm"] for run in data["runs"]):
         if arm == base_arm:
             continue
@@ -138,7 +144,7 @@ def paired_table(data: dict[str, Any], metric: Metric, budget: str, patterns: li
 
 def cost_table(data: dict[str, Any], key: str, digits: int, patterns: list[str]) -> list[str]:
     """Mean of a per-run cost (training FLOPs relative to dense, wall seconds) at equal steps and equal FLOPs."""
-    lines = ["| recipe | " + " | ".join(f"{p} steps / FLOPs budget" for p in patterns) + " |", "|---|" + "---|" * len(patterns)]
+    lines = _head([f"{p} steps / FLOPs budget" for p in patterns])
     steps, flops = cell_runs(data, "steps"), cell_runs(data, "flops")
     for arm in dict.fromkeys(run["arm"] for run in data["runs"]):
         row = []
@@ -299,4 +305,4 @@ def write_page(data: dict[str, Any], out: Path) -> None:
         "Raw numbers of every run: `results.json`.",
         "",
     ]
-    (out / "README.md").write_text("\n".join(lines))
+    write_text_atomic(out / "README.md", "\n".join(lines))

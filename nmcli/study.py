@@ -23,14 +23,13 @@ from typing import Any
 
 import torch
 
+from nmcli.io.atomic import write_text_atomic
 from nmcli.recipes import load_recipe
 from nmcli.train.engine import MODEL_FILE, METRICS_FILE, FinetuneConfig, run_finetune
 
 RECIPES = ("dense", "ste", "sr-ste", "fixed-mask", "mdgf-linear", "mdgf-exponential", "sdgf-stepwise",
            "sdgf-geometric", "mdgf-sdgf")
-GRADIENT_FLOW = ("mdgf-linear", "mdgf-exponential", "sdgf-stepwise", "sdgf-geometric", "mdgf-sdgf")
 PATTERNS = ("2:4", "1:4", "1:8", "1:16", "1:32")
-HIGH_SPARSITY = ("1:8", "1:16", "1:32")
 MODEL = "vit_tiny_patch16_224"
 
 
@@ -151,7 +150,7 @@ def run_study(settings: StudySettings, say: Callable[[str], None] = print) -> di
         "runs": runs,
         "wall_minutes": round((time.perf_counter() - started) / 60, 1),
     }
-    (settings.out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_text_atomic(settings.out / "results.json", json.dumps(data, indent=1) + "\n")
     from nmcli.study_page import write_page
 
     write_page(data, settings.out)

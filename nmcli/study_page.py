@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from nmcli.io.atomic import atomic_output, write_text_atomic
 from nmcli.nm import parse_pattern
 
 GRADIENT_FLOW = ("mdgf-linear", "mdgf-exponential", "sdgf-stepwise", "sdgf-geometric", "mdgf-sdgf")
@@ -94,7 +95,8 @@ def save_plot(fig, ax, path: Path, xlabel: str, ylabel: str) -> str:
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path, force=True) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path.name
 
@@ -232,4 +234,4 @@ def write_page(data: dict[str, Any], out: Path) -> None:
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in files]
     lines += ["", "Raw numbers, gradient-variance and mask-flip curves of every run: `results.json`.", ""]
-    (out / "README.md").write_text("\n".join(lines))
+    write_text_atomic(out / "README.md", "\n".join(lines))

@@ -163,3 +163,10 @@ def atomic_output(path: Path, *, force: bool, directory: bool = False) -> Iterat
     except BaseException:
         _remove(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` as the whole of `path` (replacing it), by way of a temporary file beside it: a reader or a kill never
+    leaves half a file."""
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(text)
