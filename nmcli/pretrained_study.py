@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -42,8 +44,9 @@ from nmcli.train.engine import FinetuneConfig, Reporter, run_finetune
 RECIPES = ("ste", "sr-ste", "fixed-mask", "mdgf-exponential", "sdgf-geometric", "mdgf-sdgf")
 PATTERNS = ("2:4", "1:4", "1:8")
 REFERENCE = "sr-ste"  # the equal-FLOPs budget is SR-STE's FLOPs at the equal-steps budget
-FLOPS_TOLERANCE = 0.02
-QUALITY_KEYS = ("final_cosine", "final_perplexity", "final_label_agreement")  # what the progress lines show  # arms within 2% of the reference's FLOPs reuse their equal-steps runs
+FLOPS_TOLERANCE = 0.02  # arms within 2% of the reference's FLOPs reuse their equal-steps runs
+QUALITY_KEYS = ("final_cosine", "final_perplexity", "final_label_agreement")  # what the progress lines show
+PROGRESS_FILE = "runs.jsonl"  # finished runs of an unfinished study, so that running it again resumes
 
 
 class Start(enum.Enum):
@@ -163,14 +166,17 @@ def _seconds_per_step(config: FinetuneConfig) -> dict[str, float]:
     return {"seconds_per_step": statistics.median(b - a for a, b in zip(clock.times, clock.times[1:]))}
 
 
-def _steps(settings: PretrainedStudySettings, available: int, work: Path, say: Callable[[str], None]) -> tuple[int, float | None]:
-    """Steps per equal-steps run (and the measured seconds per step for a minutes budget)."""
-    per_step = None
-    steps = settings.budget.steps
+def _steps(settings: PretrainedStudySettings, available: int, work: Path, progress: Progress,
+           say: Callable[[str], None]) -> tuple[int, float | None]:
+    """Steps per equal-steps run (and the measured seconds per step for a minutes budget); a resumed study keeps the
+    count it started with."""
+    per_step = progress.seconds_per_step
+    steps = progress.steps or settings.budget.steps
     if steps is None:
         probe = _config(settings, Arm(REFERENCE, Start.DENSE), settings.patterns[0], 0, 6, Budget.STEPS, {}, work)
         probe = replace(probe, out=work / "probe", measure_start=False)
         per_step = map_runs(1, [probe], lambda c, r: None, _seconds_per_step)[0]["seconds_per_step"]
+        shutil.rmtree(probe.out, ignore_errors=True)
         steps = max(1, int(settings.budget.minutes * 60 / per_step))
         say(f"{REFERENCE} trains at {per_step:.2f} s per step on one thread: {settings.budget.minutes:g} min is {steps} steps")
     if steps * settings.batch_size > available:
@@ -232,49 +238,108 @@ def _flops_steps(settings: PretrainedStudySettings, resolved: Resolved, steps: i
     return out
 
 
-def _train(settings: PretrainedStudySettings, configs: list[tuple[FinetuneConfig, Arm, Budget]],
-           say: Callable[[str], None]) -> list[dict[str, Any]]:
-    count, records = [0], []
+def _identity(settings: PretrainedStudySettings) -> dict[str, Any]:
+    """What decides a study's runs (not where it writes, nor how many run at a time)."""
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(settings).items() if k not in ("out", "jobs")}
+
+
+@dataclass
+class Progress:
+    """The finished runs of this study so far, one JSON line each after a header naming the settings and the step
+    count (a minutes budget is converted once): an interrupted study (a crash, Ctrl-C, a full disk) run again with
+    the same settings continues where it stopped instead of starting over."""
+
+    path: Path
+    steps: int | None = None
+    seconds_per_step: float | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, settings: PretrainedStudySettings) -> Progress:
+        path = settings.out / PROGRESS_FILE
+        try:
+            header, *lines = path.read_text().splitlines()
+            head = json.loads(header)
+            if head.get("settings") != _identity(settings):
+                return cls(path)
+            return cls(path, head["steps"], head["seconds_per_step"], [json.loads(line) for line in lines if line.strip()])
+        except (OSError, ValueError, KeyError):  # none, or not ours / damaged: start over
+            return cls(path)
+
+    def begin(self, settings: PretrainedStudySettings, steps: int, seconds_per_step: float | None) -> None:
+        self.steps, self.seconds_per_step = steps, seconds_per_step
+        if not self.records:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            head = {"settings": _identity(settings), "steps": steps, "seconds_per_step": seconds_per_step}
+            write_text_atomic(self.path, json.dumps(head) + "\n")
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def has(self, arm: Arm, pattern: str, seed: int, budget: Budget) -> bool:
+        return any((r["arm"], r["pattern"], r["seed"], r["budget"]) == (arm.label, pattern, seed, budget.value)
+                   for r in self.records)
+
+
+def _train(settings: PretrainedStudySettings, configs: list[tuple[FinetuneConfig, Arm, Budget]], progress: Progress,
+           say: Callable[[str], None]) -> None:
+    """Every config's run, each recorded in `progress` as it finishes; its folder (model, training checkpoint:
+    about 2 GB for a 135 M-parameter model) is removed once recorded."""
+    count = [0]
     what = {id(config): (arm, budget) for config, arm, budget in configs}
 
     def done(config: FinetuneConfig, result: dict) -> None:
         count[0] += 1
         arm, budget = what[id(config)]
-        records.append(_record(config, arm, budget, result))
-        quality = ", ".join(f"{k[6:]} {v:.4f}" for k, v in records[-1].items() if k in QUALITY_KEYS)
+        progress.add(_record(config, arm, budget, result))
+        shutil.rmtree(config.out, ignore_errors=True)
+        quality = ", ".join(f"{k[6:]} {v:.4f}" for k, v in progress.records[-1].items() if k in QUALITY_KEYS)
         say(f"  [{count[0]}/{len(configs)}] {arm.label} {config.recipe.pattern} seed {config.seed} ({budget.value}, "
             f"{result['steps']} steps): {quality}")
 
     map_runs(settings.jobs, [c for c, _, _ in configs], done)
-    return records
 
 
 def run_pretrained_study(settings: PretrainedStudySettings, say: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.perf_counter()
     resolved, kind, available = check_settings(settings)
+    progress = Progress.read(settings)
+    resumed = len(progress.records)
     with terminated_cleanly(), tempfile.TemporaryDirectory(prefix="nmsparse-study-") as tmp:
         work = Path(tmp)
-        steps, per_step = _steps(settings, available, work, say)
+        steps, per_step = _steps(settings, available, work, progress, say)
+        progress.begin(settings, steps, per_step)
         chosen = arms(settings)
-        starts = _sparsegpt_starts(settings, resolved, work, say) if any(a.start is Start.SPARSEGPT for a in chosen) else {}
         scaled = _flops_steps(settings, resolved, steps, available, chosen)
-        configs = [(_config(settings, arm, pattern, seed, steps, Budget.STEPS, starts, work), arm, Budget.STEPS)
+        planned = [(arm, pattern, seed, steps, Budget.STEPS)
                    for seed in range(settings.seeds) for pattern in settings.patterns for arm in chosen]
-        configs += [(_config(settings, arm, pattern, seed, n, Budget.FLOPS, starts, work), arm, Budget.FLOPS)
-                    for seed in range(settings.seeds) for (arm, pattern), n in scaled.items()]
+        planned += [(arm, pattern, seed, n, Budget.FLOPS) for seed in range(settings.seeds) for (arm, pattern), n in scaled.items()]
+        todo = [p for p in planned if not progress.has(p[0], p[1], p[2], p[4])]
+        if resumed:
+            say(f"resuming {settings.out / PROGRESS_FILE}: {resumed} of {len(planned)} runs already done")
+        needs_sparsegpt = any(arm.start is Start.SPARSEGPT for arm, *_ in todo)
+        starts = _sparsegpt_starts(settings, resolved, work, say) if needs_sparsegpt else {}
+        configs = [(_config(settings, arm, pattern, seed, n, budget, starts, work), arm, budget)
+                   for arm, pattern, seed, n, budget in todo]
         say(f"{len(configs)} runs: every arm {steps} steps; {len(scaled)} arm/pattern pairs also at {REFERENCE}'s "
             f"training FLOPs ({', '.join(f'{a.label} {p}: {n} steps' for (a, p), n in scaled.items()) or 'none'}); "
             f"{settings.jobs} at a time")
-        runs = _train(settings, configs, say)
+        _train(settings, configs, progress, say)
     data = {
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
                      "steps": steps, "seconds_per_step": per_step, "kind": kind.value, "training_samples": available},
-        "runs": runs,
+        "runs": progress.records,
         "wall_minutes": round((time.perf_counter() - started) / 60, 1),
+        "resumed_runs": resumed,
     }
-    settings.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(settings.out / "results.json", json.dumps(data, indent=1) + "\n")
     from nmcli.pretrained_study_page import write_page
 
     write_page(data, settings.out)
+    progress.path.unlink()
     return data

@@ -126,6 +126,40 @@ def test_a_minutes_budget_becomes_steps_from_a_timed_probe(cli, tmp_path):
     assert "0.01 min of SR-STE training" in (tmp_path / "page" / "README.md").read_text()
 
 
+def test_an_interrupted_study_resumes_where_it_stopped(cli, tmp_path, monkeypatch):
+    """The second run fails (as a full disk did in a real 2-hour study): the finished run is kept in runs.jsonl,
+    and the same command run again trains only what is missing."""
+    import nmcli.study
+    from nmcli.train.engine import run_finetune
+
+    calls = []
+
+    def failing_second(config, *args):
+        calls.append(config.out.name)
+        if len(calls) == 2:
+            raise NMSparseError("no space left (simulated)")
+        return run_finetune(config, *args)
+
+    folder = save_tiny_hf(tmp_path / "bert", "bert", tokenizer=True)
+    args = ("study", "--model", folder, "--out", tmp_path / "page", "--budget", "2", "--seeds", "1", "--patterns", "2:4",
+            "--recipes", "sr-ste,fixed-mask", "--batch-size", "2", "--seq-len", "16", "--no-sparsegpt-start", "--jobs", "1", "--quiet")
+    monkeypatch.setattr(nmcli.study, "run_finetune", failing_second)
+    r = cli(*args)
+    assert r.exit_code == 2 and "simulated" in r.stderr
+    header, first = (json.loads(line) for line in (tmp_path / "page" / "runs.jsonl").read_text().splitlines())
+    assert header["steps"] == 2 and first["arm"] == "sr-ste" and not (tmp_path / "page" / "results.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(nmcli.study, "run_finetune", lambda config, *a: calls.append(config.out.name) or run_finetune(config, *a))
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 1 and calls[0].startswith("fixed-mask")  # sr-ste is not trained again
+    data = json.loads((tmp_path / "page" / "results.json").read_text())
+    assert data["runs"][0] == first and [r["arm"] for r in data["runs"]] == ["sr-ste", "fixed-mask"]
+    assert data["resumed_runs"] == 1 and "1 of the runs were done by an earlier" in (tmp_path / "page" / "README.md").read_text()
+    assert not (tmp_path / "page" / "runs.jsonl").exists()
+
+
 def test_budget_is_steps_or_minutes():
     assert StudyBudget.parse("150") == StudyBudget(steps=150)
     assert StudyBudget.parse("20min") == StudyBudget(minutes=20.0)
