@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -74,11 +75,16 @@ def user_errors() -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback for users
         if STATE["debug"]:
             raise
-        err.print(
-            Text.assemble(("error:", "red"), f" unexpected {type(exc).__name__}: {exc} (run `nmsparse --debug ...` for the traceback)"),
-            soft_wrap=True,
-        )
+        err.print(Text.assemble(("error:", "red"), f" {_describe(exc)}"), soft_wrap=True)
         raise typer.Exit(EXIT_ERROR) from None
+
+
+def _describe(exc: Exception) -> str:
+    """An error no check foresaw: a full disk said as such, anything else named with how to see the traceback."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return f"the disk is full{where} ({exc.strerror}): free some space or write --out to another disk"
+    return f"unexpected {type(exc).__name__}: {exc} (run `nmsparse --debug ...` for the traceback)"
 
 
 def progress_bar(enabled: bool, unit: str = "tensors") -> Progress:

@@ -106,6 +106,34 @@ def test_failed_folder_prune_keeps_the_old_output(cli, tmp_path, hf_bert_folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
+def test_a_full_disk_is_named_as_such(cli, tmp_path, resnet_file, monkeypatch):
+    import errno
+
+    import nmcli.io.rewrite
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(nmcli.io.rewrite, "write_streaming", full)
+    _assert_clean_error(cli("prune", resnet_file, "--out", tmp_path / "o.safetensors"), "the disk is full while writing", "o.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_training_checkpoint_names_the_folder_and_the_free_space(cli, tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError ("unexpected pos"), not as an OSError."""
+    import nmcli.train.checkpointing
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 739154112 vs 739154004")
+
+    monkeypatch.setattr(nmcli.train.checkpointing.torch, "save", full)
+    tiny = '{"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 1, "num_heads": 2}'
+    r = cli("finetune", "--model", "vit_tiny_patch16_224", "--model-kwargs", tiny, "--limit", "64", "--batch-size", "32",
+            "--epochs", "1", "--out", tmp_path / "run", "--quiet")
+    _assert_clean_error(r, "checkpoint: writing the training checkpoint failed (", "unexpected pos", "GiB free on that disk")
+    assert not (tmp_path / "run" / "checkpoint").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     r = run_subprocess("--debug", "report", tmp_path / "nope.safetensors")
     assert r.returncode != 0 and "Traceback" in r.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,20 @@ def rng_states() -> dict[str, Any]:
 
 
 def save_training_checkpoint(out: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Replace `out`'s checkpoint. A failed write (torch's zip writer reports a full disk as a RuntimeError,
+    "unexpected pos ...") names the folder and the free space; the previous checkpoint stays."""
     state = {**state, **rng_states()}
-    with atomic_output(out / CHECKPOINT_DIR, force=True, directory=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(state, tmp / "state.pt")
+    try:
+        with atomic_output(out / CHECKPOINT_DIR, force=True, directory=True) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            torch.save(state, tmp / "state.pt")
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        free = shutil.disk_usage(out).free / 2**30
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise NMSparseError(
+            f"{out / CHECKPOINT_DIR}: writing the training checkpoint failed ({first}); {free:.1f} GiB free on "
+            "that disk: a full disk is the usual cause; free space or choose another --out"
+        ) from None
 
 
 def read_training_state(run: Path, fingerprint: dict[str, Any]) -> dict:
