@@ -1,46 +1,145 @@
 """Training-step time of every recipe against the dense recipe, same model and batch, in one run.
 
-Each recipe trains the small ViT of the built-in example (mnist5k size, 28x28, embed 96, depth 4) on one fixed
-batch, with its step plan taken at points spread over a 1,000-step schedule (so MDGF runs with alpha > 0 and
-SDGF at every stage). Recipes are timed round-robin and each one's fastest round is compared with dense's.
-Both conditions: idle, and with a competing busy process per core minus one (bench/contention.py).
-Target (issues 3, 12): at most 1.10x for every recipe at 2:4 and at 1:16, in both conditions.
-    python bench/step_overhead.py [--rounds 5] [--steps 10] [--batch 64]
+`timm` (default): the small ViT of the built-in MNIST example (mnist5k size, 28x28, embed 96, depth 4), cross-entropy.
+`minilm`: the real pretrained all-MiniLM-L6-v2 (BertModel, 22.7 M parameters) distilled as `finetune` distils it
+(SquareHead + embedding cosine), on a fixed batch of the built-in Python help text. Its dense teacher's outputs are
+computed once and replayed, so the figures compare the student's step alone; the teacher's forward is timed
+apart and printed (it is the same for every recipe).
+Each recipe trains on one fixed batch, with its step plan taken at points spread over a 1,000-step schedule (so
+MDGF runs with alpha > 0 and SDGF at every stage). Recipes are timed round-robin and each one's fastest round is
+compared with dense's. Both conditions: idle, and with a competing busy process per core minus one
+(bench/contention.py). Target (issues 3, 8, 12): at most 1.10x for every recipe at 2:4 and at 1:16, in both
+conditions.
+    python bench/step_overhead.py [--model timm|minilm] [--rounds 5] [--steps 10] [--batch 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import timm.optim
 import torch
+from torch import nn
 
 from contention import CONDITIONS, describe
 from nmcli.methods.plan import plan_step
 from nmcli.methods.sparsifier import Sparsifier
-from nmcli.models import ModelRef, build_model, layers_of_model, select_targets
+from nmcli.models import LayerInfo
 from nmcli.recipes import builtin_names, load_recipe
 from nmcli.schedules import Phases
 from nmcli.train.engine import train_step
-from nmcli.train.tasks import ImageTask
-from nmcli.train.example import EXAMPLE_KWARGS, EXAMPLE_MODEL
 
 SCHEDULE_STEPS = 1000
 PATTERNS = ("2:4", "1:16")
 
 
 PLAIN = "(plain model)"
-TASK = ImageTask(train=None, val=None, description="one fixed batch")  # the loss fine-tuning uses: cross-entropy
 
 
-def make_runner(name: str, pattern: str, batch: tuple[torch.Tensor, torch.Tensor]):
-    """`PLAIN` trains the model with no parametrization at all, to show what attaching masks costs by itself."""
-    recipe = load_recipe("dense" if name == PLAIN else name).with_overrides(pattern=pattern)
+@dataclass
+class Subject:
+    """What every recipe's step trains: a fresh model and its target layers, one fixed batch, the loss."""
+
+    description: str
+    build: Callable[[str], tuple[nn.Module, dict[str, LayerInfo]]]  # pattern -> model, targets
+    batch: Any
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+    teacher_forward: Callable[[], Any] | None = None  # distillation: the dense teacher's forward on the batch
+    autocast: Callable = contextlib.nullcontext
+
+
+TEACHER = "(teacher forward)"
+
+
+def timm_subject(batch_size: int) -> Subject:
+    from nmcli.models import ModelRef, build_model, layers_of_model, select_targets
+    from nmcli.train.example import EXAMPLE_KWARGS, EXAMPLE_MODEL
+    from nmcli.train.tasks import ImageTask
+
     ref = ModelRef("timm", EXAMPLE_MODEL, EXAMPLE_KWARGS)
-    torch.manual_seed(0)
-    model = build_model(ref, device="cpu")
-    sparsifier = Sparsifier(model, select_targets(layers_of_model(model, ref)))
+
+    def build(pattern: str) -> tuple[nn.Module, dict[str, LayerInfo]]:
+        torch.manual_seed(0)
+        model = build_model(ref, device="cpu")
+        return model, select_targets(layers_of_model(model, ref))
+
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(batch_size, 1, 28, 28, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
+    task = ImageTask(train=None, val=None, description="one fixed batch")  # the loss fine-tuning uses: cross-entropy
+    return Subject(f"{EXAMPLE_MODEL} {EXAMPLE_KWARGS}, batch {batch_size}", build, batch, task.loss)
+
+
+class Replay(nn.Module):
+    """The teacher, answering the one fixed batch with the outputs it computed once."""
+
+    def __init__(self, outputs: Any):
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.outputs
+
+
+def hf_subject(folder: Path, batch_size: int, seq_len: int, replay: bool = True, bf16: bool = False) -> Subject:
+    """A Hugging Face model distilled as `finetune` distils it (its kind's default loss) on a fixed batch of the
+    built-in Python help text. `replay`: the teacher's outputs are computed once and replayed, so a step is the
+    student's alone (the teacher's forward is timed apart). `bf16` as `finetune --bf16`: the teacher in bf16, the
+    student's step under bf16 autocast."""
+    from nmcli.checkpoints import load_model, resolve
+    from nmcli.data.text import PYTHON_HELP, load_texts
+    from nmcli.data.tokens import PadCollate, load_tokenizer
+    from nmcli.eval import training_samples
+    from nmcli.models import model_kind
+    from nmcli.nm import parse_pattern
+    from nmcli.prune import plan_prune
+    from nmcli.train.distill import Distiller, resolve_spec
+
+    resolved = resolve(str(folder))
+    kind, tokenizer = model_kind(resolved.model), load_tokenizer(resolved.checkpoint.folder)
+    samples = training_samples(kind, tokenizer, load_texts(PYTHON_HELP).train, seq_len, PYTHON_HELP)
+    picks = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:batch_size]
+    batch = PadCollate(int(tokenizer.pad_token_id))([samples[int(i)] for i in picks])
+    teacher = load_model(resolved).eval().to(torch.bfloat16 if bf16 else torch.float32)
+    spec = resolve_spec(None, kind)
+
+    @torch.no_grad()
+    def teacher_forward() -> Any:
+        return teacher(**batch, output_hidden_states=bool(spec.squarehead or spec.embedding))
+
+    distiller = Distiller(Replay(teacher_forward()) if replay else teacher, kind, spec)
+
+    def build(pattern: str) -> tuple[nn.Module, dict[str, LayerInfo]]:
+        return load_model(resolved), plan_prune(resolved, parse_pattern(pattern)).targets
+
+    terms = " + ".join(k for k in ("kl", "ce", "squarehead", "embedding") if getattr(spec, k))
+    tokens = int(batch["attention_mask"].sum())
+    teacher_is = "replayed (timed apart)" if replay else "computed every step"
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    return Subject(f"{resolved.model.name} distilled ({terms}){' in bf16' if bf16 else ''}, batch {batch_size} x up to "
+                   f"{seq_len} tokens ({tokens} real), the teacher's outputs {teacher_is}", build, batch, distiller,
+                   teacher_forward, autocast)
+
+
+def make_runner(name: str, pattern: str, subject: Subject):
+    """`PLAIN` trains the model with no parametrization at all, to show what attaching masks costs by itself;
+    `TEACHER` times the teacher's forward alone (what distillation adds to every recipe's step)."""
+    if name == TEACHER:
+        def forward(steps: int) -> float:
+            start = time.perf_counter()
+            for _ in range(steps):
+                subject.teacher_forward()
+            return (time.perf_counter() - start) / steps
+
+        return forward
+    recipe = load_recipe("dense" if name == PLAIN else name).with_overrides(pattern=pattern)
+    model, targets = subject.build(pattern)
+    sparsifier = Sparsifier(model, targets)
     if name != PLAIN:
         sparsifier.attach()
     optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
@@ -52,7 +151,7 @@ def make_runner(name: str, pattern: str, batch: tuple[torch.Tensor, torch.Tensor
         for _ in range(steps):
             step = (position[0] * 97) % SCHEDULE_STEPS  # visit the whole schedule
             sparsifier.set_plan(plan_step(recipe, recipe.target, phases, step))
-            train_step(model, batch, optimizer, loss_fn=TASK.loss)
+            train_step(model, subject.batch, optimizer, loss_fn=subject.loss, autocast=subject.autocast)
             position[0] += 1
         return (time.perf_counter() - start) / steps
 
@@ -61,22 +160,27 @@ def make_runner(name: str, pattern: str, batch: tuple[torch.Tensor, torch.Tensor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("timm", "minilm"), default="timm")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=None, help="samples per step (default: 64 timm, 16 minilm)")
     args = parser.parse_args()
-    gen = torch.Generator().manual_seed(0)
-    batch = (torch.randn(args.batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (args.batch,), generator=gen))
-    print(f"{EXAMPLE_MODEL} {EXAMPLE_KWARGS}, batch {args.batch}, {torch.get_num_threads()} torch threads")
-    runners = {pattern: {name: make_runner(name, pattern, batch) for name in [PLAIN, *builtin_names()]} for pattern in PATTERNS}
-    for by_name in runners.values():
-        for run in by_name.values():
+    if args.model == "timm":
+        subject = timm_subject(args.batch or 64)
+    else:
+        from nmcli.train.example import minilm_folder
+
+        subject = hf_subject(minilm_folder(), args.batch or 16, seq_len=128)
+    print(f"{subject.description}; {torch.get_num_threads()} torch threads")
+    names = [PLAIN, *builtin_names(), *([TEACHER] if subject.teacher_forward else [])]
+    for pattern in PATTERNS:  # one pattern's models at a time: a MiniLM with its optimizer state is ~0.4 GB
+        runners = {name: make_runner(name, pattern, subject) for name in names}
+        for run in runners.values():
             run(2)  # warm-up (and the mask kernel's compilation)
-    for label, condition in CONDITIONS:
-        with condition() as busy:
-            print(f"\n{describe(label, busy)}")
-            for pattern, by_name in runners.items():
-                report(pattern, time_round_robin(by_name, args.rounds, args.steps))
+        for label, condition in CONDITIONS:
+            with condition() as busy:
+                print(f"\n{describe(label, busy)}")
+                report(pattern, time_round_robin(runners, args.rounds, args.steps))
 
 
 def time_round_robin(runners: dict, rounds: int, steps: int) -> dict[str, float]:
@@ -94,7 +198,8 @@ def report(pattern: str, medians: dict[str, float]) -> None:
     print(f"pattern {pattern}: dense step {dense * 1e3:.1f} ms (fastest round)")
     for name, median in medians.items():
         ratio = median / dense
-        verdict = "reference" if name in (PLAIN, "dense") else ("met" if ratio <= 1.10 else "MISSED")
+        verdict = {PLAIN: "reference", "dense": "reference", TEACHER: "apart: added to every recipe's step"}.get(
+            name, "met" if ratio <= 1.10 else "MISSED")
         print(f"  {name:<18} {median * 1e3:7.1f} ms  {ratio:5.3f}x  ({verdict})")
 
 if __name__ == "__main__":
