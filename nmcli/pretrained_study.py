@@ -238,10 +238,14 @@ def _flops_steps(settings: PretrainedStudySettings, resolved: Resolved, steps: i
     return out
 
 
+def _settings_json(settings: PretrainedStudySettings) -> dict[str, Any]:
+    """The settings as JSON reads them back (paths as strings, tuples as lists)."""
+    return json.loads(json.dumps(asdict(settings), default=str))
+
+
 def _identity(settings: PretrainedStudySettings) -> dict[str, Any]:
     """What decides a study's runs (not where it writes, nor how many run at a time)."""
-    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-            for k, v in asdict(settings).items() if k not in ("out", "jobs")}
+    return {k: v for k, v in _settings_json(settings).items() if k not in ("out", "jobs")}
 
 
 @dataclass
@@ -319,7 +323,8 @@ def run_pretrained_study(settings: PretrainedStudySettings, say: Callable[[str],
         planned = [(arm, pattern, seed, steps, Budget.STEPS)
                    for seed in range(settings.seeds) for pattern in settings.patterns for arm in chosen]
         planned += [(arm, pattern, seed, n, Budget.FLOPS) for seed in range(settings.seeds) for (arm, pattern), n in scaled.items()]
-        todo = [p for p in planned if not progress.has(p[0], p[1], p[2], p[4])]
+        todo = [(arm, pattern, seed, n, budget) for arm, pattern, seed, n, budget in planned
+                if not progress.has(arm, pattern, seed, budget)]
         if resumed:
             say(f"resuming {settings.out / PROGRESS_FILE}: {resumed} of {len(planned)} runs already done")
         needs_sparsegpt = any(arm.start is Start.SPARSEGPT for arm, *_ in todo)
@@ -331,8 +336,7 @@ def run_pretrained_study(settings: PretrainedStudySettings, say: Callable[[str],
             f"{settings.jobs} at a time")
         _train(settings, configs, progress, say)
     data = {
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-                     "steps": steps, "seconds_per_step": per_step, "kind": kind.value, "training_samples": available},
+        "settings": {**_settings_json(settings), "steps": steps, "seconds_per_step": per_step, "kind": kind.value, "training_samples": available},
         "runs": progress.records,
         "wall_minutes": round((time.perf_counter() - started) / 60, 1),
         "resumed_runs": resumed,

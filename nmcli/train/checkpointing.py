@@ -37,6 +37,10 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def save_training_checkpoint(out: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
     """Replace `out`'s checkpoint. A failed write (torch's zip writer reports a full disk as a RuntimeError,
     "unexpected pos ...") names the folder and the free space; the previous checkpoint stays."""
@@ -47,9 +51,8 @@ def save_training_checkpoint(out: Path, model: torch.nn.Module, state: dict[str,
             torch.save(state, tmp / "state.pt")
     except (OSError, RuntimeError, SafetensorError) as exc:
         free = shutil.disk_usage(out).free / 2**30
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise NMSparseError(
-            f"{out / CHECKPOINT_DIR}: writing the training checkpoint failed ({first}); {free:.1f} GiB free on "
+            f"{out / CHECKPOINT_DIR}: writing the training checkpoint failed ({_first_line(exc)}); {free:.1f} GiB free on "
             "that disk: a full disk is the usual cause; free space or choose another --out"
         ) from None
 
@@ -64,8 +67,7 @@ def read_training_state(run: Path, fingerprint: dict[str, Any]) -> dict:
     try:
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise NMSparseError(f"{folder / 'state.pt'}: cannot read the training state ({first}); start a new --out") from None
+        raise NMSparseError(f"{folder / 'state.pt'}: cannot read the training state ({_first_line(exc)}); start a new --out") from None
     missing = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["(not a dict)"]
     if missing:
         raise NMSparseError(f"{folder / 'state.pt'}: not an nmsparse training state (missing {', '.join(missing)})")
