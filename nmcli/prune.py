@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,23 +70,30 @@ def plan_prune(
     return plan
 
 
-def prune_rows_(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Rows `rows` (of axis 0) of target `name` pruned in place to the plan's pattern; `split_row` keeps every N:M
-    group on one side. NaN/Inf weights are refused, not hidden (they are counted by the mask's own pass, and the
-    output is abandoned)."""
+def prune_rows_(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tensor, rows: slice) -> None:
+    """Rows `rows` (of axis 0) of target `name` pruned in place to the plan's pattern; `row_pieces` keeps every
+    N:M group inside one piece. NaN/Inf weights are refused, not hidden (they are counted by the mask's own pass,
+    and the output is abandoned)."""
     bad = apply_nm_(tensor[rows], plan.pattern, plan.targets[name].layout)
     if bad:
+        part = "" if rows == slice(0, tensor.shape[0]) else f" in rows {rows.start}-{rows.stop - 1} (of {tensor.shape[0]})"
         raise NMSparseError(
-            f"{ckpt.where}: layer {name} has {bad} NaN/Inf weights; prune will not hide them "
+            f"{ckpt.where}: layer {name} has {bad} NaN/Inf weights{part}; prune will not hide them "
             "(nmsparse report lists them): fix or re-export the checkpoint"
         )
-    return tensor
 
 
-def split_row(shape: tuple[int, ...], k_axis: int, m: int) -> int:
-    """About half of axis 0, at a group boundary when axis 0 is the reduction axis (Hugging Face Conv1D)."""
-    half = shape[0] // 2
-    return half - half % m if k_axis == 0 else half
+PIECE_BYTES = 8 * 2**20  # small enough that the thread that is free takes over most of the masking, large enough to run at full speed
+MAX_PIECES = 16
+
+
+def row_pieces(shape: tuple[int, ...], nbytes: int, k_axis: int, m: int) -> list[slice]:
+    """Axis 0 cut into up to `MAX_PIECES` ranges of about `PIECE_BYTES`, at group boundaries when axis 0 is the
+    reduction axis (Hugging Face Conv1D)."""
+    rows, unit = shape[0], m if k_axis == 0 else 1
+    count = max(1, min(MAX_PIECES, nbytes // PIECE_BYTES, rows // unit))
+    bounds = [(rows // unit * i // count) * unit for i in range(count)] + [rows]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def prune_model_(model: nn.Module, plan: PrunePlan) -> nn.Module:
@@ -107,12 +115,12 @@ def prune_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str]) -> list[Ite
     items = []
     for name in names:
         item = copy_item(ckpt, name)
-        if name in plan.targets:  # the reading thread prunes the first rows, the writing thread the rest
-            half = split_row(tuple(ckpt.infos[name].shape), plan.targets[name].layout.k_axis, plan.pattern.m)
-            item.produce = lambda tensors, name=name, half=half: [
-                prune_rows_(ckpt, name, plan, _own(ckpt, tensors[0]), slice(0, half))]
-            item.finish = lambda tensors, name=name, half=half: [
-                prune_rows_(ckpt, name, plan, tensors[0], slice(half, None))]
+        if name in plan.targets:  # pruned in pieces of rows, by whichever of the reading and writing threads is free
+            info = ckpt.infos[name]
+            rows = row_pieces(tuple(info.shape), info.nbytes, plan.targets[name].layout.k_axis, plan.pattern.m)
+            item.produce = lambda tensors: [_own(ckpt, tensors[0])]
+            item.pieces = lambda tensors, name=name, rows=rows: [
+                functools.partial(prune_rows_, ckpt, name, plan, tensors[0], r) for r in rows]
         items.append(item)
     return items
 

@@ -1,6 +1,7 @@
 """prune -> report round trips on timm and Hugging Face checkpoints, checked against independent masks."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from nmcli.checkpoints import resolve
 from nmcli.nm import CONV, LINEAR, NMPattern
 from nmcli.report import build_report
 from nmcli.report.flops import per_layer_flops
-from tests.conftest import timm_state
+from tests.conftest import save_tiny_hf, timm_state
 from tests.reference import brute_force_mask
 
 
@@ -164,3 +165,29 @@ def test_file_and_in_memory_sources_prune_alike(cli, tmp_path, resnet_file):
     assert cli("prune", "resnet18", "--seed", "0", "-p", "2:4", "-o", from_name, "-q").exit_code == 0
     a, b = load_file(str(from_file)), load_file(str(from_name))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pieces_shared_by_the_reading_and_writing_threads_prune_exactly(cli, tmp_path, monkeypatch):
+    """Tiny pieces (a few rows each) split every target between the two threads: the output must equal the
+    brute-force reference, Conv1D pieces (K on axis 0) must end on group boundaries, and a NaN found by either
+    thread must stop the prune with nothing written."""
+    import nmcli.prune
+
+    folder = save_tiny_hf(tmp_path / "gpt2", "gpt2")
+    monkeypatch.setattr(nmcli.prune, "PIECE_BYTES", 256)
+    assert len(nmcli.prune.row_pieces((64, 32), 64 * 32 * 4, 0, 8)) == 8  # 8 KiB in 256 B pieces: capped by 8 groups of 8 rows
+    assert all(p.start % 8 == 0 for p in nmcli.prune.row_pieces((64, 32), 64 * 32 * 4, 0, 8))
+    out = tmp_path / "gpt2-2of4"
+    assert cli("prune", folder, "--pattern", "2:4", "--out", out, "--quiet").exit_code == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        layers = json.loads(f.metadata()["nmsparse.layers"])
+    assert {v["k_axis"] for v in layers.values()} == {0}  # GPT-2's Conv1D: the reduction axis is axis 0
+    _assert_pruned(load_file(str(folder / "model.safetensors")), load_file(str(out / "model.safetensors")), layers,
+                   NMPattern(2, 4))
+
+    state = load_file(str(folder / "model.safetensors"))
+    state["transformer.h.1.mlp.c_fc.weight"][-1, 0] = math.nan  # the last piece of a late tensor
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    bad = cli("prune", folder, "--pattern", "2:4", "--out", tmp_path / "nan-out")
+    assert bad.exit_code == 2 and "transformer.h.1.mlp.c_fc.weight has 1 NaN/Inf weights in rows 28-31 (of 32)" in bad.output
+    assert not (tmp_path / "nan-out").exists()

@@ -3,7 +3,10 @@
 One pipeline serves prune (a tensor -> its pruned self), the `nm` export (a tensor -> values + positions), the
 `dense` export (values + positions -> a tensor) and the compressed-tensors export. A worker thread reads and
 transforms the next items while the caller writes the current one (I/O and torch kernels release the GIL); it runs
-ahead only while it holds less than the largest item, so peak memory is about twice the largest item. Output is
+ahead only while it holds less than the largest item, so peak memory is about twice the largest item. In-place work
+on an item (prune's masking) comes in independent pieces that both threads take, whichever is free: the reading
+thread after reading the item, the writing thread before writing it, so neither waits while the other is busy,
+whether writing or reading is the slower side on this machine at this moment. Output is
 written atomically: a file, or a folder with the same shards (index rewritten) for a folder source.
 """
 
@@ -30,25 +33,65 @@ Spec = tuple[str, tuple[int, ...], torch.dtype]
 Progress = Callable[[str, int], None]  # (item name, bytes read for it)
 
 
+Piece = Callable[[], None]
+
+
 def _as_is(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return tensors
+
+
+def _no_pieces(tensors: list[torch.Tensor]) -> list[Piece]:
+    return []
 
 
 @dataclass
 class Item:
     """`produce(inputs)` turns the tensors named `inputs` into tensors matching `outputs`, on the reading thread;
-    `finish` then runs on the writing thread just before they are written (work split between the two keeps both
-    cores busy)."""
+    `pieces(produced)` is then in-place work on those tensors in independent pieces, run by whichever thread is free
+    (see `_Pieces`) before they are written."""
 
     inputs: list[str]
     outputs: list[Spec]
     produce: Callable[[list[torch.Tensor]], list[torch.Tensor]]
-    finish: Callable[[list[torch.Tensor]], list[torch.Tensor]] = _as_is
+    pieces: Callable[[list[torch.Tensor]], list[Piece]] = _no_pieces
 
 
 def copy_item(ckpt: Checkpoint, name: str) -> Item:
     info = ckpt.infos[name]
     return Item([name], [(name, info.shape, info.dtype)], _as_is)
+
+
+class _Pieces:
+    """One item's pieces of work, each taken by exactly one thread: the reading thread `help`s after reading the
+    item, the writing thread `finish`es (helps, then waits for pieces still running elsewhere) before writing it."""
+
+    def __init__(self) -> None:
+        self._todo: deque[Piece] = deque()
+        self._running = 0
+        self._idle = threading.Condition()
+
+    def add(self, pieces: list[Piece]) -> None:
+        with self._idle:
+            self._todo.extend(pieces)
+
+    def help(self) -> None:
+        while True:
+            with self._idle:
+                if not self._todo:
+                    return
+                piece = self._todo.popleft()
+                self._running += 1
+            try:
+                piece()
+            finally:
+                with self._idle:
+                    self._running -= 1
+                    self._idle.notify_all()
+
+    def finish(self) -> None:
+        self.help()
+        with self._idle:
+            self._idle.wait_for(lambda: self._running == 0)
 
 
 class _BufferPool:
@@ -78,33 +121,36 @@ def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterat
     sizes = [_input_bytes(ckpt, item) for item in items]
     budget = max(sizes, default=0)
     pool = None if ckpt.is_in_memory else _BufferPool()
-    queue: deque[tuple[Future, list[torch.Tensor]]] = deque()
+    queue: deque[tuple[Future, _Pieces, Future, list[torch.Tensor]]] = deque()
     ahead = submitted = 0  # bytes submitted but not yet handed over; items submitted
 
-    def work(item: Item, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+    def work(item: Item, buffers: list[torch.Tensor], pieces: _Pieces) -> list[torch.Tensor]:
         tensors = [ckpt.read(n, into=b) for n, b in zip(item.inputs, buffers)] if pool else [ckpt.read(n) for n in item.inputs]
-        return item.produce(tensors)
+        produced = item.produce(tensors)
+        pieces.add(item.pieces(produced))
+        return produced
 
     def refill() -> None:
         nonlocal ahead, submitted
         while submitted < len(items) and (ahead < budget or not queue):  # at least one, even if all are empty
-            item = items[submitted]
+            item, pieces = items[submitted], _Pieces()
             buffers = [pool.take(ckpt.infos[n].nbytes) for n in item.inputs] if pool else []
-            queue.append((worker.submit(work, item, buffers), buffers))
+            read = worker.submit(work, item, buffers, pieces)
+            queue.append((read, pieces, worker.submit(pieces.help), buffers))  # the reader's share, right after reading
             ahead += sizes[submitted]
             submitted += 1
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmsparse-read") as worker:
         refill()
         for item, size in zip(items, sizes):
-            future, buffers = queue.popleft()
-            produced = future.result()
+            read, pieces, helped, buffers = queue.popleft()
+            produced = read.result()
             ahead -= size
             refill()  # the worker reads ahead while the caller finishes and writes this item
-            outputs = item.finish(produced)
+            pieces.finish()
+            helped.result()  # a piece the reading thread ran may have failed
+            yield from produced
             del produced
-            yield from outputs
-            del outputs
             if pool:
                 pool.give(buffers)
             progress(item.inputs[0] if item.inputs else "", size)
