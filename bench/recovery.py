@@ -65,7 +65,7 @@ def main() -> None:
             summary = json.loads((out / "summary.json").read_text())
             print(f"\n## {pattern}, data {data}: {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB, {summary['steps']} steps")
             print(f"data: {summary['data']}")
-            print("  " + " | ".join(f"{k}: start {summary[f'start_{k}']:.4f}, magnitude mask of the start "
+            print("  " + " | ".join(f"{k}: start {summary[f'start_{k}']:.4f}, one-shot mask of the start "
                                      f"{summary[f'one_shot_{k}']:.4f}, recovered {summary[f'final_{k}']:.4f}" for k in keys))
             print("  curve (minutes since start of training: " + ", ".join(keys) + ")")
             for event in _curve(out, keys):

@@ -227,3 +227,20 @@ def test_prune_on_the_way_prunes_every_target_like_prune_does(cli, tmp_path, res
     expected, restored = load_file(str(pruned)), _ct_decompress(out)
     assert torch.equal(restored["layer1.0.conv1.weight"], expected["layer1.0.conv1.weight"])
     assert all(torch.equal(restored[k], v) for k, v in expected.items())
+
+
+def test_an_nm_file_prunes_like_its_dense_tensors(cli, tmp_path):
+    """Pruning an `nm` file further (2:4 -> 1:8) reads its compressed tensors as their dense selves: the result
+    must match pruning the dense file, and the brute-force mask."""
+    path, tensors = _sparse_file(tmp_path, "2:4")
+    packed = tmp_path / "nm.safetensors"
+    assert cli("export", path, "--format", "nm", "--pattern", "2:4", "--out", packed, "-q").exit_code == 0
+    from_packed, from_dense = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for source, out in ((packed, from_packed), (path, from_dense)):
+        r = cli("prune", source, "--pattern", "1:8", "--out", out, "-q")
+        assert r.exit_code == 0, r.output
+    a, b = load_file(str(from_packed)), load_file(str(from_dense))
+    assert a.keys() == b.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        expected = tensor * brute_force_mask(tensor, 1, 8, 1) if name.endswith("weight") else tensor
+        assert torch.equal(a[name], expected) and torch.equal(b[name], expected), name
