@@ -2,7 +2,7 @@
 
 A step is what `nmsparse finetune --model <SmolLM2>` runs: the dense teacher's forward, the student's forward and
 backward with the recipe's masks, the AdamW update; bf16 as with `--bf16` (the teacher in bf16, the student under
-bf16 autocast, fp32 master weights). Each precision runs in a fresh process, so its peak RSS (VmHWM) is its own;
+bf16 autocast, fp32 master weights). Each precision runs in a fresh process, so its peak RSS (from the OS) is its own;
 tokens/s counts the batch's real tokens per step (the fastest of `--steps` steps after a warm-up step). Both
 conditions: idle, and with a competing busy process per core minus one (bench/contention.py).
     python bench/lm_step.py [--folder bench/.models/smollm2-135m] [--batch 4] [--seq-len 256] [--steps 3]
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from child import run_child
 from contention import CONDITIONS, describe
 
 HERE = Path(__file__).resolve().parent
@@ -38,8 +38,7 @@ def child(args: argparse.Namespace) -> None:
     run(1)  # warm-up
     step_s = min(run(1) for _ in range(args.steps))
     tokens = int(subject.batch["attention_mask"].sum())
-    print(json.dumps({"description": subject.description, "step_s": step_s, "tokens": tokens,
-                      "loaded_gib": loaded, "peak_gib": rss_gib("VmHWM:")}))
+    print(json.dumps({"description": subject.description, "step_s": step_s, "tokens": tokens, "loaded_gib": loaded}))
 
 
 def main() -> None:
@@ -60,15 +59,14 @@ def main() -> None:
         with condition() as busy:
             print(f"\n{describe(label, busy)}")
             for precision in ("fp32", "bf16"):
-                cmd = [sys.executable, __file__, "--child", precision, *sys.argv[1:]]
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
-                if out.returncode:
-                    raise SystemExit(out.stderr[-2000:])
-                r = json.loads(out.stdout.splitlines()[-1])
+                code, stdout, _, peak_gib = run_child([sys.executable, __file__, "--child", precision, *sys.argv[1:]])
+                if code:
+                    raise SystemExit(f"{precision} step failed (exit {code})")
+                r = json.loads(stdout.splitlines()[-1])
                 if label == "idle":
                     print(f"  {r['description']}")
                 print(f"  {precision}: step {r['step_s']:.2f} s, {r['tokens'] / r['step_s']:.0f} tokens/s; "
-                      f"RSS {r['loaded_gib']:.2f} GiB loaded, peak {r['peak_gib']:.2f} GiB")
+                      f"RSS {r['loaded_gib']:.2f} GiB loaded, peak {peak_gib:.2f} GiB")
 
 
 if __name__ == "__main__":

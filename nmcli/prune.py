@@ -83,15 +83,15 @@ def prune_rows_(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tens
         )
 
 
-PIECE_BYTES = 8 * 2**20  # small enough that the thread that is free takes over most of the masking, large enough to run at full speed
-MAX_PIECES = 16
+# Small enough that whichever thread is free takes over most of the masking, large enough to run at full speed.
+PIECE_BYTES = 8 * 2**20
 
 
 def row_pieces(shape: tuple[int, ...], nbytes: int, k_axis: int, m: int) -> list[slice]:
-    """Axis 0 cut into up to `MAX_PIECES` ranges of about `PIECE_BYTES`, at group boundaries when axis 0 is the
-    reduction axis (Hugging Face Conv1D)."""
+    """Axis 0 cut into ranges of about `PIECE_BYTES`, at group boundaries when axis 0 is the reduction axis
+    (Hugging Face Conv1D)."""
     rows, unit = shape[0], m if k_axis == 0 else 1
-    count = max(1, min(MAX_PIECES, nbytes // PIECE_BYTES, rows // unit))
+    count = max(1, min(nbytes // PIECE_BYTES, rows // unit))
     bounds = [(rows // unit * i // count) * unit for i in range(count)] + [rows]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
