@@ -46,9 +46,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--extra", default="", help="more finetune options, space-separated")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / ".runs")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="the model's folder (default: MiniLM from its wheel, SmolLM2 converted from its GGUF)")
     args = parser.parse_args()
     keys, options = MODELS[args.model]
-    folder = minilm_folder() if args.model == "minilm" else smollm2_folder(ROOT / "bench" / ".models" / "smollm2-135m")
+    folder = args.folder or (minilm_folder() if args.model == "minilm" else smollm2_folder(ROOT / "bench" / ".models" / "smollm2-135m"))
     print(f"# {args.model} ({folder}), recipe {args.recipe}, {args.epochs} epoch(s), options {' '.join(options)} {args.extra}")
     for data in args.data.split(","):
         for pattern in args.patterns.split(","):

@@ -55,6 +55,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JS
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, only the result")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for random init of a timm SOURCE without --checkpoint")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="where the model computes: cpu or cuda")]
 
 
 @contextlib.contextmanager
@@ -148,12 +149,14 @@ def prune(
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per calibration sample")] = 512,
     damp: Annotated[float, typer.Option("--damp", min=0.0, help="SparseGPT dampening, a fraction of mean(diag H)")] = 0.01,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="SparseGPT columns per lazy-update block")] = 128,
+    device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """One-shot N:M pruning: magnitude streamed tensor by tensor, or Wanda / SparseGPT calibrated layer by layer on
     the outputs of the layers already pruned (dense-shaped output with exact zeros)."""
     from nmcli.checkpoints import resolve
+    from nmcli.device import run_device
     from nmcli.io.atomic import check_writable
     from nmcli.prune import plan_prune
     from nmcli.prune import prune as run_prune
@@ -162,6 +165,10 @@ def prune(
     with user_errors():
         nm = parse_pattern(pattern)
         chosen = _oneshot_method(method)
+        if chosen.value == "magnitude" and device != "cpu":
+            raise NMSparseError(f"--device {device}: magnitude pruning streams the file on the CPU and runs no model; "
+                                "--device goes with --method wanda or sparsegpt")
+        compute = run_device(device)
         check_writable(out_path, force)
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         plan = plan_prune(resolved, nm, include or (), exclude or ())
@@ -172,9 +179,12 @@ def prune(
                 lambda progress: run_prune(resolved, plan, out_path, force=force, progress=progress),
             )
         else:
+            from nmcli.oneshot.calibrate import SolverSettings
+            from nmcli.oneshot.service import CalibrationSettings
+
             result, oneshot = _calibrated_prune(
-                resolved, plan, out_path, chosen, calib, calib_samples, seq_len, damp, block_size, seed, force,
-                not (quiet or as_json),
+                resolved, plan, out_path, CalibrationSettings(calib, calib_samples, seq_len, seed),
+                SolverSettings(chosen, plan.pattern, damp, block_size), compute, force, not (quiet or as_json),
             )
         seconds = time.perf_counter() - started
     payload = {
@@ -221,16 +231,14 @@ def _oneshot_method(name: str):  # noqa: ANN202
         raise NMSparseError(f"--method {name!r}: choose one of {', '.join(m.value for m in OneShotMethod)}") from None
 
 
-def _calibrated_prune(resolved, plan, out_path, method, calib, samples, seq_len, damp, block_size, seed, force, show):  # noqa: ANN001, ANN202, PLR0913
+def _calibrated_prune(resolved, plan, out_path, calib, solver, device, force, show):  # noqa: ANN001, ANN202, PLR0913
     """Wanda / SparseGPT with a progress bar over the model's blocks."""
-    from nmcli.oneshot.calibrate import SolverSettings
-    from nmcli.oneshot.service import CalibrationSettings, oneshot_prune
+    from nmcli.oneshot.service import oneshot_prune
 
     with progress_bar(show, unit="blocks") as bar:
-        task = bar.add_task(f"{method.value} (calibrating)", total=None, item="")
+        task = bar.add_task(f"{solver.method.value} (calibrating)", total=None, item="")
         return oneshot_prune(
-            resolved, plan, out_path, SolverSettings(method, plan.pattern, damp, block_size),
-            CalibrationSettings(calib, samples, seq_len, seed), force=force,
+            resolved, plan, out_path, solver, calib, device, force=force,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
 
@@ -291,17 +299,20 @@ def evaluate(
         Optional[str], typer.Option("--teacher", help="the dense model: needed for encoders (embedding agreement)")
     ] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per held-out sample (HF models)")] = 128,
+    device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Quality on held-out data: perplexity (causal LMs), embedding cosine / Spearman to the teacher (encoders),
     accuracy (image classifiers)."""
+    from nmcli.device import run_device
     from nmcli.eval import evaluate_source
 
     with user_errors():
+        compute = run_device(device)
         with progress_bar(not (quiet or as_json)) as bar:
             bar.add_task("evaluating", total=None, item=source)
-            result = evaluate_source(source, data=data, teacher=teacher, seq_len=seq_len)
+            result = evaluate_source(source, data=data, teacher=teacher, seq_len=seq_len, device=compute)
     if as_json:
         print_json(result.to_json())
         return
@@ -397,7 +408,7 @@ def finetune(
     grad_log_every: Annotated[int, typer.Option("--grad-log-every", help="log gradient variance / mask flips every N steps")] = 0,
     eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="also evaluate every N steps (default: each epoch)")] = 0,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="use at most N train and N val samples")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -230,16 +230,19 @@ class EvalResult:
                 "teacher": self.teacher, "seconds": self.seconds}
 
 
-def _teacher_of(spec: str | None, student: Resolved) -> tuple[Resolved, nn.Module] | None:
+def _teacher_of(spec: str | None, student: Resolved, device: torch.device) -> tuple[Resolved, nn.Module] | None:
     if spec is None:
         return None
     resolved = resolve(spec)
     if resolved.model is None or student.model is None or resolved.model.name != student.model.name:
         raise NMSparseError(f"--teacher {spec}: not the same architecture as the model ({student.model.name if student.model else '?'})")
-    return resolved, load_model(resolved).eval()
+    return resolved, load_model(resolved).to(device).eval()
 
 
-def evaluate_source(source: str, *, data: str | None = None, teacher: str | None = None, seq_len: int = 128) -> EvalResult:
+def evaluate_source(
+    source: str, *, data: str | None = None, teacher: str | None = None, seq_len: int = 128,
+    device: torch.device = torch.device("cpu"),
+) -> EvalResult:
     """The quality of a checkpoint on held-out data (methods.md §6): see the module docstring for the metrics."""
     started = time.perf_counter()
     resolved = resolve(source)
@@ -248,7 +251,7 @@ def evaluate_source(source: str, *, data: str | None = None, teacher: str | None
     kind = model_kind(resolved.model)
     if teacher is None and kind in (ModelKind.ENCODER, ModelKind.SEQUENCE_CLASSIFIER):
         raise NMSparseError(f"{source}: the quality of a {kind.value} is its agreement with the dense model: pass --teacher DENSE")
-    model, dense = load_model(resolved).eval(), _teacher_of(teacher, resolved)
+    model, dense = load_model(resolved).to(device).eval(), _teacher_of(teacher, resolved, device)
     if kind is ModelKind.IMAGE_CLASSIFIER:
         splits = load_data(data or MNIST5K, data_config(model, resolved.model))
         loader = DataLoader(splits.val, batch_size=256)

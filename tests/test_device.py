@@ -177,3 +177,17 @@ def test_checkpoints_keep_cuda_rng_when_cuda_is_in_use(monkeypatch):
     assert restored == [states["cuda_rng"]]
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert "cuda_rng" not in rng_states()
+
+
+def test_prune_and_eval_take_device_and_refuse_it_where_it_means_nothing(cli, tmp_path, hf_bert_folder):
+    """--device is where calibration and evaluation compute; a magnitude prune runs no model, so it is refused."""
+    r = cli("prune", hf_bert_folder, "--device", "cuda", "--out", tmp_path / "a")
+    assert r.exit_code == 2 and "magnitude pruning streams the file on the CPU" in r.output
+    r = cli("prune", hf_bert_folder, "--method", "wanda", "--device", "mps", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "--device mps: nmsparse computes on cpu or cuda" in r.output
+    r = cli("eval", hf_bert_folder, "--teacher", hf_bert_folder, "--device", "gpu7")
+    assert r.exit_code == 2 and "not a device" in r.output
+    if not torch.cuda.is_available():
+        r = cli("eval", hf_bert_folder, "--teacher", hf_bert_folder, "--device", "cuda")
+        assert r.exit_code == 2 and "no CUDA device is visible" in r.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -21,22 +21,11 @@ def _max_nonzeros(weight, m=4):
     return int((weight != 0).reshape(weight.shape[0], -1, m).sum(-1).max())
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    # a wider initialisation than the default 0.02 gives a teacher with peaked predictions worth distilling
-    return save_tiny_hf(tmp_path_factory.mktemp("hf") / "llama", "llama", tokenizer=True, initializer_range=0.3)
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return save_tiny_hf(tmp_path_factory.mktemp("hf") / "bert", "bert", tokenizer=True)
-
-
-def test_causal_lm_distillation_recovers_perplexity_and_writes_a_loadable_tied_folder(cli, tmp_path, llama):
+def test_causal_lm_distillation_recovers_perplexity_and_writes_a_loadable_tied_folder(cli, tmp_path, tiny_llama):
     out = tmp_path / "out"
-    r = cli("finetune", "--model", llama, "--recipe", "fixed-mask", "--epochs", "3", *COMMON, "--json")
+    r = cli("finetune", "--model", tiny_llama, "--recipe", "fixed-mask", "--epochs", "3", *COMMON, "--json")
     assert r.exit_code == 2 and "--out is required" in r.output
-    r = cli("finetune", "--model", llama, "--recipe", "fixed-mask", "--epochs", "3", *COMMON, "--out", out, "--json")
+    r = cli("finetune", "--model", tiny_llama, "--recipe", "fixed-mask", "--epochs", "3", *COMMON, "--out", out, "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["kind"] == "causal LM" and summary["all_layers_compliant"]
@@ -50,10 +39,10 @@ def test_causal_lm_distillation_recovers_perplexity_and_writes_a_loadable_tied_f
     assert len(kl) == 12 and sum(kl[-3:]) < 0.8 * sum(kl[:3])  # the student moves toward the teacher (1.9 -> 1.3)
 
 
-def test_every_recipe_distills_an_encoder_to_exact_nm(cli, tmp_path, bert):
+def test_every_recipe_distills_an_encoder_to_exact_nm(cli, tmp_path, tiny_bert):
     for recipe in builtin_names():
         out = tmp_path / recipe
-        r = cli("finetune", "--model", bert, "--recipe", recipe, "--epochs", "2", *COMMON, "--out", out, "--json")
+        r = cli("finetune", "--model", tiny_bert, "--recipe", recipe, "--epochs", "2", *COMMON, "--out", out, "--json")
         assert r.exit_code == 0, (recipe, r.output)
         summary = json.loads(r.stdout)
         weight = load_file(str(out / "model.safetensors"))["encoder.layer.1.intermediate.dense.weight"]
@@ -64,8 +53,8 @@ def test_every_recipe_distills_an_encoder_to_exact_nm(cli, tmp_path, bert):
         assert {"final_cosine", "final_sentence_cosine", "final_spearman"} <= summary.keys()
 
 
-def test_hf_resume_is_bit_identical(cli, tmp_path, bert):
-    args = ("finetune", "--model", bert, "--recipe", "sr-ste", "--epochs", "2", *COMMON, "--quiet")
+def test_hf_resume_is_bit_identical(cli, tmp_path, tiny_bert):
+    args = ("finetune", "--model", tiny_bert, "--recipe", "sr-ste", "--epochs", "2", *COMMON, "--quiet")
     assert cli(*args, "--out", tmp_path / "full").exit_code == 0
     assert cli(*args, "--out", tmp_path / "cut", "--stop-after", "1").exit_code == 0
     assert cli(*args, "--resume", tmp_path / "cut").exit_code == 0
@@ -73,7 +62,7 @@ def test_hf_resume_is_bit_identical(cli, tmp_path, bert):
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
 
 
-def test_distillation_steps_use_the_exact_mask_of_the_current_weights(cli, tmp_path, llama, monkeypatch):
+def test_distillation_steps_use_the_exact_mask_of_the_current_weights(cli, tmp_path, tiny_llama, monkeypatch):
     """The recipe is applied while distilling: at every step each target layer's weight is the exact 2:4 of its
     master weight (STE), checked against a brute-force mask."""
     seen = []
@@ -87,47 +76,47 @@ def test_distillation_steps_use_the_exact_mask_of_the_current_weights(cli, tmp_p
         return real(model, batch, optimizer, **kwargs)
 
     monkeypatch.setattr(nmcli.train.engine, "train_step", spy)
-    r = cli("finetune", "--model", llama, "--recipe", "ste", "--epochs", "1", *COMMON, "--out", tmp_path / "o", "--quiet")
+    r = cli("finetune", "--model", tiny_llama, "--recipe", "ste", "--epochs", "1", *COMMON, "--out", tmp_path / "o", "--quiet")
     assert r.exit_code == 0, r.output
     assert len(seen) == 4 * 14 and all(seen)  # 4 steps x 14 target layers
 
 
-def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, llama, bert):
+def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, tiny_llama, tiny_bert):
     pruned = tmp_path / "pruned"
-    assert cli("prune", llama, "--pattern", "2:4", "--out", pruned, "--quiet").exit_code == 0
-    r = cli("finetune", "--model", llama, "--start", pruned, "--recipe", "fixed-mask", "--epochs", "1", *COMMON,
+    assert cli("prune", tiny_llama, "--pattern", "2:4", "--out", pruned, "--quiet").exit_code == 0
+    r = cli("finetune", "--model", tiny_llama, "--start", pruned, "--recipe", "fixed-mask", "--epochs", "1", *COMMON,
             "--out", tmp_path / "o", "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["start_perplexity"] == pytest.approx(summary["one_shot_perplexity"])  # it starts 2:4 already
     starts = {}
     for method in ("magnitude", "sparsegpt"):
-        r = cli("finetune", "--model", llama, "--start", method, "--recipe", "fixed-mask", "--epochs", "1", *COMMON,
+        r = cli("finetune", "--model", tiny_llama, "--start", method, "--recipe", "fixed-mask", "--epochs", "1", *COMMON,
                 "--out", tmp_path / method, "--json")
         assert r.exit_code == 0, r.output
         summary = json.loads(r.stdout)
         assert summary["start_perplexity"] == pytest.approx(summary["one_shot_perplexity"]), method
         starts[method] = summary["start_perplexity"]
     assert starts["sparsegpt"] != starts["magnitude"]  # SparseGPT's updated weights, not the magnitude mask
-    r = cli("finetune", "--model", llama, "--start", bert, "--epochs", "1", *COMMON, "--out", tmp_path / "p")
+    r = cli("finetune", "--model", tiny_llama, "--start", tiny_bert, "--epochs", "1", *COMMON, "--out", tmp_path / "p")
     assert r.exit_code == 2 and "a checkpoint of LlamaForCausalLM is needed" in r.output
-    r = cli("finetune", "--model", llama, "--num-classes", "3", *COMMON, "--out", tmp_path / "q")
+    r = cli("finetune", "--model", tiny_llama, "--num-classes", "3", *COMMON, "--out", tmp_path / "q")
     assert r.exit_code == 2 and "--num-classes goes with timm models" in r.output
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    r = cli("finetune", "--model", llama, "--data", empty, *COMMON, "--out", tmp_path / "r")
+    r = cli("finetune", "--model", tiny_llama, "--data", empty, *COMMON, "--out", tmp_path / "r")
     assert r.exit_code == 2 and "empty.txt: 0 non-empty document(s)" in r.output
     assert not (tmp_path / "r").exists()
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("name: bad\nmethod: ste\ndistill:\n  kl: yes\n")
-    r = cli("finetune", "--model", llama, "--recipe", recipe, *COMMON, "--out", tmp_path / "s")
+    r = cli("finetune", "--model", tiny_llama, "--recipe", recipe, *COMMON, "--out", tmp_path / "s")
     assert r.exit_code == 2 and "bad.yaml: distill.kl: expected a number, got True" in r.output
 
 
-def test_teacher_written_data_is_seeded_cached_and_only_for_causal_lms(cli, tmp_path, llama, bert):
+def test_teacher_written_data_is_seeded_cached_and_only_for_causal_lms(cli, tmp_path, tiny_llama, tiny_bert):
     from safetensors.torch import load_file as read
 
-    args = ("finetune", "--model", llama, "--data", "teacher:6", "--recipe", "fixed-mask", "--epochs", "1",
+    args = ("finetune", "--model", tiny_llama, "--data", "teacher:6", "--recipe", "fixed-mask", "--epochs", "1",
             "--pattern", "2:4", "--batch-size", "3", "--seq-len", "16", "--lr", "1e-3", "--json")
     first = cli(*args, "--out", tmp_path / "a")
     assert first.exit_code == 0, first.output
@@ -146,57 +135,57 @@ def test_teacher_written_data_is_seeded_cached_and_only_for_causal_lms(cli, tmp_
     assert cli(*args, "--out", tmp_path / "d", "--prompts", prompts).exit_code == 0
     from nmcli.data.tokens import load_tokenizer
 
-    tokenizer = load_tokenizer(llama)
+    tokenizer = load_tokenizer(tiny_llama)
     starts = {tuple(row[:2].tolist()) for row in read(str(tmp_path / "d" / "teacher-data.safetensors"))["ids"]}
     assert starts == {tuple(tokenizer("hello world", add_special_tokens=False)["input_ids"]),
                       tuple(tokenizer("the end", add_special_tokens=False)["input_ids"])}
-    r = cli("finetune", "--model", bert, "--data", "teacher:4", "--seq-len", "16", "--out", tmp_path / "e")
+    r = cli("finetune", "--model", tiny_bert, "--data", "teacher:4", "--seq-len", "16", "--out", tmp_path / "e")
     assert r.exit_code == 2 and "only a causal LM can write its own training text" in r.output
-    r = cli("finetune", "--model", llama, "--data", "teacher:x", "--out", tmp_path / "f")
+    r = cli("finetune", "--model", tiny_llama, "--data", "teacher:x", "--out", tmp_path / "f")
     assert r.exit_code == 2 and "teacher:N with N a whole number" in r.output
 
 
-def test_eval_command(cli, tmp_path, llama, bert):
-    r = cli("eval", llama, "--seq-len", "32", "--json")
+def test_eval_command(cli, tmp_path, tiny_llama, tiny_bert):
+    r = cli("eval", tiny_llama, "--seq-len", "32", "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["kind"] == "causal LM" and data["metrics"]["perplexity"] > 1 and data["teacher"] is None
-    r = cli("eval", bert, "--seq-len", "32")
+    r = cli("eval", tiny_bert, "--seq-len", "32")
     assert r.exit_code == 2 and "pass --teacher DENSE" in r.output
-    r = cli("eval", bert, "--teacher", bert, "--seq-len", "32", "--json")
+    r = cli("eval", tiny_bert, "--teacher", tiny_bert, "--seq-len", "32", "--json")
     metrics = json.loads(r.stdout)["metrics"]
     assert metrics["cosine"] == pytest.approx(1.0) and metrics["sentence_spearman"] == pytest.approx(1.0)
     pruned = tmp_path / "p"
-    assert cli("prune", bert, "--pattern", "1:4", "--out", pruned, "--quiet").exit_code == 0
-    metrics = json.loads(cli("eval", pruned, "--teacher", bert, "--seq-len", "32", "--json").stdout)["metrics"]
+    assert cli("prune", tiny_bert, "--pattern", "1:4", "--out", pruned, "--quiet").exit_code == 0
+    metrics = json.loads(cli("eval", pruned, "--teacher", tiny_bert, "--seq-len", "32", "--json").stdout)["metrics"]
     assert metrics["cosine"] < 1 - 1e-6  # a tiny random BERT barely notices (MiniLM: test_text_eval)
-    r = cli("eval", pruned, "--teacher", llama)
+    r = cli("eval", pruned, "--teacher", tiny_llama)
     assert r.exit_code == 2 and "not the same architecture" in r.output
 
 
-def test_hf_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, llama):
+def test_hf_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, tiny_llama):
     bare = save_tiny_hf(tmp_path / "bare", "llama")  # no tokenizer files
     r = cli("finetune", "--model", bare, "--seq-len", "16", "--out", tmp_path / "a")
     assert r.exit_code == 2 and "no tokenizer files" in r.output and "Traceback" not in r.output
     short = tmp_path / "short.txt"
     short.write_text("just a few words.\n\nand a few more.")
-    r = cli("finetune", "--model", llama, "--data", short, "--seq-len", "64", "--out", tmp_path / "b")
+    r = cli("finetune", "--model", tiny_llama, "--data", short, "--seq-len", "64", "--out", tmp_path / "b")
     assert r.exit_code == 2 and "shorter than one chunk of --seq-len 64" in r.output
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\x00\x01\x02")
-    r = cli("finetune", "--model", llama, "--data", binary, "--seq-len", "16", "--out", tmp_path / "c")
+    r = cli("finetune", "--model", tiny_llama, "--data", binary, "--seq-len", "16", "--out", tmp_path / "c")
     assert r.exit_code == 2 and "binary data" in r.output
     alien = tmp_path / "alien"
     alien.mkdir()
     (alien / "config.json").write_text(json.dumps({"model_type": "not-a-real-architecture", "architectures": ["Nope"]}))
-    (alien / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes())
+    (alien / "model.safetensors").write_bytes((tiny_llama / "model.safetensors").read_bytes())
     for command in (("report", alien), ("prune", alien, "--out", tmp_path / "d"), ("eval", alien)):
         r = cli(*command)
         assert r.exit_code == 2 and "cannot build a config" in r.output and "Traceback" not in r.output, command
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 
-def test_two_process_ddp_distillation_on_cpu(tmp_path, bert):
+def test_two_process_ddp_distillation_on_cpu(tmp_path, tiny_bert):
     """torchrun, 2 processes, gloo, an HF encoder (its pooler gets no gradient from the distillation loss)."""
     import os
     import subprocess
@@ -207,7 +196,7 @@ def test_two_process_ddp_distillation_on_cpu(tmp_path, bert):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nmcli",
-           "finetune", "--model", str(bert), "--recipe", "sr-ste", "--epochs", "2", *COMMON, "--out", str(out), "--quiet"]
+           "finetune", "--model", str(tiny_bert), "--recipe", "sr-ste", "--epochs", "2", *COMMON, "--out", str(out), "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

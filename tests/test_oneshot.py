@@ -23,7 +23,7 @@ from nmcli.oneshot.calibrate import (
 )
 from nmcli.oneshot.onepass import calibrate_in_one_pass
 from nmcli.oneshot.solvers import reconstruction_error, sparsegpt, wanda
-from tests.conftest import save_tiny_hf, timm_state
+from tests.conftest import timm_state
 from tests.reference import brute_force_mask
 
 PATTERNS = ["2:4", "1:4", "4:8", "1:8", "2:16"]
@@ -110,14 +110,9 @@ def test_the_second_block_is_calibrated_on_the_pruned_first_blocks_outputs():
     assert torch.equal(result.weights["blocks.1.0"], expected)
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return save_tiny_hf(tmp_path_factory.mktemp("hf") / "llama", "llama", tokenizer=True, initializer_range=0.3)
-
-
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_prune_with_calibration_is_deterministic_exact_and_recorded(cli, tmp_path, llama, method):
-    args = ("prune", llama, "--pattern", "2:4", "--method", method, "--calib-samples", "8", "--seq-len", "32")
+def test_prune_with_calibration_is_deterministic_exact_and_recorded(cli, tmp_path, tiny_llama, method):
+    args = ("prune", tiny_llama, "--pattern", "2:4", "--method", method, "--calib-samples", "8", "--seq-len", "32")
     r = cli(*args, "--out", tmp_path / "a", "--json")
     assert r.exit_code == 0, r.output
     payload = json.loads(r.stdout)
@@ -132,8 +127,8 @@ def test_prune_with_calibration_is_deterministic_exact_and_recorded(cli, tmp_pat
     assert cli("report", tmp_path / "a", "--check", "2:4", "--quiet", "--no-flops").exit_code == 0
 
 
-def test_calibrated_prune_bad_input(cli, tmp_path, llama, resnet_file):
-    r = cli("prune", llama, "--method", "obs", "--out", tmp_path / "x")
+def test_calibrated_prune_bad_input(cli, tmp_path, tiny_llama, resnet_file):
+    r = cli("prune", tiny_llama, "--method", "obs", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--method 'obs': choose one of magnitude, wanda, sparsegpt" in r.output
     r = cli("prune", "resnet18", "--checkpoint", resnet_file, "--method", "wanda", "--out", tmp_path / "y.safetensors")
     assert r.exit_code == 2 and "--calib IMAGE_FOLDER" in r.output
@@ -141,7 +136,7 @@ def test_calibrated_prune_bad_input(cli, tmp_path, llama, resnet_file):
     save_file({"fc.weight": torch.randn(8, 16)}, str(plain))
     r = cli("prune", plain, "--method", "sparsegpt", "--out", tmp_path / "y.safetensors")
     assert r.exit_code == 2 and "architecture" in r.output and "--method magnitude" in r.output
-    r = cli("prune", llama, "--method", "sparsegpt", "--calib", tmp_path / "missing.txt", "--out", tmp_path / "z")
+    r = cli("prune", tiny_llama, "--method", "sparsegpt", "--calib", tmp_path / "missing.txt", "--out", tmp_path / "z")
     assert r.exit_code == 2 and "missing.txt: no such file or folder" in r.output
     assert not (tmp_path / "z").exists()
 

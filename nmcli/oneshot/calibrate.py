@@ -102,10 +102,10 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 class Hessian:
     """Running mean of 2·xᵀx over every row of inputs a layer sees, kept in float64; each batch's xᵀx is a float32
     product, as in the reference implementation (a float64 product costs twice as much on a CPU). Rows come from
-    `input_rows`."""
+    `input_rows`; H lives on the device of the rows (the model's device)."""
 
-    def __init__(self, k: int):
-        self.h = torch.zeros(k, k, dtype=torch.float64)
+    def __init__(self, k: int, device: torch.device):
+        self.h = torch.zeros(k, k, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, rows: torch.Tensor) -> None:
@@ -133,7 +133,7 @@ class _BlockHessians:
         key = (x.data_ptr(), tuple(x.shape), x.stride())
         shared = self._this_call.get(key, (None, None))[1]
         if name not in self.of:
-            self.of[name] = shared or Hessian(weight_rows(module.weight, self.layers[name]).shape[1])
+            self.of[name] = shared or Hessian(weight_rows(module.weight, self.layers[name]).shape[1], x.device)
         if self.of[name] is not shared:
             self.of[name].add(input_rows(module, x, self.layers[name]))
             self._this_call[key] = (x, self.of[name])

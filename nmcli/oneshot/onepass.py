@@ -37,7 +37,7 @@ ROWS_PER_STEP = 1 << 16  # receptive-field rows turned into Hessian terms at a t
 
 def _hessian_of(module: nn.Module, layer: LayerInfo, x: torch.Tensor) -> torch.Tensor:
     """H of the inputs `x` of one layer, built a few images at a time."""
-    hessian = Hessian(weight_rows(module.weight, layer).shape[1])
+    hessian = Hessian(weight_rows(module.weight, layer).shape[1], x.device)
     per_image = max(1, input_rows(module, x[:1], layer).shape[0])
     step = max(1, ROWS_PER_STEP // per_image)
     for start in range(0, x.shape[0], step):

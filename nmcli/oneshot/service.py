@@ -90,12 +90,14 @@ def _calibrate(resolved: Resolved, model: torch.nn.Module, layers: dict, solver:
 
 
 def oneshot_prune(
-    resolved: Resolved, plan: PrunePlan, out: Path, solver: SolverSettings, calib: CalibrationSettings, *,
+    resolved: Resolved, plan: PrunePlan, out: Path, solver: SolverSettings, calib: CalibrationSettings,
+    device: torch.device = torch.device("cpu"), *,
     force: bool = False, progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[PruneResult, OneShotResult]:
+    """Calibrate and prune on `device` (the model, its activations and Hessians); the file is written from the CPU."""
     check_oneshot_input(resolved, solver.method)
     calib = calib.for_model(model_kind(resolved.model))
-    model = load_model(resolved)
+    model = load_model(resolved).to(device)
     by_module = {layer.module: layer for layer in plan.targets.values()}
     result = _calibrate(resolved, model, by_module, solver, calib, progress)
     tensors = {name: result.weights[layer.module] for name, layer in plan.targets.items()}
@@ -108,7 +110,7 @@ def oneshot_prune(
             info = ckpt.infos[name]
             if name in tensors:
                 made.append(Item([], [(name, info.shape, info.dtype)],
-                                 lambda _inputs, name=name: [tensors[name].to(ckpt.infos[name].dtype).contiguous()]))
+                                 lambda _inputs, name=name: [tensors[name].to("cpu", ckpt.infos[name].dtype).contiguous()]))
             else:
                 made.append(copy_item(ckpt, name))
         return made

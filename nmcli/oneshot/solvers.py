@@ -31,7 +31,7 @@ class SingularHessian(NMSparseError):
 
 def _inverse_cholesky_upper(hessian: torch.Tensor, damp: float, where: str) -> torch.Tensor:
     """U with UᵀU = (H + λ·mean(diag H)·I)⁻¹, U upper triangular."""
-    eye = torch.eye(len(hessian), dtype=hessian.dtype)
+    eye = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
     damped = hessian + damp * hessian.diagonal().mean() * eye
     factor, info = torch.linalg.cholesky_ex(damped)
     if info:
