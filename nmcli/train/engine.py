@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from nmcli.checkpoints import Resolved, load_model, resolve
+from nmcli.data.batches import LengthGroupedBatches
 from nmcli.data.images import MNIST5K
 from nmcli.data.text import PYTHON_HELP
 from nmcli.device import place
@@ -208,7 +209,7 @@ class _Run:
     plan: PrunePlan  # the target layers (the same ones prune would choose) and the skipped ones
     sparsifier: Sparsifier
     task: Task
-    sampler: DistributedSampler
+    sampler: DistributedSampler | LengthGroupedBatches  # set_epoch before each epoch
     train_loader: DataLoader
     phases: Phases
     optimizer: torch.optim.Optimizer
@@ -247,6 +248,18 @@ def _optimizer_and_scheduler(recipe: Recipe, model: torch.nn.Module, epochs: int
     return optimizer, scheduler
 
 
+def _train_loader(
+    task: Task, config: FinetuneConfig, env: DistEnv
+) -> tuple[DistributedSampler | LengthGroupedBatches, DataLoader]:
+    """This rank's share of the training samples, reshuffled each epoch (`set_epoch`); text in batches of
+    similar length."""
+    order = DistributedSampler(task.train, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed)
+    if task.lengths is None:
+        return order, DataLoader(task.train, batch_size=config.batch_size, sampler=order, collate_fn=task.collate)
+    batches = LengthGroupedBatches(order, task.lengths, config.batch_size, config.seed)
+    return batches, DataLoader(task.train, batch_sampler=batches, collate_fn=task.collate)
+
+
 def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
     """Data, model, target layers with the recipe's masks attached, loaders, schedule, optimizer."""
     recipe, target, device = config.recipe, config.recipe.target, env.device
@@ -254,10 +267,7 @@ def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
     model.to(device)
     plan = plan_prune(resolved, target, recipe.include, recipe.exclude)
     sparsifier = Sparsifier(model, plan.targets).attach()
-    sampler = DistributedSampler(task.train, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed)
-    train_loader = DataLoader(
-        task.train, batch_size=config.batch_size, sampler=sampler, drop_last=False, collate_fn=task.collate
-    )
+    sampler, train_loader = _train_loader(task, config, env)
     phases = Phases.from_fractions(config.epochs * len(train_loader), recipe.dense_fraction, recipe.finetune_fraction)
     optimizer, scheduler = _optimizer_and_scheduler(recipe, model, config.epochs, len(train_loader))
     return _Run(

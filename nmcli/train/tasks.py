@@ -39,6 +39,7 @@ class Task(Protocol):
     train: Dataset
     collate: Callable | None
     description: str
+    lengths: list[int] | None  # each training sample's length, to batch similar lengths together; None: any order
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
     def evaluate(self, model: nn.Module, env: DistEnv, autocast: Callable) -> dict[str, float]: ...
@@ -59,6 +60,7 @@ class ImageTask:
     description: str
     kind: ModelKind = ModelKind.IMAGE_CLASSIFIER
     collate: Callable | None = None
+    lengths: None = None  # images are all one size
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = batch
@@ -76,6 +78,7 @@ class DistillTask:
     distiller: Distiller
     collate: Callable
     description: str
+    lengths: list[int]  # tokens per training sample: batches group similar lengths (padding is wasted compute)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         return self.distiller(model, batch)
@@ -178,4 +181,5 @@ def distill_task(resolved: Resolved, teacher: nn.Module, recipe_spec: Any, text:
         samples, description = texts.train, texts.quality.description
     train = limit_samples(samples, text.limit)
     limited = f"; training limited to {len(train)} samples" if text.limit else ""
-    return DistillTask(kind, train, texts.quality, Distiller(teacher, kind, spec), texts.collate, description + limited)
+    return DistillTask(kind, train, texts.quality, Distiller(teacher, kind, spec), texts.collate, description + limited,
+                       [len(train[i]) for i in range(len(train))])
