@@ -256,3 +256,18 @@ def test_a_singular_hessian_gets_more_damping_and_says_so_and_nan_activations_ar
     hessian[2, 3] = float("nan")
     with pytest.raises(NMSparseError, match="fc: the calibration activations reaching this layer hold NaN/Inf"):
         solve_layer(module, "fc", layer, hessian, SolverSettings(OneShotMethod.WANDA, parse_pattern("2:4")), result)
+
+
+def test_hessians_are_accumulated_on_the_device_of_their_inputs():
+    """A model on a GPU feeds GPU rows: the Hessian must live there too (it was allocated on the CPU once, which
+    broke calibration on CUDA). The meta device stands in for the GPU here; tests/test_cuda.py runs the real one."""
+    from nmcli.oneshot.calibrate import _BlockHessians
+    from nmcli.oneshot.onepass import _hessian_of
+
+    layer = LayerInfo("fc.weight", "fc", LINEAR)
+    module = nn.Linear(8, 4, device="meta")
+    hessians = _BlockHessians({"fc": layer})
+    hessians.new_call()
+    hessians.hook("fc", module, torch.randn(2, 5, 8, device="meta"))
+    assert hessians.of["fc"].h.is_meta and hessians.of["fc"].n == 10
+    assert _hessian_of(module, layer, torch.randn(3, 8, device="meta")).is_meta
