@@ -22,7 +22,8 @@ def _real_fraction(batches, lengths):
 def test_every_sample_once_seeded_and_tightly_packed():
     g = torch.Generator().manual_seed(0)
     # two populations, as MiniLM's mix: long paragraphs and short sentences
-    lengths = [int(x) for x in torch.cat([torch.randint(90, 129, (300,), generator=g), torch.randint(5, 30, (700,), generator=g)])[torch.randperm(1000, generator=g)]]
+    mixed = torch.cat([torch.randint(90, 129, (300,), generator=g), torch.randint(5, 30, (700,), generator=g)])
+    lengths = mixed[torch.randperm(1000, generator=g)].tolist()
     batches, count = _batches(lengths, 16)
     assert count == len(batches) == 63 and sorted(i for b in batches for i in b) == list(range(1000))
     assert sum(len(b) < 16 for b in batches) == 1  # only the last megabatch's remainder is short
