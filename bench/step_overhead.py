@@ -9,9 +9,9 @@ Each recipe trains on one fixed batch, with its step plan taken at points spread
 MDGF runs with alpha > 0 and SDGF at every stage). Recipes are timed round-robin; each round's time is divided by
 dense's in the same round, and the median of those ratios is reported with its 95 % interval. The verdict is
 "met" or "MISSED" only when the whole interval is on one side of 1.10x. A second, identical dense runner (`dense
-again`) checks the method: its interval should hold 1.0. Both conditions: idle, and with a
-competing busy process per core minus one (bench/contention.py). Target (issues 3, 8, 12): at most 1.10x for every
-recipe at 2:4 and at 1:16, in both conditions.
+again`) checks the method: its interval should hold 1.0. Both conditions: idle, and with a competing busy process
+per core minus one (bench/contention.py). Target (issues 3, 8, 12): at most 1.10x for every recipe at 2:4 and at
+1:16, in both conditions.
     python bench/step_overhead.py [--model timm|minilm] [--rounds 5] [--steps 10] [--batch 64]
 """
 

@@ -27,11 +27,9 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     def __init__(self, order: DistributedSampler, lengths: Sequence[int], batch_size: int, seed: int):
         self.order, self.lengths, self.batch_size, self.seed = order, lengths, batch_size, seed
-        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.order.set_epoch(epoch)
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
@@ -42,5 +40,5 @@ class LengthGroupedBatches(Sampler[list[int]]):
         for start in range(0, len(indices), size * GROUP):
             group = sorted(indices[start : start + size * GROUP], key=lambda i: -self.lengths[i])
             batches += [group[j : j + size] for j in range(0, len(group), size)]
-        shuffle = torch.Generator().manual_seed(self.seed + self.epoch + BATCH_ORDER_SEED)
+        shuffle = torch.Generator().manual_seed(self.seed + self.order.epoch + BATCH_ORDER_SEED)
         yield from (batches[i] for i in torch.randperm(len(batches), generator=shuffle).tolist())
