@@ -63,6 +63,7 @@ class DistillSpec:
     embedding: float | None = None  # mean-pooled embedding distance (encoders)
     temperature: float | None = None
     embedding_loss: str | None = None  # "cosine" | "mse"
+    dropout: bool | None = None  # the student keeps the model's dropout while it learns (default: off)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ _SECTION_KEYS = {
     "optimizer": {"name", "lr", "weight_decay", "momentum", "betas"},
     "scheduler": {"name", "warmup_fraction", "min_lr"},
     "training": {"epochs", "batch_size", "clip_grad", "bf16"},
-    "distill": {"kl", "ce", "squarehead", "embedding", "temperature", "embedding_loss"},
+    "distill": {"kl", "ce", "squarehead", "embedding", "temperature", "embedding_loss", "dropout"},
 }
 
 
@@ -308,7 +309,10 @@ def _distill(c: _Checker, data: dict) -> DistillSpec:
         raise c.fail("distill", "every term has weight 0: nothing would be learned")
     temperature = c.number(section["temperature"], "distill.temperature", 1e-3, 1e3) if "temperature" in section else None
     loss = c.choice(section["embedding_loss"], "distill.embedding_loss", EMBEDDING_LOSSES) if "embedding_loss" in section else None
-    return DistillSpec(**weights, temperature=temperature, embedding_loss=loss)
+    dropout = section.get("dropout")
+    if dropout is not None and not isinstance(dropout, bool):
+        raise c.fail("distill.dropout", f"expected true or false, got {dropout!r}")
+    return DistillSpec(**weights, temperature=temperature, embedding_loss=loss, dropout=dropout)
 
 
 def _optimizer(c: _Checker, data: dict) -> dict[str, Any]:

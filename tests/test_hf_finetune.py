@@ -204,3 +204,29 @@ def test_two_process_ddp_distillation_on_cpu(tmp_path, tiny_bert):
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event": "epoch"' in line]
     assert [e["masks_identical_across_ranks"] for e in events] == [True, True]
     assert transformers.AutoModel.from_pretrained(out) is not None
+
+
+def test_the_student_learns_without_dropout_unless_the_recipe_keeps_it(cli, tmp_path, tiny_bert, monkeypatch):
+    """tiny_bert has BERT's dropout of 0.1: at every training step, the student run twice on the step's batch gives
+    the same hidden states by default, and different ones with `distill: {dropout: true}`."""
+    repeatable = []
+    real = nmcli.train.engine.train_step
+
+    def spy(model, batch, optimizer, **kwargs):
+        with torch.no_grad():
+            first, second = (model(**batch, output_hidden_states=True).hidden_states[-1] for _ in range(2))
+        repeatable.append(torch.equal(first, second))
+        return real(model, batch, optimizer, **kwargs)
+
+    monkeypatch.setattr(nmcli.train.engine, "train_step", spy)
+    args = ("finetune", "--model", tiny_bert, "--epochs", "1", *COMMON, "--quiet")
+    assert cli(*args, "--out", tmp_path / "a").exit_code == 0
+    assert len(repeatable) == 4 and all(repeatable)
+    recipe = tmp_path / "keep.yaml"
+    recipe.write_text("name: keep\nmethod: fixed-mask\ndistill: {dropout: true}\n")
+    repeatable.clear()
+    assert cli(*args, "--recipe", recipe, "--out", tmp_path / "b").exit_code == 0
+    assert len(repeatable) == 4 and not any(repeatable)
+    recipe.write_text("name: keep\nmethod: fixed-mask\ndistill: {dropout: 0.1}\n")
+    r = cli(*args, "--recipe", recipe, "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "keep.yaml: distill.dropout: expected true or false, got 0.1" in r.output

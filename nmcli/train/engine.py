@@ -184,6 +184,7 @@ def _task(config: FinetuneConfig, device: torch.device) -> tuple[Task, torch.nn.
     dense = load_model(resolved).to(device) if config.use_bf16 else teacher
     student = student_of(dense, resolved, config.start, plan, text)
     task = distill_task(resolved, teacher, config.recipe.distill, text)
+    student.train(task.distiller.spec.dropout)  # eval mode switches every kind of dropout off (distill.dropout)
     return task, student, ref, resolved
 
 
