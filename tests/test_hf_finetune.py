@@ -206,6 +206,28 @@ def test_two_process_ddp_distillation_on_cpu(tmp_path, tiny_bert):
     assert transformers.AutoModel.from_pretrained(out) is not None
 
 
+def test_mixed_length_prompts_in_one_batch_continue_as_each_would_alone(tiny_llama):
+    """Left padding must not change what the teacher writes: greedy decoding through the batched path equals a
+    hand-written loop over each prompt alone (argmax of the last position, end-of-text masked as min_new_tokens
+    does), and every row holds its prompt, then exactly seq_len - len(prompt) new tokens."""
+    from nmcli.data.teacher import continue_prompts
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    eos = model.generation_config.eos_token_id
+    prompts = [[5], [7, 8, 9], [11, 12, 13, 14, 15]]
+    with torch.no_grad():
+        rows = continue_prompts(model, prompts, 12, pad_id=0)  # no sampler: greedy
+        assert rows.shape == (3, 12)
+        for prompt, row in zip(prompts, rows):
+            ids = torch.tensor([prompt])
+            while ids.shape[1] < 12:
+                logits = model(input_ids=ids).logits[0, -1]
+                if eos is not None:
+                    logits[eos] = -float("inf")
+                ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+            assert row.tolist() == ids[0].tolist()
+
+
 def test_the_student_learns_without_dropout_unless_the_recipe_keeps_it(cli, tmp_path, tiny_bert, monkeypatch):
     """tiny_bert has BERT's dropout of 0.1: at every training step, the student run twice on the step's batch gives
     the same hidden states by default, and different ones with `distill: {dropout: true}`."""
