@@ -156,6 +156,11 @@ class _Checker:
             raise self.fail(key, f"{value!r} is outside {bounds}")
         return value
 
+    def flag(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {value!r}")
+        return value
+
     def choice(self, value: Any, key: str, options: tuple[str, ...]) -> str:
         if value not in options:
             raise self.fail(key, f"{value!r} is not one of {', '.join(options)}")
@@ -274,8 +279,7 @@ def from_dict(data: Any, source: str) -> Recipe:
         c.number(training["batch_size"], "training.batch_size", 1, MAX_BATCH, integer=True)
     if "clip_grad" in training and training["clip_grad"] is not None:
         c.number(training["clip_grad"], "training.clip_grad", 0)
-    if not isinstance(training.get("bf16", False), bool):
-        raise c.fail("training.bf16", f"expected true or false, got {training['bf16']!r}")
+    c.flag(training.get("bf16", False), "training.bf16")
     distill = _distill(c, data) if "distill" in data else None
     description = data.get("description", "")
     if not isinstance(description, str):
@@ -309,9 +313,7 @@ def _distill(c: _Checker, data: dict) -> DistillSpec:
         raise c.fail("distill", "every term has weight 0: nothing would be learned")
     temperature = c.number(section["temperature"], "distill.temperature", 1e-3, 1e3) if "temperature" in section else None
     loss = c.choice(section["embedding_loss"], "distill.embedding_loss", EMBEDDING_LOSSES) if "embedding_loss" in section else None
-    dropout = section.get("dropout")
-    if dropout is not None and not isinstance(dropout, bool):
-        raise c.fail("distill.dropout", f"expected true or false, got {dropout!r}")
+    dropout = c.flag(section["dropout"], "distill.dropout") if "dropout" in section else None
     return DistillSpec(**weights, temperature=temperature, embedding_loss=loss, dropout=dropout)
 
 
