@@ -194,93 +194,8 @@ def from_dict(data: Any, source: str) -> Recipe:
         raise c.fail("name", "a recipe needs a non-empty name")
     method = c.choice(data.get("method"), "method", METHODS)
     pattern = c.pattern(data.get("pattern", "2:4"), "pattern")
-
-    phases = c.section(data, "phases", _SECTION_KEYS["phases"])
-    dense = c.number(phases.get("dense", 0.0), "phases.dense", 0, 1)
-    finetune = c.number(phases.get("finetune", 0.0), "phases.finetune", 0, 1)
-    if dense + finetune > 1:
-        raise c.fail("phases", f"dense ({dense}) + finetune ({finetune}) must be at most 1")
-    finetune_mask = c.choice(phases.get("finetune_mask", "recomputed"), "phases.finetune_mask", FINETUNE_MASKS)
-
-    mask_decay = None
-    if "mask_decay" in data:
-        if "mdgf" not in method:
-            raise c.fail("mask_decay", f"only MDGF recipes decay the mask, not method {method!r}")
-        md = c.section(data, "mask_decay", _SECTION_KEYS["mask_decay"])
-        schedule = c.choice(md.get("schedule", "linear"), "mask_decay.schedule", ALPHA_SCHEDULES)
-        rate = md.get("rate")
-        reach_at = md.get("reach_at")
-        if schedule == "stepped":
-            if md.get("step_size") is None:
-                raise c.fail("mask_decay.step_size", "the stepped schedule needs step_size (w in alpha = 1 - k w)")
-            for key in ("rate", "reach_at"):
-                if md.get(key) is not None:
-                    raise c.fail(f"mask_decay.{key}", "the stepped schedule takes step_size and interval, not rate or reach_at")
-            c.number(md["step_size"], "mask_decay.step_size", 1e-9, 1)
-            c.number(md.get("interval", 1), "mask_decay.interval", 1, integer=True)
-        elif any(md.get(key) is not None for key in ("step_size", "interval")):
-            raise c.fail("mask_decay", f"step_size and interval belong to the stepped schedule, not {schedule}")
-        elif (rate is None) == (reach_at is None):
-            raise c.fail("mask_decay", "give exactly one of rate (c per step) or reach_at (fraction of the phase)")
-        if rate is not None:
-            c.number(rate, "mask_decay.rate", 0)
-        if reach_at is not None:
-            c.number(reach_at, "mask_decay.reach_at", 1e-6, 1)
-        mask_decay = MaskDecay(
-            schedule=schedule,
-            rate=rate,
-            reach_at=reach_at,
-            interval=md.get("interval", 1),
-            step_size=md.get("step_size"),
-            backward=c.choice(md.get("backward", "ste"), "mask_decay.backward", BACKWARDS),
-        )
-    elif "mdgf" in method:
-        raise c.fail("mask_decay", f"method {method} needs a mask_decay section (schedule, rate or reach_at)")
-
-    structure = None
-    if "structure_decay" in data:
-        if "sdgf" not in method:
-            raise c.fail("structure_decay", f"only SDGF recipes decay the structure, not method {method!r}")
-        sd = c.section(data, "structure_decay", _SECTION_KEYS["structure_decay"])
-        schedule = c.choice(sd.get("schedule", "stepwise"), "structure_decay.schedule", STRUCTURE_SCHEDULES)
-        stages = c.strings(sd.get("stages"), "structure_decay.stages")
-        if (schedule == "custom") != bool(stages):
-            raise c.fail("structure_decay.stages", "a list of stages goes with (and only with) schedule: custom")
-        stages = tuple(c.pattern(s, f"structure_decay.stages[{i}]", allow_dense=True) for i, s in enumerate(stages))
-        densities = [parse_pattern(s, allow_dense=True).density for s in stages] + [parse_pattern(pattern).density]
-        if any(later > earlier for earlier, later in zip(densities, densities[1:])):
-            raise c.fail(
-                "structure_decay.stages",
-                f"stages must go from dense toward the target {pattern} (density never rising); got {', '.join(stages)}",
-            )
-        structure = StructureDecay(schedule, stages)
-    elif "sdgf" in method:
-        structure = StructureDecay()
-
-    sr_ste_lambda = None
-    if "sr_ste" in data:
-        if method in ("dense", "ste", "fixed-mask"):
-            raise c.fail("sr_ste", f"method {method} takes no SR-STE term (use method: sr-ste)")
-        sr = c.section(data, "sr_ste", _SECTION_KEYS["sr_ste"])
-        sr_ste_lambda = c.number(sr.get("lambda", DEFAULT_SR_STE_LAMBDA), "sr_ste.lambda", 0)
-    elif method == "sr-ste":
-        sr_ste_lambda = DEFAULT_SR_STE_LAMBDA
-
+    dense, finetune, finetune_mask = _phases(c, data)
     targets = c.section(data, "targets", _SECTION_KEYS["targets"])
-    optimizer = _optimizer(c, data)
-    scheduler = {**DEFAULT_SCHEDULER, **c.section(data, "scheduler", _SECTION_KEYS["scheduler"])}
-    c.choice(scheduler["name"], "scheduler.name", SCHEDULERS)
-    c.number(scheduler.get("warmup_fraction", 0.0), "scheduler.warmup_fraction", 0, 1)
-    c.number(scheduler.get("min_lr", 0.0), "scheduler.min_lr", 0)
-    training = dict(c.section(data, "training", _SECTION_KEYS["training"]))
-    if "epochs" in training:
-        c.number(training["epochs"], "training.epochs", 1, MAX_EPOCHS, integer=True)
-    if "batch_size" in training:
-        c.number(training["batch_size"], "training.batch_size", 1, MAX_BATCH, integer=True)
-    if "clip_grad" in training and training["clip_grad"] is not None:
-        c.number(training["clip_grad"], "training.clip_grad", 0)
-    c.flag(training.get("bf16", False), "training.bf16")
-    distill = _distill(c, data) if "distill" in data else None
     description = data.get("description", "")
     if not isinstance(description, str):
         raise c.fail("description", "expected a string")
@@ -292,17 +207,116 @@ def from_dict(data: Any, source: str) -> Recipe:
         dense_fraction=dense,
         finetune_fraction=finetune,
         finetune_mask=finetune_mask,
-        mask_decay=mask_decay,
-        structure_decay=structure,
-        sr_ste_lambda=sr_ste_lambda,
+        mask_decay=_mask_decay(c, data, method),
+        structure_decay=_structure_decay(c, data, method, pattern),
+        sr_ste_lambda=_sr_ste_lambda(c, data, method),
         include=c.strings(targets.get("include"), "targets.include"),
         exclude=c.strings(targets.get("exclude"), "targets.exclude"),
-        optimizer=optimizer,
-        scheduler=scheduler,
-        training={**DEFAULT_TRAINING, **training},
-        distill=distill,
+        optimizer=_optimizer(c, data),
+        scheduler=_scheduler(c, data),
+        training={**DEFAULT_TRAINING, **_training(c, data)},
+        distill=_distill(c, data) if "distill" in data else None,
         source=source,
     )
+
+
+def _phases(c: _Checker, data: dict) -> tuple[float, float, str]:
+    """Fractions of training that stay dense and that fine-tune at the end, and the fine-tuning phase's mask."""
+    phases = c.section(data, "phases", _SECTION_KEYS["phases"])
+    dense = c.number(phases.get("dense", 0.0), "phases.dense", 0, 1)
+    finetune = c.number(phases.get("finetune", 0.0), "phases.finetune", 0, 1)
+    if dense + finetune > 1:
+        raise c.fail("phases", f"dense ({dense}) + finetune ({finetune}) must be at most 1")
+    return dense, finetune, c.choice(phases.get("finetune_mask", "recomputed"), "phases.finetune_mask", FINETUNE_MASKS)
+
+
+def _mask_decay(c: _Checker, data: dict, method: str) -> MaskDecay | None:
+    """MDGF's decay of the pruned weights (methods.md §2): required by, and only by, the mdgf methods."""
+    if "mask_decay" not in data:
+        if "mdgf" in method:
+            raise c.fail("mask_decay", f"method {method} needs a mask_decay section (schedule, rate or reach_at)")
+        return None
+    if "mdgf" not in method:
+        raise c.fail("mask_decay", f"only MDGF recipes decay the mask, not method {method!r}")
+    md = c.section(data, "mask_decay", _SECTION_KEYS["mask_decay"])
+    schedule = c.choice(md.get("schedule", "linear"), "mask_decay.schedule", ALPHA_SCHEDULES)
+    rate = md.get("rate")
+    reach_at = md.get("reach_at")
+    if schedule == "stepped":
+        if md.get("step_size") is None:
+            raise c.fail("mask_decay.step_size", "the stepped schedule needs step_size (w in alpha = 1 - k w)")
+        for key in ("rate", "reach_at"):
+            if md.get(key) is not None:
+                raise c.fail(f"mask_decay.{key}", "the stepped schedule takes step_size and interval, not rate or reach_at")
+        c.number(md["step_size"], "mask_decay.step_size", 1e-9, 1)
+        c.number(md.get("interval", 1), "mask_decay.interval", 1, integer=True)
+    elif any(md.get(key) is not None for key in ("step_size", "interval")):
+        raise c.fail("mask_decay", f"step_size and interval belong to the stepped schedule, not {schedule}")
+    elif (rate is None) == (reach_at is None):
+        raise c.fail("mask_decay", "give exactly one of rate (c per step) or reach_at (fraction of the phase)")
+    if rate is not None:
+        c.number(rate, "mask_decay.rate", 0)
+    if reach_at is not None:
+        c.number(reach_at, "mask_decay.reach_at", 1e-6, 1)
+    return MaskDecay(
+        schedule=schedule,
+        rate=rate,
+        reach_at=reach_at,
+        interval=md.get("interval", 1),
+        step_size=md.get("step_size"),
+        backward=c.choice(md.get("backward", "ste"), "mask_decay.backward", BACKWARDS),
+    )
+
+
+def _structure_decay(c: _Checker, data: dict, method: str, pattern: str) -> StructureDecay | None:
+    """SDGF's stages from dense toward the target pattern (methods.md §3): only for the sdgf methods."""
+    if "structure_decay" not in data:
+        return StructureDecay() if "sdgf" in method else None
+    if "sdgf" not in method:
+        raise c.fail("structure_decay", f"only SDGF recipes decay the structure, not method {method!r}")
+    sd = c.section(data, "structure_decay", _SECTION_KEYS["structure_decay"])
+    schedule = c.choice(sd.get("schedule", "stepwise"), "structure_decay.schedule", STRUCTURE_SCHEDULES)
+    stages = c.strings(sd.get("stages"), "structure_decay.stages")
+    if (schedule == "custom") != bool(stages):
+        raise c.fail("structure_decay.stages", "a list of stages goes with (and only with) schedule: custom")
+    stages = tuple(c.pattern(s, f"structure_decay.stages[{i}]", allow_dense=True) for i, s in enumerate(stages))
+    densities = [parse_pattern(s, allow_dense=True).density for s in stages] + [parse_pattern(pattern).density]
+    if any(later > earlier for earlier, later in zip(densities, densities[1:])):
+        raise c.fail(
+            "structure_decay.stages",
+            f"stages must go from dense toward the target {pattern} (density never rising); got {', '.join(stages)}",
+        )
+    return StructureDecay(schedule, stages)
+
+
+def _sr_ste_lambda(c: _Checker, data: dict, method: str) -> float | None:
+    """The SR-STE decay term's weight: sr-ste's own, or added to a decay recipe; not for dense/ste/fixed-mask."""
+    if "sr_ste" not in data:
+        return DEFAULT_SR_STE_LAMBDA if method == "sr-ste" else None
+    if method in ("dense", "ste", "fixed-mask"):
+        raise c.fail("sr_ste", f"method {method} takes no SR-STE term (use method: sr-ste)")
+    sr = c.section(data, "sr_ste", _SECTION_KEYS["sr_ste"])
+    return c.number(sr.get("lambda", DEFAULT_SR_STE_LAMBDA), "sr_ste.lambda", 0)
+
+
+def _scheduler(c: _Checker, data: dict) -> dict:
+    scheduler = {**DEFAULT_SCHEDULER, **c.section(data, "scheduler", _SECTION_KEYS["scheduler"])}
+    c.choice(scheduler["name"], "scheduler.name", SCHEDULERS)
+    c.number(scheduler.get("warmup_fraction", 0.0), "scheduler.warmup_fraction", 0, 1)
+    c.number(scheduler.get("min_lr", 0.0), "scheduler.min_lr", 0)
+    return scheduler
+
+
+def _training(c: _Checker, data: dict) -> dict:
+    training = dict(c.section(data, "training", _SECTION_KEYS["training"]))
+    if "epochs" in training:
+        c.number(training["epochs"], "training.epochs", 1, MAX_EPOCHS, integer=True)
+    if "batch_size" in training:
+        c.number(training["batch_size"], "training.batch_size", 1, MAX_BATCH, integer=True)
+    if "clip_grad" in training and training["clip_grad"] is not None:
+        c.number(training["clip_grad"], "training.clip_grad", 0)
+    c.flag(training.get("bf16", False), "training.bf16")
+    return training
 
 
 def _distill(c: _Checker, data: dict) -> DistillSpec:
