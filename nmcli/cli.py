@@ -451,29 +451,34 @@ def finetune(
         return
     if as_json:
         print_json(result)
-    elif result.get("example") == "minilm":
+    else:
+        out.print(_finetune_line(result, resume or out_dir))
+
+
+def _finetune_line(result: dict, out_path: Optional[Path]) -> str:
+    """One line for the terminal: quality before and after, compliance, cost, where the result is."""
+    if result.get("example") == "minilm":
         one, rec = result["one_shot"], result["recovered"]
-        out.print(
+        return (
             f"embedding cosine to dense (held-out paragraphs / sentences): {result['start']} one-shot {result['pattern']} "
             f"{one['paragraphs']:.4f} / {one['sentences']:.4f} | {result['recipe']} {result['pattern']} distilled "
             f"{rec['paragraphs']:.4f} / {rec['sentences']:.4f} (Spearman {rec['spearman']:.4f}) | N:M compliant: "
             f"{result['all_layers_compliant']} | {result['wall_seconds']}s -> {result['sparse_checkpoint']}"
         )
-    elif "dense_val_accuracy" in result:
-        out.print(
+    if "dense_val_accuracy" in result:
+        return (
             f"dense {result['dense_val_accuracy']:.4f} | one-shot {result['pattern']} {result['one_shot_val_accuracy']:.4f} | "
             f"{result['recipe']} {result['pattern']} fine-tuned {result['sparse_val_accuracy']:.4f} | "
             f"N:M compliant: {result['all_layers_compliant']} | training FLOPs vs dense "
             f"{result['training_flops_relative_to_dense']:.3f}x | {result['wall_seconds']}s -> {result['sparse_checkpoint']}"
         )
-    elif "stopped_after_epoch" in result:
-        out.print(f"stopped after epoch {result['stopped_after_epoch']}; continue with --resume {out_path}")
-    else:
-        out.print(
-            f"{result['recipe']} {result['pattern'] or 'dense'}: {_quality_change(result)} | "
-            f"compliant: {result['all_layers_compliant']} | training FLOPs vs dense "
-            f"{result['training_flops_relative_to_dense']:.3f}x | {result['wall_seconds']}s -> {out_path}"
-        )
+    if "stopped_after_epoch" in result:
+        return f"stopped after epoch {result['stopped_after_epoch']}; continue with --resume {out_path}"
+    return (
+        f"{result['recipe']} {result['pattern'] or 'dense'}: {_quality_change(result)} | "
+        f"compliant: {result['all_layers_compliant']} | training FLOPs vs dense "
+        f"{result['training_flops_relative_to_dense']:.3f}x | {result['wall_seconds']}s -> {out_path}"
+    )
 
 
 def _run_example(

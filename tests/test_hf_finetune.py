@@ -54,10 +54,18 @@ def test_every_recipe_distills_an_encoder_to_exact_nm(cli, tmp_path, tiny_bert):
 
 
 def test_hf_resume_is_bit_identical(cli, tmp_path, tiny_bert):
-    args = ("finetune", "--model", tiny_bert, "--recipe", "sr-ste", "--epochs", "2", *COMMON, "--quiet")
-    assert cli(*args, "--out", tmp_path / "full").exit_code == 0
-    assert cli(*args, "--out", tmp_path / "cut", "--stop-after", "1").exit_code == 0
-    assert cli(*args, "--resume", tmp_path / "cut").exit_code == 0
+    args = ("finetune", "--model", tiny_bert, "--recipe", "sr-ste", "--epochs", "2", *COMMON)
+    assert cli(*args, "--out", tmp_path / "full", "--quiet").exit_code == 0
+    stopped = cli(*args, "--out", tmp_path / "cut", "--stop-after", "1")
+    resumed = cli(*args, "--resume", tmp_path / "cut")
+    assert stopped.exit_code == 0 and resumed.exit_code == 0
+
+    def squeezed(text):  # rich wraps long lines on the runner's narrow terminal
+        return "".join(text.split())
+
+    assert squeezed(f"stopped after epoch 1; continue with --resume {tmp_path / 'cut'}") in squeezed(stopped.stdout)
+    assert squeezed("| compliant: True |") in squeezed(resumed.stdout)
+    assert squeezed(f"-> {tmp_path / 'cut'}") in squeezed(resumed.stdout) and "sr-ste 2:4:" in resumed.stdout
     full, cut = load_file(str(tmp_path / "full/model.safetensors")), load_file(str(tmp_path / "cut/model.safetensors"))
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
 
