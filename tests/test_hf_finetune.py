@@ -214,17 +214,28 @@ def test_two_process_ddp_distillation_on_cpu(tmp_path, tiny_bert):
     assert transformers.AutoModel.from_pretrained(out) is not None
 
 
-def test_mixed_length_prompts_in_one_batch_continue_as_each_would_alone(tiny_llama):
+def test_mixed_length_prompts_in_one_batch_continue_as_each_would_alone(tiny_llama, caplog):
     """Left padding must not change what the teacher writes: greedy decoding through the batched path equals a
     hand-written loop over each prompt alone (argmax of the last position, end-of-text masked as min_new_tokens
-    does), and every row holds its prompt, then exactly seq_len - len(prompt) new tokens."""
+    does), and every row holds its prompt, then exactly seq_len - len(prompt) new tokens. The model's own sampling
+    settings (as Llama-3's generation_config has them) change nothing and draw no warning."""
+    import logging
+
     from nmcli.data.teacher import continue_prompts
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model.generation_config.update(do_sample=True, temperature=0.6, top_p=0.9, top_k=3)
     eos = model.generation_config.eos_token_id
     prompts = [[5], [7, 8, 9], [11, 12, 13, 14, 15]]
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process
+    transformers.utils.logging.enable_propagation()
+    try:
+        with torch.no_grad(), caplog.at_level(logging.WARNING):
+            rows = continue_prompts(model, prompts, 12, pad_id=0)  # no sampler: greedy
+    finally:
+        transformers.utils.logging.disable_propagation()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("transformers")]
     with torch.no_grad():
-        rows = continue_prompts(model, prompts, 12, pad_id=0)  # no sampler: greedy
         assert rows.shape == (3, 12)
         for prompt, row in zip(prompts, rows):
             ids = torch.tensor([prompt])

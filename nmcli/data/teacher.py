@@ -34,6 +34,9 @@ MAX_SEQUENCES = 1_000_000
 GENERATION_MEMORY = 2**30  # bytes of key/value cache one `generate` call may fill
 MAX_GENERATION_BATCH = 128  # SmolLM2 bf16, 2 cores: 131 / 301 / 395 / 265 new tokens/s at 16 / 64 / 128 / 192
 SAMPLER = NucleusSampler(top_p=0.95, temperature=1.0)
+# generate() decodes greedily after SAMPLER has drawn; a model's own sampling settings (Llama-3's generation_config
+# sets temperature and top_p) are cleared rather than left for transformers to warn that it ignores them
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None, "typical_p": None}
 BUILTIN_PROMPTS = (
     "The history of computing",
     "Here is a short story about",
@@ -126,7 +129,7 @@ def continue_prompts(
     device = model_device(teacher)
     out = teacher.generate(
         input_ids=place(ids, device), attention_mask=place(mask, device), max_new_tokens=new, min_new_tokens=new,
-        pad_token_id=pad_id, do_sample=False, logits_processor=LogitsProcessorList([sampler] if sampler else []),
+        pad_token_id=pad_id, **GREEDY, logits_processor=LogitsProcessorList([sampler] if sampler else []),
     ).cpu()
     return torch.stack([out[row, width - len(p) : width - len(p) + seq_len] for row, p in enumerate(prompts)])
 
