@@ -30,9 +30,16 @@ MODELS = {
 }
 
 
-def _curve(out: Path, keys: tuple[str, ...]) -> list[dict]:
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [e for e in events if e.get("event") in ("start", "eval", "epoch", "final") and keys[0] in e]
+def _curve(out: Path, keys: tuple[str, ...]) -> list[tuple[float, dict]]:
+    """(seconds since the start of training, event) of each evaluation; the final one carries no time of its own
+    and gets the end of training (the last event that has one)."""
+    curve, elapsed = [], 0.0
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        elapsed = event.get("elapsed_s", elapsed)
+        if event.get("event") in ("start", "eval", "epoch", "final") and keys[0] in event:
+            curve.append((elapsed, event))
+    return curve
 
 
 def main() -> None:
@@ -70,10 +77,10 @@ def main() -> None:
             print(f"data: {summary['data']}")
             print("  " + " | ".join(f"{k}: start {summary[f'start_{k}']:.4f}, one-shot mask of the start "
                                      f"{summary[f'one_shot_{k}']:.4f}, recovered {summary[f'final_{k}']:.4f}" for k in keys))
-            print("  curve (minutes since start of training: " + ", ".join(keys) + ")")
-            for event in _curve(out, keys):
-                minutes = event.get("elapsed_s", 0.0) / 60 if event["event"] != "final" else summary["wall_seconds"] / 60
-                print(f"    step {event['step']:>5} {minutes:6.1f} min  " + "  ".join(f"{event[k]:.4f}" for k in keys))
+            print("  curve (minutes since start of training: " + ", ".join(keys) + "; the final evaluation at the "
+                  f"end of training; finetune's own wall time {summary['wall_seconds'] / 60:.1f} min)")
+            for elapsed, event in _curve(out, keys):
+                print(f"    step {event['step']:>5} {elapsed / 60:6.1f} min  " + "  ".join(f"{event[k]:.4f}" for k in keys))
 
 
 if __name__ == "__main__":
