@@ -34,6 +34,38 @@ def test_streaming_writer_replaces_a_longer_file_and_fills_an_empty_one(tmp_path
     assert torch.equal(load_file(str(empty))["a"], torch.ones(2).half())
 
 
+def test_streaming_writer_copies_source_bytes_from_the_file(tmp_path, monkeypatch):
+    """SourceBytes: a source tensor's bytes written from the file's memory map, in windows that start anywhere (not
+    only at page boundaries), next to tensors from memory, under a header of another length; the real reader reads
+    the result."""
+    from safetensors.torch import load_file
+
+    import nmcli.io.safetensors_stream as stream
+
+    monkeypatch.setattr(stream, "MAP_WINDOW", 1000)  # many windows, none of them page-aligned
+    g = torch.Generator().manual_seed(0)
+    source = {"a": torch.randn(3, 700, generator=g), "b": torch.randn(1234, generator=g), "c": torch.randn(5)}
+    src = tmp_path / "src.safetensors"
+    save_file(source, str(src))
+    ckpt = open_path(src)
+
+    def bytes_of(name):
+        path, offset = ckpt.stored_at(name)
+        return stream.SourceBytes(path, offset, ckpt.infos[name].nbytes)
+
+    layout = [("b", (1234,), torch.float32), ("new", (2,), torch.float16), ("a", (3, 700), torch.float32)]
+    out = tmp_path / "out.safetensors"
+    stream.write_streaming(out, layout, [bytes_of("b"), torch.ones(2).half(), bytes_of("a")], {"longer": "x" * 77})
+    back = load_file(str(out))
+    assert torch.equal(back["a"], source["a"]) and torch.equal(back["b"], source["b"])
+    assert torch.equal(back["new"], torch.ones(2).half())
+    with pytest.raises(NMSparseError, match="tensor c: 20 bytes in the source, declared 16"):
+        stream.write_streaming(out, [("c", (4,), torch.float32)], [bytes_of("c")])
+    beyond = stream.SourceBytes(src, src.stat().st_size - 8, 16)  # a file shorter than its header says
+    with pytest.raises(NMSparseError, match="cannot read tensor d .*the file may be truncated"):
+        stream.write_streaming(out, [("d", (4,), torch.float32)], [beyond])
+
+
 def test_reader_and_streaming_writer_agree_with_the_safetensors_library(tmp_path):
     from safetensors.torch import load_file
 

@@ -134,6 +134,9 @@ class DenseView(Checkpoint):
             return None
         return name
 
+    def stored_at(self, name: str) -> tuple[Path, int] | None:
+        return None if name in self.entries else self.packed.stored_at(name)
+
     def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         entry = self.entries.get(name)
         if entry is None:

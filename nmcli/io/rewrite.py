@@ -6,7 +6,8 @@ transforms the next items while the caller writes the current one (I/O and torch
 ahead only while it holds less than the largest item, so peak memory is about twice the largest item. In-place work
 on an item (prune's masking) comes in independent pieces that both threads take, whichever is free: the reading
 thread after reading the item, the writing thread before writing it, so neither waits while the other is busy,
-whether writing or reading is the slower side on this machine at this moment. Output is
+whether writing or reading is the slower side on this machine at this moment. A tensor kept as it is (a copy
+item of a file source) is not read at all: the writer writes it from the file's memory map (`SourceBytes`). Output is
 written atomically: a file, or a folder with the same shards (index rewritten) for a folder source.
 """
 
@@ -26,7 +27,7 @@ import torch
 
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
-from nmcli.io.safetensors_stream import nbytes, write_streaming
+from nmcli.io.safetensors_stream import SourceBytes, nbytes, write_streaming
 from nmcli.io.sources import INDEX_NAME, Checkpoint
 
 Spec = tuple[str, tuple[int, ...], torch.dtype]
@@ -40,25 +41,23 @@ def _as_is(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
-def _no_pieces(tensors: list[torch.Tensor]) -> list[Piece]:
-    return []
-
-
 @dataclass
 class Item:
     """`produce(inputs)` turns the tensors named `inputs` into tensors matching `outputs`, on the reading thread;
     `pieces(produced)` is then in-place work on those tensors in independent pieces, run by whichever thread is free
-    (see `_Pieces`) before they are written."""
+    (see `_Pieces`) before they are written. `as_source`: the output is the one input's bytes, changed (if at all)
+    only by `pieces`; with no pieces and a file source it is written from the file (`SourceBytes`), never read."""
 
     inputs: list[str]
     outputs: list[Spec]
     produce: Callable[[list[torch.Tensor]], list[torch.Tensor]]
-    pieces: Callable[[list[torch.Tensor]], list[Piece]] = _no_pieces
+    pieces: Callable[[list[torch.Tensor]], list[Piece]] | None = None
+    as_source: bool = False
 
 
 def copy_item(ckpt: Checkpoint, name: str) -> Item:
     info = ckpt.infos[name]
-    return Item([name], [(name, info.shape, info.dtype)], _as_is)
+    return Item([name], [(name, info.shape, info.dtype)], _as_is, as_source=True)
 
 
 class _Pieces:
@@ -117,43 +116,54 @@ def _input_bytes(ckpt: Checkpoint, item: Item) -> int:
     return sum(ckpt.infos[n].nbytes for n in item.inputs)
 
 
-def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterator[torch.Tensor]:
-    sizes = [_input_bytes(ckpt, item) for item in items]
-    budget = max(sizes, default=0)
+def _from_file(ckpt: Checkpoint, item: Item) -> bool:
+    """Written unchanged from the source file, never read into the process (it takes no room either)."""
+    return item.as_source and item.pieces is None and ckpt.stored_at(item.inputs[0]) is not None
+
+
+def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterator[torch.Tensor | SourceBytes]:
+    read_bytes = [0 if _from_file(ckpt, item) else _input_bytes(ckpt, item) for item in items]
+    budget = max(read_bytes, default=0)
     pool = None if ckpt.is_in_memory else _BufferPool()
     queue: deque[tuple[Future, _Pieces, Future, list[torch.Tensor]]] = deque()
     ahead = submitted = 0  # bytes submitted but not yet handed over; items submitted
 
     def work(item: Item, buffers: list[torch.Tensor], pieces: _Pieces) -> list[torch.Tensor]:
+        if _from_file(ckpt, item):
+            return []
         tensors = [ckpt.read(n, into=b) for n, b in zip(item.inputs, buffers)] if pool else [ckpt.read(n) for n in item.inputs]
         produced = item.produce(tensors)
-        pieces.add(item.pieces(produced))
+        pieces.add(item.pieces(produced) if item.pieces else [])
         return produced
 
     def refill() -> None:
         nonlocal ahead, submitted
         while submitted < len(items) and (ahead < budget or not queue):  # at least one, even if all are empty
             item, pieces = items[submitted], _Pieces()
-            buffers = [pool.take(ckpt.infos[n].nbytes) for n in item.inputs] if pool else []
+            buffers = [pool.take(ckpt.infos[n].nbytes) for n in item.inputs] if pool and not _from_file(ckpt, item) else []
             read = worker.submit(work, item, buffers, pieces)
             queue.append((read, pieces, worker.submit(pieces.help), buffers))  # the reader's share, right after reading
-            ahead += sizes[submitted]
+            ahead += read_bytes[submitted]
             submitted += 1
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmsparse-read") as worker:
         refill()
-        for item, size in zip(items, sizes):
+        for item, size in zip(items, read_bytes):
             read, pieces, helped, buffers = queue.popleft()
             produced = read.result()
             ahead -= size
             refill()  # the worker reads ahead while the caller finishes and writes this item
             pieces.finish()
             helped.result()  # a piece the reading thread ran may have failed
-            yield from produced
+            if _from_file(ckpt, item):
+                path, offset = ckpt.stored_at(item.inputs[0])
+                yield SourceBytes(path, offset, ckpt.infos[item.inputs[0]].nbytes)
+            else:
+                yield from produced
             del produced
             if pool:
                 pool.give(buffers)
-            progress(item.inputs[0] if item.inputs else "", size)
+            progress(item.inputs[0] if item.inputs else "", _input_bytes(ckpt, item))
 
 
 @contextlib.contextmanager

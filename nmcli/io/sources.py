@@ -64,7 +64,7 @@ class Checkpoint:
         info = self.infos[name]
         if self._tensors is not None:
             return self._tensors[name]
-        path = (self.folder / info.shard) if self.folder is not None else Path(self.where)
+        path, _ = self.stored_at(name)
         if into is None:
             tensor = torch.empty(info.shape, dtype=info.dtype)
         else:
@@ -78,6 +78,14 @@ class Checkpoint:
         except OSError as exc:
             raise NMSparseError(f"{path}: cannot read tensor {name} ({exc}); the file may be truncated") from None
         return tensor
+
+    def stored_at(self, name: str) -> tuple[Path, int] | None:
+        """The file (its shard, for a folder) and byte offset where tensor `name` lies as it is read; None when it
+        is not stored as such (in memory, or decoded on read)."""
+        if self._tensors is not None:
+            return None
+        info = self.infos[name]
+        return (self.folder / info.shard) if self.folder is not None else Path(self.where), info.offset
 
     @property
     def is_in_memory(self) -> bool:
