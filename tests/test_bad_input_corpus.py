@@ -188,6 +188,8 @@ CASES = {
     "empty check": Case(("report", "{good.safetensors}", "--check", ""), ("''",)),
     "pattern no layer takes": Case(("export", "{good.safetensors}", "--format", "dense", "--pattern", "1:1000000", "--prune", "--out", "{o.safetensors}"), ("1:1000000",)),
     "NaN weights": Case(("prune", "{nan.safetensors}", *P, "--out", "{o.safetensors}"), ("fc.weight", "NaN")),
+    "NaN weights, nm export --prune": Case(("export", "{nan.safetensors}", "--format", "nm", *P, "--prune", "--out", "{o.safetensors}"), ("fc.weight", "NaN")),
+    "NaN weights, compressed-tensors export --prune": Case(("export", "{nan.safetensors}", "--format", "compressed-tensors", *P, "--prune", "--out", "{o}"), ("fc.weight", "NaN")),
     "only fp8 weights": Case(("prune", "{fp8-only.safetensors}", *P, "--out", "{o.safetensors}"), ("float8",)),
     "check fails on a dense file": Case(("report", "{good.safetensors}", "--check", "2:4"), ("2:4",), code=1),
     "layout suffix collision": Case(("export", "{suffix-collision.safetensors}", "--format", "nm", *P, "--prune", "--out", "{o.safetensors}"), ("fc.weight.nm_values",)),

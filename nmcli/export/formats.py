@@ -73,6 +73,15 @@ def _source_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str], prune: bo
     return prune_items(ckpt, plan, names) if prune else [copy_item(ckpt, name) for name in names]
 
 
+def _dense_of(item: Item, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A source item's one tensor as `prune` writes it: produced, then its pieces (with --prune: the mask, which
+    refuses NaN/Inf weights) run here, before the tensor is packed."""
+    produced = item.produce(tensors)
+    for piece in item.pieces(produced) if item.pieces else []:
+        piece()
+    return produced[0]
+
+
 def _base_metadata(resolved: Resolved, plan: PrunePlan, fmt: str) -> dict[str, str]:
     kept = {k: v for k, v in resolved.checkpoint.metadata.items() if not k.startswith("nmsparse.")}
     meta = plan.metadata(resolved.model)
@@ -95,8 +104,8 @@ def export_nm(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, fo
             name, info = item.inputs[0], ckpt.infos[item.inputs[0]]
             values_shape, positions_bytes = nm_format.packed_shapes(info.shape, plan.pattern, layer.layout)
 
-            def produce(tensors, source=item.produce, layer=layer):
-                return list(nm_format.compress(source(tensors)[0], plan.pattern, layer.layout))
+            def produce(tensors, source=item, layer=layer):
+                return list(nm_format.compress(_dense_of(source, tensors), plan.pattern, layer.layout))
 
             items[i] = Item(
                 [name],
@@ -153,8 +162,8 @@ def export_compressed_tensors(
             rows, cols = info.shape
             prefix = name.removesuffix(".weight")
 
-            def produce(tensors, source=item.produce):
-                return _bitmask_tensors(source(tensors)[0])
+            def produce(tensors, source=item):
+                return _bitmask_tensors(_dense_of(source, tensors))
 
             items[i] = Item(
                 [name],
