@@ -87,7 +87,12 @@ def test_layers_whose_k_does_not_divide_are_skipped_and_reported(cli, tmp_path):
     assert rows["b.weight"]["pattern"] == "1:8" and rows["b.weight"]["compliance"] == 1.0
 
 
-def test_hf_bert_sharded_folder_round_trip(cli, tmp_path, hf_bert_folder):
+def test_hf_bert_sharded_folder_round_trip(cli, tmp_path, hf_bert_folder, monkeypatch):
+    """...and only the targets are read into memory: every other tensor is copied from its shard's file."""
+    from nmcli.io.sources import Checkpoint
+
+    read, original_read = [], Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, name, into=None: read.append(name) or original_read(self, name, into))
     out = tmp_path / "bert-2of4"
     r = cli("prune", hf_bert_folder, "--pattern", "2:4", "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
@@ -100,6 +105,7 @@ def test_hf_bert_sharded_folder_round_trip(cli, tmp_path, hf_bert_folder):
     assert "classifier.weight" not in layers
     assert "bert.encoder.layer.0.intermediate.dense.weight" in layers
     assert not any("embeddings" in name for name in layers)
+    assert sorted(read) == sorted(layers)
     for shard in shards:
         original, pruned = load_file(str(hf_bert_folder / shard)), load_file(str(out / shard))
         assert original.keys() == pruned.keys()

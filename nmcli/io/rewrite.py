@@ -116,20 +116,23 @@ def _input_bytes(ckpt: Checkpoint, item: Item) -> int:
     return sum(ckpt.infos[n].nbytes for n in item.inputs)
 
 
-def _from_file(ckpt: Checkpoint, item: Item) -> bool:
-    """Written unchanged from the source file, never read into the process (it takes no room either)."""
-    return item.as_source and item.pieces is None and ckpt.stored_at(item.inputs[0]) is not None
+def _source_bytes(ckpt: Checkpoint, item: Item) -> SourceBytes | None:
+    """An item kept unchanged, as the writer copies it from the source file: never read into the process (so it
+    takes no room either). None for every other item."""
+    stored = ckpt.stored_at(item.inputs[0]) if item.as_source and item.pieces is None else None
+    return None if stored is None else SourceBytes(*stored, ckpt.infos[item.inputs[0]].nbytes)
 
 
 def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterator[torch.Tensor | SourceBytes]:
-    read_bytes = [0 if _from_file(ckpt, item) else _input_bytes(ckpt, item) for item in items]
+    sources = [_source_bytes(ckpt, item) for item in items]
+    read_bytes = [0 if source is not None else _input_bytes(ckpt, item) for item, source in zip(items, sources)]
     budget = max(read_bytes, default=0)
     pool = None if ckpt.is_in_memory else _BufferPool()
     queue: deque[tuple[Future, _Pieces, Future, list[torch.Tensor]]] = deque()
     ahead = submitted = 0  # bytes submitted but not yet handed over; items submitted
 
-    def work(item: Item, buffers: list[torch.Tensor], pieces: _Pieces) -> list[torch.Tensor]:
-        if _from_file(ckpt, item):
+    def work(item: Item, source: SourceBytes | None, buffers: list[torch.Tensor], pieces: _Pieces) -> list[torch.Tensor]:
+        if source is not None:
             return []
         tensors = [ckpt.read(n, into=b) for n, b in zip(item.inputs, buffers)] if pool else [ckpt.read(n) for n in item.inputs]
         produced = item.produce(tensors)
@@ -140,24 +143,24 @@ def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterat
         nonlocal ahead, submitted
         while submitted < len(items) and (ahead < budget or not queue):  # at least one, even if all are empty
             item, pieces = items[submitted], _Pieces()
-            buffers = [pool.take(ckpt.infos[n].nbytes) for n in item.inputs] if pool and not _from_file(ckpt, item) else []
-            read = worker.submit(work, item, buffers, pieces)
+            source = sources[submitted]
+            buffers = [pool.take(ckpt.infos[n].nbytes) for n in item.inputs] if pool and source is None else []
+            read = worker.submit(work, item, source, buffers, pieces)
             queue.append((read, pieces, worker.submit(pieces.help), buffers))  # the reader's share, right after reading
             ahead += read_bytes[submitted]
             submitted += 1
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmsparse-read") as worker:
         refill()
-        for item, size in zip(items, read_bytes):
+        for item, size, source in zip(items, read_bytes, sources):
             read, pieces, helped, buffers = queue.popleft()
             produced = read.result()
             ahead -= size
             refill()  # the worker reads ahead while the caller finishes and writes this item
             pieces.finish()
             helped.result()  # a piece the reading thread ran may have failed
-            if _from_file(ckpt, item):
-                path, offset = ckpt.stored_at(item.inputs[0])
-                yield SourceBytes(path, offset, ckpt.infos[item.inputs[0]].nbytes)
+            if source is not None:
+                yield source
             else:
                 yield from produced
             del produced
