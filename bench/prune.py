@@ -2,8 +2,10 @@
 
 A third job, `stream`, runs prune's own pipeline with nothing to prune, so every tensor is written unchanged from
 the source file's memory map, as safetensors' copy writes it: stream/copy is the pipeline's own cost, prune/stream
-what reading the targets into memory, masking them and writing them from memory add. Each job runs in its own fresh interpreter (best of the repeats; the range of all
-runs is printed too) so that its peak RSS (VmHWM) is its own; the baseline is the RSS after imports. Both conditions: idle, and with a competing busy process per core minus one (bench/contention.py).
+what reading the targets into memory, masking them and writing them from memory add. Each job runs in its own
+fresh interpreter (best of the repeats; the range of all runs is printed too) so that its peak RSS (VmHWM) is its
+own; the baseline is the RSS after imports. Both conditions: idle, and with a competing busy process per core minus
+one (bench/contention.py).
 Targets (issues 2, 12): prune time at most 1.5x the copy's in both; prune peak RSS above baseline at most about
 2x the largest tensor.
     python bench/prune.py [--gb 2] [--repeats 4] [--dir /tmp]
@@ -109,7 +111,7 @@ def compare(src: Path, tmp: Path, pattern: str, repeats: int) -> dict[str, list[
     jobs = ["copy", "stream", pattern]
     results: dict[str, list[dict]] = {job: [] for job in jobs}
     for i in range(repeats):
-        for job in jobs[i % 3 :] + jobs[: i % 3]:
+        for job in jobs[i % len(jobs) :] + jobs[: i % len(jobs)]:
             results[job].append(run(job, src, tmp / f"{job.replace(':', 'of')}.safetensors"))
     return results
 
