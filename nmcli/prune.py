@@ -14,6 +14,7 @@ from nmcli.checkpoints import Resolved
 from nmcli.errors import NMSparseError
 from nmcli.io.metadata import SparsityMetadata
 from nmcli.io.rewrite import Item, Progress, copy_item, rewrite
+from nmcli.io.safetensors_stream import RowChange
 from nmcli.io.sources import Checkpoint
 from nmcli.models import LayerInfo, ModelRef, select_targets
 from nmcli.nm import MASKABLE_DTYPES, NMPattern, apply_nm_, reduction_length
@@ -71,29 +72,17 @@ def plan_prune(
 
 
 def prune_rows_(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tensor, rows: slice) -> None:
-    """Rows `rows` (of axis 0) of target `name` pruned in place to the plan's pattern; `row_pieces` keeps every
-    N:M group inside one piece. NaN/Inf weights are refused, not hidden (they are counted by the mask's own pass,
-    and the output is abandoned)."""
-    bad = apply_nm_(tensor[rows], plan.pattern, plan.targets[name].layout)
+    """`tensor`, rows `rows` (of axis 0) of target `name`, pruned in place to the plan's pattern; the caller keeps
+    every N:M group inside one range (`RowChange.unit`). NaN/Inf weights are refused, not hidden (they are counted
+    by the mask's own pass, and the output is abandoned)."""
+    bad = apply_nm_(tensor, plan.pattern, plan.targets[name].layout)
     if bad:
-        part = "" if rows == slice(0, tensor.shape[0]) else f" in rows {rows.start}-{rows.stop - 1} (of {tensor.shape[0]})"
+        total = ckpt.infos[name].shape[0]
+        part = "" if rows == slice(0, total) else f" in rows {rows.start}-{rows.stop - 1} (of {total})"
         raise NMSparseError(
             f"{ckpt.where}: layer {name} has {bad} NaN/Inf weights{part}; prune will not hide them "
             "(nmsparse report lists them): fix or re-export the checkpoint"
         )
-
-
-# Small enough that whichever thread is free takes over most of the masking, large enough to run at full speed.
-PIECE_BYTES = 8 * 2**20
-
-
-def row_pieces(shape: tuple[int, ...], nbytes: int, k_axis: int, m: int) -> list[slice]:
-    """Axis 0 cut into ranges of about `PIECE_BYTES`, at group boundaries when axis 0 is the reduction axis
-    (Hugging Face Conv1D)."""
-    rows, unit = shape[0], m if k_axis == 0 else 1
-    count = max(1, min(nbytes // PIECE_BYTES, rows // unit))
-    bounds = [(rows // unit * i // count) * unit for i in range(count)] + [rows]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def prune_model_(model: nn.Module, plan: PrunePlan) -> nn.Module:
@@ -115,12 +104,10 @@ def prune_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str]) -> list[Ite
     items = []
     for name in names:
         item = copy_item(ckpt, name)
-        if name in plan.targets:  # pruned in pieces of rows, by whichever of the reading and writing threads is free
-            info = ckpt.infos[name]
-            rows = row_pieces(tuple(info.shape), info.nbytes, plan.targets[name].layout.k_axis, plan.pattern.m)
+        if name in plan.targets:  # masked row by row; when axis 0 is the reduction axis, M rows at a time
+            unit = plan.pattern.m if plan.targets[name].layout.k_axis == 0 else 1
             item.produce = lambda tensors: [_own(ckpt, tensors[0])]
-            item.pieces = lambda tensors, name=name, rows=rows: [
-                functools.partial(prune_rows_, ckpt, name, plan, tensors[0], r) for r in rows]
+            item.change = RowChange(functools.partial(prune_rows_, ckpt, name, plan), unit)
         items.append(item)
     return items
 

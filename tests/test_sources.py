@@ -35,34 +35,47 @@ def test_streaming_writer_replaces_a_longer_file_and_fills_an_empty_one(tmp_path
 
 
 def test_streaming_writer_copies_source_bytes_from_the_file(tmp_path, monkeypatch):
-    """SourceBytes: a source tensor's bytes written from the file's memory map, in windows that start anywhere (not
-    only at page boundaries), next to tensors from memory, under a header of another length; the real reader reads
-    the result."""
+    """SourceBytes: a source tensor's bytes copied from the file in chunks that end anywhere (not on element
+    boundaries), or changed whole rows at a time (`unit` rows at least, even where one row is larger than a
+    chunk), next to tensors from memory, under a header of another length; the real reader reads the result."""
     from safetensors.torch import load_file
 
     import nmcli.io.safetensors_stream as stream
 
-    monkeypatch.setattr(stream, "MAP_WINDOW", 1000)  # many windows, none of them page-aligned
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1000)
     g = torch.Generator().manual_seed(0)
-    source = {"a": torch.randn(3, 700, generator=g), "b": torch.randn(1234, generator=g), "c": torch.randn(5)}
+    source = {"a": torch.randn(3, 700, generator=g), "b": torch.randn(1234, generator=g), "c": torch.randn(5),
+              "m": torch.randn(6, 50, generator=g)}
     src = tmp_path / "src.safetensors"
     save_file(source, str(src))
     ckpt = open_path(src)
 
-    def bytes_of(name):
+    def bytes_of(name, change=None):
         path, offset = ckpt.stored_at(name)
-        return stream.SourceBytes(path, offset, ckpt.infos[name].nbytes)
+        return stream.SourceBytes(path, offset, ckpt.infos[name].nbytes, change)
 
-    layout = [("b", (1234,), torch.float32), ("new", (2,), torch.float16), ("a", (3, 700), torch.float32)]
+    seen = {"a": [], "m": []}
+
+    def doubled(name):
+        def apply(rows, which):
+            seen[name].append((which.start, which.stop, tuple(rows.shape)))
+            rows.mul_(2)
+        return stream.RowChange(apply, unit=2)
+
+    layout = [("b", (1234,), torch.float32), ("new", (2,), torch.float16), ("a", (3, 700), torch.float32),
+              ("m", (6, 50), torch.float32)]
     out = tmp_path / "out.safetensors"
-    stream.write_streaming(out, layout, [bytes_of("b"), torch.ones(2).half(), bytes_of("a")], {"longer": "x" * 77})
+    tensors = [bytes_of("b"), torch.ones(2).half(), bytes_of("a", doubled("a")), bytes_of("m", doubled("m"))]
+    stream.write_streaming(out, layout, tensors, {"longer": "x" * 77})
     back = load_file(str(out))
-    assert torch.equal(back["a"], source["a"]) and torch.equal(back["b"], source["b"])
-    assert torch.equal(back["new"], torch.ones(2).half())
+    assert torch.equal(back["b"], source["b"]) and torch.equal(back["new"], torch.ones(2).half())
+    assert torch.equal(back["a"], source["a"] * 2) and torch.equal(back["m"], source["m"] * 2)
+    assert seen["a"] == [(0, 2, (2, 700)), (2, 3, (1, 700))]  # 2 rows of 2800 bytes: over a chunk, but one unit
+    assert seen["m"] == [(0, 4, (4, 50)), (4, 6, (2, 50))]  # 1000 bytes hold 2 units of 2 rows of 200 bytes
     with pytest.raises(NMSparseError, match="tensor c: 20 bytes in the source, declared 16"):
         stream.write_streaming(out, [("c", (4,), torch.float32)], [bytes_of("c")])
     beyond = stream.SourceBytes(src, src.stat().st_size - 8, 16)  # a file shorter than its header says
-    with pytest.raises(NMSparseError, match="cannot read tensor d .*the file may be truncated"):
+    with pytest.raises(NMSparseError, match="cannot read tensor d .the file ends before it.; the file may be truncated"):
         stream.write_streaming(out, [("d", (4,), torch.float32)], [beyond])
 
 

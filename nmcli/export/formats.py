@@ -74,12 +74,9 @@ def _source_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str], prune: bo
 
 
 def _dense_of(item: Item, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A source item's one tensor as `prune` writes it: produced, then its pieces (with --prune: the mask, which
-    refuses NaN/Inf weights) run here, before the tensor is packed."""
-    produced = item.produce(tensors)
-    for piece in item.pieces(produced) if item.pieces else []:
-        piece()
-    return produced[0]
+    """A source item's one tensor as `prune` writes it (with --prune: masked, NaN/Inf weights refused), before it
+    is packed."""
+    return item.made(tensors)[0]
 
 
 def _base_metadata(resolved: Resolved, plan: PrunePlan, fmt: str) -> dict[str, str]:

@@ -3,12 +3,10 @@
 One pipeline serves prune (a tensor -> its pruned self), the `nm` export (a tensor -> values + positions), the
 `dense` export (values + positions -> a tensor) and the compressed-tensors export. A worker thread reads and
 transforms the next items while the caller writes the current one (I/O and torch kernels release the GIL); it runs
-ahead only while it holds less than the largest item, so peak memory is about twice the largest item. In-place work
-on an item (prune's masking) comes in independent pieces that both threads take, whichever is free: the reading
-thread after reading the item, the writing thread before writing it, so neither waits while the other is busy,
-whether writing or reading is the slower side on this machine at this moment. A tensor kept as it is (a copy
-item of a file source) is not read at all: the writer writes it from the file's memory map (`SourceBytes`). Output is
-written atomically: a file, or a folder with the same shards (index rewritten) for a folder source.
+ahead only while it holds less than the largest item, so peak memory is about twice the largest item. A tensor of a
+file source written as it is, or changed only row by row in place (prune's mask: a `RowChange`), is not read as a
+whole at all: the writer copies it from the file, through one small buffer when it changes (`SourceBytes`). Output
+is written atomically: a file, or a folder with the same shards (index rewritten) for a folder source.
 """
 
 from __future__ import annotations
@@ -27,14 +25,12 @@ import torch
 
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
-from nmcli.io.safetensors_stream import SourceBytes, nbytes, write_streaming
+from nmcli.io.safetensors_stream import RowChange, SourceBytes, nbytes, write_streaming
 from nmcli.io.sources import INDEX_NAME, Checkpoint
 
 Spec = tuple[str, tuple[int, ...], torch.dtype]
 Progress = Callable[[str, int], None]  # (item name, bytes read for it)
 
-
-Piece = Callable[[], None]
 
 
 def _as_is(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -44,53 +40,27 @@ def _as_is(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 @dataclass
 class Item:
     """`produce(inputs)` turns the tensors named `inputs` into tensors matching `outputs`, on the reading thread;
-    `pieces(produced)` is then in-place work on those tensors in independent pieces, run by whichever thread is free
-    (see `_Pieces`) before they are written. `as_source`: the output is the one input's bytes, changed (if at all)
-    only by `pieces`; with no pieces and a file source it is written from the file (`SourceBytes`), never read."""
+    `change` then works in place on the one output's rows. `as_source`: the output is the one input's bytes,
+    changed (if at all) only by `change`; from a file source the writer copies it from the file (`SourceBytes`)
+    and `produce` is not called."""
 
     inputs: list[str]
     outputs: list[Spec]
     produce: Callable[[list[torch.Tensor]], list[torch.Tensor]]
-    pieces: Callable[[list[torch.Tensor]], list[Piece]] | None = None
+    change: RowChange | None = None
     as_source: bool = False
+
+    def made(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The outputs of `tensors` (the inputs), produced and changed."""
+        produced = self.produce(tensors)
+        if self.change is not None:
+            self.change.run(produced[0])
+        return produced
 
 
 def copy_item(ckpt: Checkpoint, name: str) -> Item:
     info = ckpt.infos[name]
     return Item([name], [(name, info.shape, info.dtype)], _as_is, as_source=True)
-
-
-class _Pieces:
-    """One item's pieces of work, each taken by exactly one thread: the reading thread `help`s after reading the
-    item, the writing thread `finish`es (helps, then waits for pieces still running elsewhere) before writing it."""
-
-    def __init__(self) -> None:
-        self._todo: deque[Piece] = deque()
-        self._running = 0
-        self._idle = threading.Condition()
-
-    def add(self, pieces: list[Piece]) -> None:
-        with self._idle:
-            self._todo.extend(pieces)
-
-    def help(self) -> None:
-        while True:
-            with self._idle:
-                if not self._todo:
-                    return
-                piece = self._todo.popleft()
-                self._running += 1
-            try:
-                piece()
-            finally:
-                with self._idle:
-                    self._running -= 1
-                    self._idle.notify_all()
-
-    def finish(self) -> None:
-        self.help()
-        with self._idle:
-            self._idle.wait_for(lambda: self._running == 0)
 
 
 class _BufferPool:
@@ -117,10 +87,10 @@ def _input_bytes(ckpt: Checkpoint, item: Item) -> int:
 
 
 def _source_bytes(ckpt: Checkpoint, item: Item) -> SourceBytes | None:
-    """An item kept unchanged, as the writer copies it from the source file: never read into the process (so it
-    takes no room either). None for every other item."""
-    stored = ckpt.stored_at(item.inputs[0]) if item.as_source and item.pieces is None else None
-    return None if stored is None else SourceBytes(*stored, ckpt.infos[item.inputs[0]].nbytes)
+    """An item the writer copies from the source file (changing it row by row on the way, if it changes): never
+    read into the process as a whole (so it takes no room here either). None for every other item."""
+    stored = ckpt.stored_at(item.inputs[0]) if item.as_source else None
+    return None if stored is None else SourceBytes(*stored, ckpt.infos[item.inputs[0]].nbytes, item.change)
 
 
 def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterator[torch.Tensor | SourceBytes]:
@@ -128,37 +98,29 @@ def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterat
     read_bytes = [0 if source is not None else _input_bytes(ckpt, item) for item, source in zip(items, sources)]
     budget = max(read_bytes, default=0)
     pool = None if ckpt.is_in_memory else _BufferPool()
-    queue: deque[tuple[Future, _Pieces, Future, list[torch.Tensor]]] = deque()
+    queue: deque[tuple[Future | None, list[torch.Tensor]]] = deque()  # None: the writer copies the item itself
     ahead = submitted = 0  # bytes submitted but not yet handed over; items submitted
 
-    def work(item: Item, source: SourceBytes | None, buffers: list[torch.Tensor], pieces: _Pieces) -> list[torch.Tensor]:
-        if source is not None:
-            return []
+    def work(item: Item, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         tensors = [ckpt.read(n, into=b) for n, b in zip(item.inputs, buffers)] if pool else [ckpt.read(n) for n in item.inputs]
-        produced = item.produce(tensors)
-        pieces.add(item.pieces(produced) if item.pieces else [])
-        return produced
+        return item.made(tensors)
 
     def refill() -> None:
         nonlocal ahead, submitted
         while submitted < len(items) and (ahead < budget or not queue):  # at least one, even if all are empty
-            item, pieces = items[submitted], _Pieces()
-            source = sources[submitted]
+            item, source = items[submitted], sources[submitted]
             buffers = [pool.take(ckpt.infos[n].nbytes) for n in item.inputs] if pool and source is None else []
-            read = worker.submit(work, item, source, buffers, pieces)
-            queue.append((read, pieces, worker.submit(pieces.help), buffers))  # the reader's share, right after reading
+            queue.append((worker.submit(work, item, buffers) if source is None else None, buffers))
             ahead += read_bytes[submitted]
             submitted += 1
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmsparse-read") as worker:
         refill()
         for item, size, source in zip(items, read_bytes, sources):
-            read, pieces, helped, buffers = queue.popleft()
-            produced = read.result()
+            read, buffers = queue.popleft()
+            produced = read.result() if read is not None else []
             ahead -= size
-            refill()  # the worker reads ahead while the caller finishes and writes this item
-            pieces.finish()
-            helped.result()  # a piece the reading thread ran may have failed
+            refill()  # the worker reads ahead while the caller writes this item
             if source is not None:
                 yield source
             else:
@@ -171,9 +133,10 @@ def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterat
 
 @contextlib.contextmanager
 def _one_torch_thread() -> Iterator[None]:
-    """The worker's torch kernels on one core, the writer's copies on the other: with two OpenMP threads the
-    worker competes with the writer for both cores (measured on 2 cores, 2 GiB: 1.1-2.0x the time of a plain
-    copy, against 1.2-2.3x with two threads and 1.7-2.6x when reading into a memory-mapped output instead)."""
+    """Torch kernels on one thread while a checkpoint is rewritten: the worker's (exports' packing) and the writer's
+    (prune's mask, one chunk at a time) each keep to one core instead of OpenMP spreading each over both, against
+    the other thread (measured on 2 cores, 2 GiB, when prune masked in the worker: 1.1-2.0x the time of a plain
+    copy with one thread, 1.2-2.3x with two)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
