@@ -13,6 +13,7 @@ again`) checks the method: its interval should hold 1.0. Both conditions: idle, 
 per core minus one (bench/contention.py). Target (issues 3, 8, 12): at most 1.10x for every recipe at 2:4 and at
 1:16, in both conditions.
     python bench/step_overhead.py [--model timm|minilm] [--rounds 5] [--steps 10] [--batch 64]
+                                  [--patterns 2:4,1:16] [--conditions idle,busy]
 """
 
 from __future__ import annotations
@@ -167,7 +168,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default: 64 timm, 16 minilm)")
+    parser.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--conditions", default=",".join(label for label, _ in CONDITIONS),
+                        help="comma-separated, of idle and busy (default: %(default)s)")
     args = parser.parse_args()
+    wanted = args.conditions.split(",")
+    if unknown := set(wanted) - {label for label, _ in CONDITIONS}:
+        parser.error(f"--conditions: unknown {', '.join(sorted(unknown))}; choose from idle, busy")
+    conditions = [(label, condition) for label, condition in CONDITIONS if label in wanted]
     if args.model == "timm":
         subject = timm_subject(args.batch or 64)
     else:
@@ -176,11 +184,11 @@ def main() -> None:
         subject = hf_subject(minilm_folder(), args.batch or 16, seq_len=128)
     print(f"{subject.description}; {torch.get_num_threads()} torch threads")
     names = [PLAIN, *builtin_names(), CONTROL, *([TEACHER] if subject.teacher_forward else [])]
-    for pattern in PATTERNS:  # one pattern's models at a time: a MiniLM with its optimizer state is ~0.4 GB
+    for pattern in args.patterns.split(","):  # one pattern's models at a time: a MiniLM with its optimizer state is ~0.4 GB
         runners = {name: make_runner(name, pattern, subject) for name in names}
         for run in runners.values():
             run(2)  # warm-up (and the mask kernel's compilation)
-        for label, condition in CONDITIONS:
+        for label, condition in conditions:
             with condition() as busy:
                 print(f"\n{describe(label, busy)}")
                 report(pattern, time_round_robin(runners, args.rounds, args.steps))

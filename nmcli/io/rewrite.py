@@ -5,8 +5,8 @@ One pipeline serves prune (a tensor -> its pruned self), the `nm` export (a tens
 transforms the next items while the caller writes the current one (I/O and torch kernels release the GIL); it runs
 ahead only while it holds less than the largest item, so peak memory is about twice the largest item. A tensor of a
 file source written as it is, or changed only row by row in place (prune's mask: a `RowChange`), is not read as a
-whole at all: the writer copies it from the file, through one small buffer when it changes (`SourceBytes`). Output
-is written atomically: a file, or a folder with the same shards (index rewritten) for a folder source.
+whole at all: the writer copies it from the file through one small buffer, changing it on the way (`SourceBytes`).
+Output is written atomically: a file, or a folder with the same shards (index rewritten) for a folder source.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from nmcli.io.sources import INDEX_NAME, Checkpoint
 
 Spec = tuple[str, tuple[int, ...], torch.dtype]
 Progress = Callable[[str, int], None]  # (item name, bytes read for it)
-
 
 
 def _as_is(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
