@@ -8,11 +8,12 @@ back by the safetensors library in the tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,21 +100,36 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data) :]
 
 
-def _unreadable(source: SourceBytes, name: str, exc: OSError | None) -> NMSparseError:
+def _unreadable(path: Path, name: str, exc: OSError | None) -> NMSparseError:
     """`exc` None: the file ended early (it is shorter than its header says)."""
     if exc is None:
-        return NMSparseError(f"{source.path}: cannot read tensor {name} (the file ends before it); the file may be truncated")
-    return NMSparseError(f"{source.path}: cannot read tensor {name} ({exc.strerror or exc})")
+        return NMSparseError(f"{path}: cannot read tensor {name} (the file ends before it); the file may be truncated")
+    return NMSparseError(f"{path}: cannot read tensor {name} ({exc.strerror or exc})")
 
 
-def _read_exactly(fd: int, into: memoryview, offset: int, source: SourceBytes, name: str) -> None:
+@contextlib.contextmanager
+def opened(path: Path, name: str) -> Iterator[int]:
+    """A read-only descriptor of `path`, the file holding tensor `name` (for `read_exactly`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise _unreadable(path, name, exc) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def read_exactly(fd: int, into: memoryview, offset: int, path: Path, name: str) -> None:
+    """`into` filled from byte `offset` of `fd` (`opened(path, name)`): tensor `name`, or a part of it. An I/O
+    error or a file that ends early is a one-line error naming both."""
     while into:
         try:
             got = os.preadv(fd, [into], offset)
         except OSError as exc:
-            raise _unreadable(source, name, exc) from None
+            raise _unreadable(path, name, exc) from None
         if not got:
-            raise _unreadable(source, name, None)
+            raise _unreadable(path, name, None)
         into, offset = into[got:], offset + got
 
 
@@ -126,20 +142,14 @@ def _copy_source(fd: int, name: str, source: SourceBytes, shape: tuple[int, ...]
     row_bytes, unit = nbytes(shape[1:], dtype), source.change.unit if source.change else 1
     step = max(1, CHUNK_BYTES // max(1, row_bytes * unit)) * unit
     buffer = torch.empty(min(step, shape[0]) * row_bytes, dtype=torch.uint8)
-    try:
-        src = os.open(source.path, os.O_RDONLY)
-    except OSError as exc:
-        raise _unreadable(source, name, exc) from None
-    try:
+    with opened(source.path, name) as src:
         for start in range(0, shape[0], step):
             stop = min(start + step, shape[0])
             chunk = buffer[: (stop - start) * row_bytes]
-            _read_exactly(src, chunk.numpy().data, source.offset + start * row_bytes, source, name)
+            read_exactly(src, chunk.numpy().data, source.offset + start * row_bytes, source.path, name)
             if source.change is not None:
                 source.change.apply(chunk.view(dtype).view(stop - start, *shape[1:]), slice(start, stop))
             _write_all(fd, chunk.numpy().data)
-    finally:
-        os.close(src)
 
 
 def _bytes_of(name: str, shape: tuple[int, ...], dtype: torch.dtype, tensor: torch.Tensor) -> memoryview:

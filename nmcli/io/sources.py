@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from nmcli.errors import NMSparseError
-from nmcli.io.safetensors_stream import DTYPES_BY_NAME, nbytes
+from nmcli.io.safetensors_stream import DTYPES_BY_NAME, nbytes, opened, read_exactly
 
 INDEX_NAME = "model.safetensors.index.json"
 STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state", "module")
@@ -69,14 +69,8 @@ class Checkpoint:
             tensor = torch.empty(info.shape, dtype=info.dtype)
         else:
             tensor = into[: info.nbytes].view(info.dtype).view(info.shape)
-        buffer = tensor.view(-1).view(torch.uint8).numpy() if info.nbytes else None
-        try:
-            with open(path, "rb") as f:
-                f.seek(info.offset)
-                if buffer is not None and f.readinto(buffer.data) != buffer.nbytes:
-                    raise OSError("unexpected end of file")
-        except OSError as exc:
-            raise NMSparseError(f"{path}: cannot read tensor {name} ({exc}); the file may be truncated") from None
+        with opened(path, name) as fd:
+            read_exactly(fd, tensor.view(-1).view(torch.uint8).numpy().data, info.offset, path, name)
         return tensor
 
     def stored_at(self, name: str) -> tuple[Path, int] | None:
