@@ -3,8 +3,8 @@
 A third job, `stream`, runs prune's own pipeline with nothing to prune, so every tensor is copied unchanged:
 stream/copy is the pipeline's own cost, prune/stream what masking the targets on the way adds. Each job runs in its
 own fresh interpreter (best of the repeats; the range of all runs is printed too) so that its peak RSS (VmHWM) is
-its own; the baseline is the RSS after imports. Both conditions: idle, and with a competing busy process per core minus
-one (bench/contention.py).
+its own; the baseline is the RSS after imports. Both conditions: idle, and with a competing busy process per core
+minus one (bench/contention.py).
 Targets (issues 2, 12): prune time at most 1.5x the copy's in both; prune peak RSS above baseline at most about
 2x the largest tensor.
     python bench/prune.py [--gb 2] [--repeats 4] [--dir /tmp]
@@ -49,7 +49,7 @@ base, loaded = rss("VmRSS:"), time.perf_counter() - loading
 start = time.perf_counter()
 if job == "copy":
     save_file(load_file(src), dst)
-elif job == "stream":  # prune's own pipeline with nothing to prune: every tensor written from the file
+elif job == "stream":  # prune's own pipeline with nothing to prune: every tensor copied unchanged
     from nmcli.io.rewrite import copy_item, rewrite
     ckpt = resolve(src).checkpoint
     rewrite(ckpt, lambda names: [copy_item(ckpt, n) for n in names], Path(dst), {}, force=True)
@@ -99,7 +99,7 @@ def main() -> None:
         size = src.stat().st_size
         print(f"checkpoint {size / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB "
               f"(made in {time.perf_counter() - started:.1f}s); pattern {args.pattern}")
-        compare(src, Path(tmp), args.pattern, 1)  # not counted: the first runs after making the file were up to 5x slower
+        compare(src, Path(tmp), args.pattern, 1)  # not counted: the first runs after making the file were 5x slower
         for label, condition in CONDITIONS:
             with condition() as busy:
                 print(f"\n{describe(label, busy)}")

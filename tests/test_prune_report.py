@@ -88,8 +88,8 @@ def test_layers_whose_k_does_not_divide_are_skipped_and_reported(cli, tmp_path):
 
 
 def test_hf_bert_sharded_folder_round_trip(cli, tmp_path, hf_bert_folder, monkeypatch):
-    """...and no tensor is read into memory: each is copied from its shard's file, the targets then masked in the
-    output."""
+    """...and no tensor is read into memory whole: each is copied from its shard's file, the targets masked on the
+    way."""
     from nmcli.io.sources import Checkpoint
 
     read, original_read = [], Checkpoint.read
