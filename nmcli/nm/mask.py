@@ -8,7 +8,8 @@ CPU tensors go through one compiled pass over the groups (numba, `nogil`, no ful
 tensors are split into row chunks that a small pool of threads takes one at a time, each chunk single-threaded. So
 there is no barrier between threads except the final one, and a thread whose core is busy with another process
 just takes fewer chunks: the cost no longer depends on every core being free (bench/mask.py measures both).
-Other devices (CUDA while training) sort the same integer keys, stably.
+Other devices (CUDA while training) rank the same integer keys within each group by comparing one position
+with all the others at a time, or take the first maximum at N = 1.
 """
 
 from __future__ import annotations
@@ -230,10 +231,19 @@ def _cpu_bits(groups: torch.Tensor) -> tuple[np.ndarray, int, int]:
     return groups.view(int_dtype).numpy(), abs_mask, inf_bits + 1
 
 
-def _sorted_group_mask(groups: torch.Tensor, n: int) -> torch.Tensor:
-    """Any device: a stable descending sort of the integer keys puts equal magnitudes in index order."""
-    index = magnitude_keys(groups).sort(dim=1, descending=True, stable=True).indices[:, :n]
-    return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, index, True)
+def _ranked_group_mask(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Any device, in a few elementwise kernels per group position (no sort; `topk` breaks ties unpredictably):
+    N = 1 keeps the first maximal key (argmax returns the lowest index); otherwise an entry's rank counts the keys
+    of its group that come first (greater, or equal at a lower index), and rank < N is kept."""
+    keys = magnitude_keys(groups)
+    if n == 1:
+        return torch.arange(groups.shape[1], device=groups.device) == keys.argmax(dim=1, keepdim=True)
+    rank = torch.zeros_like(keys, dtype=torch.int32)
+    for j in range(groups.shape[1]):
+        key = keys[:, j:j + 1]
+        rank[:, j + 1:] += key >= keys[:, j + 1:]
+        rank[:, :j] += key > keys[:, :j]
+    return rank < n
 
 
 def group_mask(groups: torch.Tensor, n: int) -> torch.Tensor:
@@ -241,7 +251,7 @@ def group_mask(groups: torch.Tensor, n: int) -> torch.Tensor:
     if n >= groups.shape[1]:
         return torch.ones_like(groups, dtype=torch.bool)
     if groups.device.type != "cpu" or groups.dtype not in _BITS:
-        return _sorted_group_mask(groups, n)
+        return _ranked_group_mask(groups, n)
     groups = groups.contiguous()
     mask = torch.empty_like(groups, dtype=torch.bool)
     bits, abs_mask, nan_key = _cpu_bits(groups)
@@ -274,7 +284,7 @@ def apply_nm_(weight: torch.Tensor, pattern: NMPattern, layout: Layout) -> int:
     groups = to_groups(weight, layout, pattern.m)
     if groups.device.type != "cpu" or groups.dtype not in _BITS:
         nonfinite = count_nonfinite(groups)
-        groups = groups.masked_fill(~_sorted_group_mask(groups, pattern.n), 0)
+        groups = groups.masked_fill(~_ranked_group_mask(groups, pattern.n), 0)
     else:
         groups = groups.contiguous()  # a copy only when the K axis is not the innermost one
         bits, abs_mask, nan_key = _cpu_bits(groups)
