@@ -14,10 +14,14 @@ import argparse
 import statistics
 import time
 
-import torch
+from nmcli.openmp import setting, spin_briefly
 
-from contention import CONDITIONS, describe
-from nmcli.nm import LINEAR, nm_mask, parse_pattern
+spin_briefly()  # as the nmsparse command does, before torch loads OpenMP
+
+import torch  # noqa: E402
+
+from contention import CONDITIONS, describe  # noqa: E402
+from nmcli.nm import LINEAR, nm_mask, parse_pattern  # noqa: E402
 
 PATTERNS = ("2:4", "1:4", "1:8", "1:16", "1:32")
 
@@ -61,7 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     weight = torch.randn(args.size, args.size).to(args.device)
     where = torch.cuda.get_device_name(args.device) if weight.is_cuda else f"{torch.get_num_threads()} torch threads"
-    print(f"weight {args.size}x{args.size} fp32 on {args.device}, torch {torch.__version__}, {where}")
+    print(f"weight {args.size}x{args.size} fp32 on {args.device}, torch {torch.__version__}, {where}, {setting()}")
     for _ in range(3):  # compile (or load the cached kernel), warm the GPU, before timing
         nm_mask(weight, parse_pattern("2:4"), LINEAR)
     for label, condition in CONDITIONS:

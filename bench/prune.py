@@ -21,10 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from nmcli.openmp import setting, spin_briefly
 
-from contention import CONDITIONS, describe
-from nmcli.io.safetensors_stream import write_streaming
+spin_briefly()  # as the nmsparse command does, before torch loads OpenMP
+
+import torch  # noqa: E402
+
+from contention import CONDITIONS, describe  # noqa: E402
+from nmcli.io.safetensors_stream import write_streaming  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -98,7 +102,7 @@ def main() -> None:
         largest = make_checkpoint(src, args.gb)
         size = src.stat().st_size
         print(f"checkpoint {size / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB "
-              f"(made in {time.perf_counter() - started:.1f}s); pattern {args.pattern}")
+              f"(made in {time.perf_counter() - started:.1f}s); pattern {args.pattern}; {setting()}")
         compare(src, Path(tmp), args.pattern, 1)  # not counted: the first runs after making the file were 5x slower
         for label, condition in CONDITIONS:
             with condition() as busy:

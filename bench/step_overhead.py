@@ -26,17 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm.optim
-import torch
-from torch import nn
+from nmcli.openmp import setting, spin_briefly
 
-from contention import CONDITIONS, describe
-from nmcli.methods.plan import plan_step
-from nmcli.methods.sparsifier import Sparsifier
-from nmcli.models import LayerInfo
-from nmcli.recipes import builtin_names, load_recipe
-from nmcli.schedules import Phases
-from nmcli.train.engine import train_step
+spin_briefly()  # as the nmsparse command does, before torch loads OpenMP
+
+import timm.optim  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from contention import CONDITIONS, describe  # noqa: E402
+from nmcli.methods.plan import plan_step  # noqa: E402
+from nmcli.methods.sparsifier import Sparsifier  # noqa: E402
+from nmcli.models import LayerInfo  # noqa: E402
+from nmcli.recipes import builtin_names, load_recipe  # noqa: E402
+from nmcli.schedules import Phases  # noqa: E402
+from nmcli.train.engine import train_step  # noqa: E402
 
 SCHEDULE_STEPS = 1000
 PATTERNS = ("2:4", "1:16")
@@ -182,7 +186,7 @@ def main() -> None:
         from nmcli.train.example import minilm_folder
 
         subject = hf_subject(minilm_folder(), args.batch or 16, seq_len=128)
-    print(f"{subject.description}; {torch.get_num_threads()} torch threads")
+    print(f"{subject.description}; {torch.get_num_threads()} torch threads, {setting()}")
     names = [PLAIN, *builtin_names(), CONTROL, *([TEACHER] if subject.teacher_forward else [])]
     for pattern in args.patterns.split(","):  # one pattern's models at a time: a MiniLM with its optimizer state is ~0.4 GB
         runners = {name: make_runner(name, pattern, subject) for name in names}
