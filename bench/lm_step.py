@@ -17,6 +17,7 @@ from pathlib import Path
 
 from child import run_child
 from contention import CONDITIONS, describe
+from nmcli.openmp import setting, spin_briefly
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,7 +55,8 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(f"recipe {args.recipe} at {args.pattern}, batch {args.batch} x {args.seq_len} tokens")
+    spin_briefly()  # the children inherit it, as the nmsparse command's would
+    print(f"recipe {args.recipe} at {args.pattern}, batch {args.batch} x {args.seq_len} tokens; {setting()}")
     for label, condition in CONDITIONS:
         with condition() as busy:
             print(f"\n{describe(label, busy)}")

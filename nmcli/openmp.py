@@ -2,10 +2,10 @@
 
 torch's CPU kernels run on GNU OpenMP (libgomp). A thread that reaches the end of a parallel region first spins,
 by default for up to 300,000 iterations (milliseconds), waiting for the others. When another process keeps a core
-busy, the thread it waits for is often the one not scheduled, and the spinning one holds the core it needs: a
-training step of the built-in ViT took 295 ms instead of 83 ms idle, and varied 170-420 ms step to step. With 3,000
-spins a waiting thread soon sleeps and gives the core back: 200 ms busy (190-210 ms), 83-85 ms idle; MiniLM's
-distillation step 1.93-2.0 s busy instead of 2.8 s, 1.06-1.09 s idle as before (2 cores, one competing process).
+busy, the thread it waits for is often the one not scheduled, and the spinning one holds the core it needs. With
+3,000 spins a waiting thread soon sleeps and gives the core back. On 2 cores with one competing process: a training
+step of the built-in ViT 170-178 ms instead of 150-580 ms (median ~290), a SmolLM2-135M distillation step 56 instead
+of 45 tokens/s (fp32) and 86 instead of 59 (bf16); idle about the same (bench/step_overhead.py, bench/lm_step.py).
 
 libgomp reads the setting once, when torch loads it, so the entry point sets it before anything imports torch. A
 GOMP_SPINCOUNT or OMP_WAIT_POLICY the user set is left as it is.
@@ -31,4 +31,5 @@ def spin_briefly() -> bool:
 
 def setting() -> str:
     """The wait settings OpenMP runs with in this process, for benchmark headers."""
-    return ", ".join(f"{name}={os.environ[name]}" for name in USER_SETTINGS if name in os.environ) or "OpenMP defaults"
+    chosen = [f"{name}={os.environ[name]}" for name in USER_SETTINGS if name in os.environ]
+    return ", ".join(chosen) or "OpenMP defaults"
