@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,10 @@ class Resolved:
     layers: dict[str, LayerInfo]
     declared: SparsityMetadata | None
     match: StateMatch | None = None  # checkpoint names -> model state keys (None without an architecture)
+    # N:M-capable layers of the architecture whose weight the checkpoint does not hold under their own name (a tied
+    # LM head shares the input embeddings' tensor; a parameter the file lacks): never targets, but a format that
+    # picks layers by class (compressed-tensors' "Linear") must be told to leave them alone.
+    unstored: dict[str, LayerInfo] = field(default_factory=dict)
 
     def declared_targets(self) -> dict[str, LayerInfo]:
         """The N:M layers the file's metadata declares (empty when it declares none)."""
@@ -104,17 +108,20 @@ def resolve(
     else:
         raise NMSparseError(f"SOURCE {source!r} is neither an existing file/folder nor a timm model name")
 
-    match = None
+    match, unstored = None, {}
     if ckpt.graph_layouts is not None:  # ONNX: names are the graph's, layouts come from the graph
         layers = {n: LayerInfo(n, n, layout_by_name(l)) for n, l in ckpt.graph_layouts.items()}
     elif ref is not None:
         arch = build_model(ref)
         match = match_state(arch, ckpt.infos, ckpt.where, exact=ref.source == "timm")
-        layers = _layers_by_checkpoint_name(layers_of_model(arch, ref), match)
+        model_layers = layers_of_model(arch, ref)
+        layers = _layers_by_checkpoint_name(model_layers, match)
+        stored = match.to_checkpoint()
+        unstored = {key: layer for key, layer in model_layers.items() if key not in stored}
     else:
         layers = layers_from_shapes(ckpt.infos.values())
     declared = SparsityMetadata.from_strings(ckpt.metadata, ckpt.where)
-    return Resolved(ckpt, ref, layers, declared, match)
+    return Resolved(ckpt, ref, layers, declared, match, unstored)
 
 
 def _layers_by_checkpoint_name(layers: dict[str, LayerInfo], match: StateMatch) -> dict[str, LayerInfo]:

@@ -86,12 +86,16 @@ def save_tiny_hf(folder: Path, kind: str, seed: int = 0, tokenizer: bool = False
     if tokenizer:
         overrides.setdefault("vocab_size", 30522)
     overrides.setdefault("vocab_size", 128)
-    if kind == "llama":
-        config = transformers.LlamaConfig(
+    if kind in ("llama", "qwen2"):
+        overrides.setdefault("tie_word_embeddings", True)
+        family = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                  "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
+        config_class, model_class = family[kind]
+        config = config_class(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, **overrides,
+            num_key_value_heads=2, max_position_embeddings=64, **overrides,
         )
-        model = transformers.LlamaForCausalLM(config)
+        model = model_class(config)
     elif kind == "gpt2":
         config = transformers.GPT2Config(**{"n_embd": 32, "n_inner": 64, "n_layer": 2, "n_head": 4, "n_positions": 64, **overrides})
         model = transformers.GPT2LMHeadModel(config)

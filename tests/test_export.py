@@ -14,6 +14,7 @@ from nmcli import load_nm
 from nmcli.checkpoints import resolve
 from nmcli.models import build_model
 from nmcli.nm import LINEAR, NMPattern, apply_nm
+from tests.conftest import save_tiny_hf
 from tests.reference import brute_force_mask
 
 
@@ -128,6 +129,35 @@ def test_compressed_tensors_keeps_convs_dense_and_refuses_wider_patterns(cli, tm
     path, _ = _sparse_file(tmp_path, "4:8", name="w.safetensors")
     bad = cli("export", path, "--format", "compressed-tensors", "--pattern", "4:8", "--out", tmp_path / "ct2")
     assert bad.exit_code == 2 and "use --format nm" in bad.stderr
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "bert"])
+def test_compressed_tensors_export_loads_in_transformers_and_computes_the_same(cli, tmp_path, kind, tied):
+    """transformers (with compressed-tensors 0.14.0.1) loads the export and computes exactly what the pruned source
+    computes; a tied LM head (no tensor of its own) stays tied and is never a compression target (issue 29)."""
+    import transformers
+
+    source = save_tiny_hf(tmp_path / "src", kind, tie_word_embeddings=tied)
+    pruned, out = tmp_path / "pruned", tmp_path / "ct"
+    assert cli("prune", source, "-p", "2:4", "-o", pruned, "-q").exit_code == 0
+    r = cli("export", pruned, "--format", "compressed-tensors", "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    packed = json.loads(r.stdout)["nm_layers"]
+    raw = load_file(str(out / "model.safetensors"))
+    assert all(name.removesuffix(".weight") + ".compressed" in raw and name not in raw for name in packed)
+    assert bool(packed) == (kind != "gpt2")  # GPT-2's blocks are Conv1D: compressed-tensors packs Linear only
+    auto = transformers.AutoModel if kind == "bert" else transformers.AutoModelForCausalLM
+    loaded = auto.from_pretrained(out, dtype=torch.float32).eval()
+    reference = auto.from_pretrained(pruned, dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = loaded(ids), reference(ids)
+    first = "last_hidden_state" if kind == "bert" else "logits"
+    assert torch.equal(got[first], want[first])
+    if kind != "bert":
+        head, embeddings = loaded.get_output_embeddings().weight, loaded.get_input_embeddings().weight
+        assert (head.data_ptr() == embeddings.data_ptr()) == tied
 
 
 def _onnx_vs_torch(onnx_path, checkpoint, batch):

@@ -138,6 +138,14 @@ def _bitmask_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
     return [torch.tensor([rows, cols], dtype=torch.int64).reshape(-1, 1), compressed, bitmask]
 
 
+def _ignored_modules(resolved: Resolved, dense: list[str]) -> list[str]:
+    """compressed-tensors targets every `Linear` of the model: each one it must not decompress is named, the N:M
+    layers kept dense and every layer whose weight is not stored under its own name (a tied LM head: the loader
+    would look for `lm_head.compressed` and find no weight at all)."""
+    kept = {resolved.layers[n].module if n in resolved.layers else n.removesuffix(".weight") for n in dense}
+    return sorted(kept | {layer.module for layer in resolved.unstored.values()})
+
+
 def export_compressed_tensors(
     resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, force: bool, progress: Progress
 ) -> ExportResult:
@@ -179,7 +187,7 @@ def export_compressed_tensors(
         "sparsity_config": {
             "format": CT_FORMAT,
             "targets": ["Linear"],
-            "ignore": sorted({resolved.layers[n].module if n in resolved.layers else n.removesuffix(".weight") for n in dense}),
+            "ignore": _ignored_modules(resolved, dense),
             "global_sparsity": zeros / total if total else 0.0,
             "sparsity_structure": "2:4",
         },
