@@ -32,7 +32,9 @@ app = typer.Typer(
 )
 # No markup or emoji in anything printed: paths, layer names and messages are shown as they are ("x[/].pt" or
 # "N:M:" would otherwise be read as markup or an emoji code); the few styled words use explicit styles.
-_PLAIN = {"markup": False, "emoji": False, "highlight": False}
+# soft_wrap: a printed line is never broken, whatever the terminal's width or where the output goes (a log, a pipe,
+# a script reading it line by line); a terminal folds a long line itself. Tables still fit the width.
+_PLAIN = {"markup": False, "emoji": False, "highlight": False, "soft_wrap": True}
 out = Console(**_PLAIN)
 if not out.is_terminal:  # piped output: wide enough that tables do not fold layer names
     out = Console(width=200, **_PLAIN)
@@ -97,7 +99,7 @@ def progress_bar(enabled: bool, unit: str = "tensors") -> Progress:
         TextColumn("{task.fields[item]}", style="dim", markup=False),
         console=err,
         transient=True,
-        disable=not enabled,
+        disable=not (enabled and err.is_terminal),  # a log or a pipe gets no bar (not even its last newline)
     )
 
 
@@ -340,7 +342,7 @@ class RichReporter:
         self.bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             TextColumn("loss {task.fields[loss]:.4f} | {task.fields[phase]} {task.fields[pattern]}"),
-            console=err, transient=True, disable=not self.enabled,
+            console=err, transient=True, disable=not (self.enabled and err.is_terminal),
         )
         self.bar.start()
         self.task = self.bar.add_task(description, total=total_steps, completed=first_step, loss=0.0, phase="", pattern="")
