@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 
 def load_nm(path):  # noqa: ANN001, ANN201 - re-exported, typed where defined
     """The exact dense tensors of an nmsparse safetensors file (an `nm`-compressed one is decompressed)."""
-    from nmcli.io.nm_format import load_nm as _load
+    from nmcli.io.opener import load_nm as _load
 
     return _load(path)

@@ -10,7 +10,8 @@ from torch import nn
 
 from nmcli.errors import NMSparseError
 from nmcli.io.metadata import SparsityMetadata, model_from_strings
-from nmcli.io.sources import Checkpoint, in_memory, load_state_dict_file, open_path
+from nmcli.io.opener import open_path
+from nmcli.io.sources import Checkpoint, in_memory, load_state_dict_file
 from nmcli.nm import layout_by_name
 from nmcli.models import (
     LayerInfo,

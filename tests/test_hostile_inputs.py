@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nmcli.io.nm_format import POSITIONS_SUFFIX, load_nm
+from nmcli.io.nm_format import POSITIONS_SUFFIX
+from nmcli.io.opener import load_nm
 from nmcli.nm import LINEAR, NMPattern, apply_nm
 from tests.test_cli_errors import _assert_clean_error
 
@@ -234,7 +235,7 @@ def test_a_file_of_empty_tensors_is_copied_not_crashed(cli, tmp_path):
     r = cli("prune", src, "--out", out)
     _assert_clean_error(r, "no layer can take 2:4")
     from nmcli.io.rewrite import copy_item, rewrite
-    from nmcli.io.sources import open_path
+    from nmcli.io.opener import open_path
 
     ckpt = open_path(src)
     rewrite(ckpt, lambda names: [copy_item(ckpt, n) for n in names], out, {}, force=False)  # the pipeline itself

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from nmcli.errors import NMSparseError
-from nmcli.io.sources import load_state_dict_file, open_folder, open_path
+from nmcli.io.opener import open_path
+from nmcli.io.sources import load_state_dict_file, open_folder
 
 
 def test_safetensors_header_is_read_without_data(tmp_path):

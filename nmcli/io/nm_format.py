@@ -176,11 +176,3 @@ def dense_view(packed: Checkpoint) -> DenseView:
                 f"but the table says {entry.info.dtype} / torch.uint8; the file is damaged, re-export it"
             )
     return DenseView(packed, entries)
-
-
-def load_nm(path: str | Path) -> dict[str, torch.Tensor]:
-    """Public loader: the exact dense tensors of an `nm`-compressed (or any) nmsparse safetensors file."""
-    from nmcli.io.sources import open_path
-
-    ckpt = open_path(Path(path))
-    return {name: ckpt.read(name) for name in ckpt.infos}

@@ -2,6 +2,7 @@
 
 Supported: a safetensors file; a folder of sharded safetensors with `model.safetensors.index.json`; a Hugging Face
 model folder (config.json + safetensors); an in-memory state dict (timm model + `.pth`/safetensors checkpoint).
+Which reader a path needs (these, nm_format's or onnx_source's) is io/opener.py's choice.
 Nothing here unpickles untrusted data: `.pth` files go through `torch.load(weights_only=True)`.
 """
 
@@ -191,30 +192,6 @@ def open_folder(folder: Path) -> Checkpoint:
         raise NMSparseError(f"{config_path}: expected a JSON object")
     return Checkpoint(
         where=str(folder), infos=infos, metadata=metadata, shards=shards, folder=folder, hf_config=hf_config
-    )
-
-
-def open_path(path: Path) -> Checkpoint:
-    """Any checkpoint on disk; an `nm`-compressed one opens as its dense tensors (see io/nm_format.py)."""
-    from nmcli.io.nm_format import dense_view, is_nm_compressed
-
-    if path.is_dir():
-        ckpt = open_folder(path)
-    elif not path.exists():
-        raise NMSparseError(f"{path}: no such file or folder")
-    elif path.suffix == ".safetensors":
-        ckpt = open_safetensors_file(path)
-    elif path.suffix == ".onnx":
-        from nmcli.io.onnx_source import open_onnx
-
-        return open_onnx(path)
-    else:
-        ckpt = None
-    if ckpt is not None:
-        return dense_view(ckpt) if is_nm_compressed(ckpt.metadata) else ckpt
-    raise NMSparseError(
-        f"{path}: expected a .safetensors file or a model folder; for a .pth checkpoint give "
-        "the timm model name as SOURCE and the file with --checkpoint"
     )
 
 
