@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from nmcli.checkpoints import resolve
+from nmcli.models.resolve import resolve
 from nmcli.export.service import run_export
 from nmcli.nm import LINEAR, apply_nm, parse_pattern
 

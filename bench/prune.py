@@ -41,7 +41,7 @@ def rss(field):
 
 job, src, dst = sys.argv[1:4]
 from safetensors.torch import load_file, save_file
-from nmcli.checkpoints import resolve
+from nmcli.models.resolve import resolve
 from nmcli.nm import parse_pattern
 from nmcli.prune import plan_prune, prune
 imported, loading = rss("VmRSS:"), time.perf_counter()

@@ -37,7 +37,7 @@ from torch import nn  # noqa: E402
 from contention import CONDITIONS, describe  # noqa: E402
 from nmcli.methods.plan import plan_step  # noqa: E402
 from nmcli.methods.sparsifier import Sparsifier  # noqa: E402
-from nmcli.models import LayerInfo  # noqa: E402
+from nmcli.models.targets import LayerInfo  # noqa: E402
 from nmcli.recipes import builtin_names, load_recipe  # noqa: E402
 from nmcli.schedules import Phases  # noqa: E402
 from nmcli.train.engine import train_step  # noqa: E402
@@ -66,7 +66,8 @@ CONTROL = "dense again"  # a second dense runner: how far two identical runners 
 
 
 def timm_subject(batch_size: int) -> Subject:
-    from nmcli.models import ModelRef, build_model, layers_of_model, select_targets
+    from nmcli.models.architecture import ModelRef, build_model
+    from nmcli.models.targets import layers_of_model, select_targets
     from nmcli.train.example import EXAMPLE_KWARGS, EXAMPLE_MODEL
     from nmcli.train.tasks import ImageTask
 
@@ -99,11 +100,11 @@ def hf_subject(folder: Path, batch_size: int, seq_len: int, replay: bool = True,
     built-in Python help text. `replay`: the teacher's outputs are computed once and replayed, so a step is the
     student's alone (the teacher's forward is timed apart). `bf16` as `finetune --bf16`: the teacher in bf16, the
     student's step under bf16 autocast."""
-    from nmcli.checkpoints import load_model, resolve
+    from nmcli.models.resolve import load_model, resolve
     from nmcli.data.text import PYTHON_HELP, load_texts
     from nmcli.data.tokens import PadCollate, load_tokenizer
     from nmcli.eval import training_samples
-    from nmcli.models import model_kind
+    from nmcli.models.architecture import model_kind
     from nmcli.nm import parse_pattern
     from nmcli.prune import plan_prune
     from nmcli.train.distill import Distiller, resolve_spec

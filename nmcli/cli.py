@@ -157,7 +157,7 @@ def prune(
 ) -> None:
     """One-shot N:M pruning: magnitude streamed tensor by tensor, or Wanda / SparseGPT calibrated layer by layer on
     the outputs of the layers already pruned (dense-shaped output with exact zeros)."""
-    from nmcli.checkpoints import resolve
+    from nmcli.models.resolve import resolve
     from nmcli.device import run_device
     from nmcli.io.atomic import check_writable
     from nmcli.prune import plan_prune
@@ -262,7 +262,7 @@ def report(
     quiet: QuietOpt = False,
 ) -> None:
     """Per-layer N:M compliance, sparsity and FLOPs (dense, theoretical sparse, 2:4 tensor-core effective)."""
-    from nmcli.checkpoints import resolve
+    from nmcli.models.resolve import resolve
     from nmcli.report import build_report, render_report
 
     with user_errors():
@@ -570,7 +570,7 @@ def recipe_show(
 ) -> None:
     """The schedule a recipe follows: phases, stages, alpha at key points, training FLOPs vs dense."""
     from nmcli.io.atomic import atomic_output
-    from nmcli.models import ModelRef
+    from nmcli.models.architecture import ModelRef
     from nmcli.recipes import load_recipe
     from nmcli.schedule_report import describe_schedule, plot_schedule
 
@@ -626,7 +626,7 @@ def export(
     quiet: QuietOpt = False,
 ) -> None:
     """Write a sparse checkpoint as nm (compressed, any N:M), compressed-tensors (2:4), ONNX, or dense."""
-    from nmcli.checkpoints import resolve
+    from nmcli.models.resolve import resolve
     from nmcli.export.service import run_export
 
     with user_errors():

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nmcli.checkpoints import Resolved, load_model, resolve
+from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.data.images import MNIST5K, load_data
 from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import PadCollate, TokenSamples, encoder_samples, encoder_texts, lm_chunks, load_tokenizer
 from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
-from nmcli.models import ModelKind, data_config, model_kind
+from nmcli.models.architecture import ModelKind, data_config, model_kind
 from nmcli.train.distill import mean_pool
 from nmcli.train.distributed import DistEnv, sum_over_ranks
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from nmcli.checkpoints import Resolved, resolve
+from nmcli.models.resolve import Resolved, resolve
 from nmcli.data.teacher import teacher_count
 from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import load_tokenizer
@@ -32,7 +32,7 @@ from nmcli.errors import NMSparseError
 from nmcli.eval import training_samples
 from nmcli.io.atomic import write_text_atomic
 from nmcli.methods.plan import relative_training_flops
-from nmcli.models import ModelKind, model_kind
+from nmcli.models.architecture import ModelKind, model_kind
 from nmcli.nm import parse_pattern
 from nmcli.prune import plan_prune
 from nmcli.recipes import Recipe, load_recipe

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nmcli.io.atomic import write_text_atomic
-from nmcli.models import ModelKind
+from nmcli.models.architecture import ModelKind
 from nmcli.study_page import GRADIENT_FLOW, mean_std, save_plot
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nmcli.checkpoints import Resolved
+from nmcli.models.resolve import Resolved
 from nmcli.errors import NMSparseError
 from nmcli.io.metadata import SparsityMetadata
 from nmcli.io.rewrite import Item, Progress, copy_item, rewrite
 from nmcli.io.safetensors_stream import RowChange
 from nmcli.io.sources import Checkpoint
-from nmcli.models import LayerInfo, ModelRef, select_targets
+from nmcli.models.architecture import ModelRef
+from nmcli.models.targets import LayerInfo, select_targets
 from nmcli.nm import MASKABLE_DTYPES, NMPattern, apply_nm_, reduction_length
 
 @dataclass

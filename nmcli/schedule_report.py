@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nmcli.methods.plan import plan_spans, plan_step, relative_training_flops, training_density
-from nmcli.models import ModelRef
+from nmcli.models.architecture import ModelRef
 from nmcli.nm import NMPattern
 from nmcli.recipes import Recipe
 from nmcli.schedules import Phases
@@ -32,7 +32,8 @@ def describe_schedule(recipe: Recipe, target: NMPattern, steps: int, model: Mode
     decay = range(phases.dense_end, phases.finetune_start)
     key_points = sorted({decay[int(f * (len(decay) - 1))] for f in (0, 0.25, 0.5, 0.75, 1.0)} if decay else set())
     if model is not None:
-        from nmcli.models import build_model, layers_of_model, select_targets
+        from nmcli.models.architecture import build_model
+        from nmcli.models.targets import layers_of_model, select_targets
         from nmcli.report.flops import per_layer_flops
 
         meta = build_model(model)

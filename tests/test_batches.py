@@ -60,7 +60,7 @@ def test_finetune_trains_text_in_batches_grouped_by_length(cli, tmp_path, tiny_b
     assert r.exit_code == 0, r.output
     from nmcli.data.text import PYTHON_HELP
     from nmcli.eval import text_data
-    from nmcli.models import ModelKind
+    from nmcli.models.architecture import ModelKind
     from nmcli.train.tasks import limit_samples
 
     train = limit_samples(text_data(ModelKind.ENCODER, tiny_bert, PYTHON_HELP, 64, None).train, 16)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from nmcli.models import ModelKind
+from nmcli.models.architecture import ModelKind
 from nmcli.recipes import DistillSpec
 from nmcli.train.distill import Distiller, logit_kl, mean_pool, next_token_ce, resolve_spec, squarehead
 

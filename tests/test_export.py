@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nmcli import load_nm
-from nmcli.checkpoints import resolve
-from nmcli.models import build_model
+from nmcli.models.resolve import resolve
+from nmcli.models.architecture import build_model
 from nmcli.nm import LINEAR, NMPattern, apply_nm
 from tests.conftest import save_tiny_hf
 from tests.reference import brute_force_mask

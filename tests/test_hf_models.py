@@ -7,7 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from nmcli.checkpoints import load_model, resolve
+from nmcli.models.resolve import load_model, resolve
 from nmcli.report.flops import per_layer_flops
 from tests.conftest import minilm_folder, save_tiny_hf
 

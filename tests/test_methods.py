@@ -9,7 +9,7 @@ from torch import nn
 from nmcli.methods.effective import effective_weight
 from nmcli.methods.plan import plan_step, relative_training_flops, structure_stages, training_density
 from nmcli.methods.sparsifier import Sparsifier
-from nmcli.models import LayerInfo
+from nmcli.models.targets import LayerInfo
 from nmcli.nm import LINEAR, NMPattern, compliance
 from nmcli.recipes import builtin_names, from_dict, load_recipe, to_dict
 from nmcli.schedules import Phases

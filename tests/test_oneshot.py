@@ -10,7 +10,7 @@ from torch import nn
 
 from safetensors.torch import save_file
 
-from nmcli.models import LayerInfo
+from nmcli.models.targets import LayerInfo
 from nmcli.nm import CONV, LINEAR, apply_nm, parse_pattern
 from nmcli.nm.layout import to_groups
 from nmcli.oneshot.calibrate import (

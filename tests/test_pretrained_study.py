@@ -8,7 +8,7 @@ from PIL import Image
 
 from tests.conftest import save_tiny_hf
 from nmcli.errors import NMSparseError
-from nmcli.models import ModelKind
+from nmcli.models.architecture import ModelKind
 from nmcli.pretrained_study import StudyBudget
 from nmcli.pretrained_study_page import METRICS, cell_runs, outcome, paired_differences, verdict
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nmcli.checkpoints import resolve
+from nmcli.models.resolve import resolve
 from nmcli.nm import CONV, LINEAR, NMPattern
 from nmcli.report import build_report
 from nmcli.report.flops import per_layer_flops
@@ -154,7 +154,7 @@ def test_report_flops_scale_by_density(tmp_path, cli):
 
 
 def test_tensor_core_eligibility_rules():
-    from nmcli.models import LayerInfo
+    from nmcli.models.targets import LayerInfo
     from nmcli.report.layers import _tc24
 
     two_four = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(8, 4)  # [8, 16], exactly 2:4

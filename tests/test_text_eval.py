@@ -11,7 +11,7 @@ from nmcli.data.text import PYTHON_HELP, load_texts, paragraphs, sentences
 from nmcli.data.tokens import PadCollate, encoder_texts, lm_chunks, load_tokenizer
 from nmcli.errors import NMSparseError
 from nmcli.eval import TextQuality, embedding_agreement, perplexity, spearman
-from nmcli.models import ModelKind
+from nmcli.models.architecture import ModelKind
 from tests.conftest import minilm_folder, save_tiny_hf
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nmcli.checkpoints import Resolved
+from nmcli.models.resolve import Resolved
 from nmcli.errors import NMSparseError
 from nmcli.io import nm_format
 from nmcli.io.atomic import atomic_output

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nmcli.checkpoints import Resolved, load_model
+from nmcli.models.resolve import Resolved, load_model
 from nmcli.errors import NMSparseError
 from nmcli.export.formats import ExportResult
 from nmcli.io.atomic import alive, atomic_output, check_writable, scratch_dir

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from nmcli.checkpoints import Resolved
+from nmcli.models.resolve import Resolved
 from nmcli.errors import NMSparseError
 from nmcli.export.formats import (
     ExportResult,

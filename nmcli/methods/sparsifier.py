@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from nmcli.methods.effective import effective_weight
 from nmcli.methods.plan import StepPlan
-from nmcli.models import LayerInfo
+from nmcli.models.targets import LayerInfo
 from nmcli.nm import Layout, NMPattern, apply_nm_, nm_mask
 from nmcli.schedules import pattern_for_layer
 

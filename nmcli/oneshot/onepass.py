@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nmcli.device import model_device, place
-from nmcli.models import LayerInfo
+from nmcli.models.targets import LayerInfo
 from nmcli.oneshot.calibrate import (
     Hessian,
     OneShotResult,

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from nmcli.checkpoints import Resolved, load_model
+from nmcli.models.resolve import Resolved, load_model
 from nmcli.data.images import calibration_images
 from nmcli.data.teacher import read_prompts, teacher_count, teacher_samples
 from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import PadCollate, TokenSamples, encoder_samples, encoder_texts, lm_chunks, load_tokenizer
 from nmcli.errors import NMSparseError
 from nmcli.io.rewrite import Item, copy_item, rewrite
-from nmcli.models import ModelKind, data_config, model_kind
+from nmcli.models.architecture import ModelKind, data_config, model_kind
 from nmcli.oneshot.calibrate import OneShotMethod, OneShotResult, SolverSettings, calibrate_and_prune, describe
 from nmcli.oneshot.onepass import calibrate_in_one_pass
 from nmcli.prune import PrunePlan, PruneResult

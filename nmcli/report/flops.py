@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from nmcli.errors import NMSparseError
-from nmcli.models import ModelRef, build_model, data_config
+from nmcli.models.architecture import ModelRef, build_model, data_config
 
 
 @dataclass

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nmcli.checkpoints import Resolved
-from nmcli.models import LayerInfo, select_targets
+from nmcli.models.resolve import Resolved
+from nmcli.models.targets import LayerInfo, select_targets
 from nmcli.nm import (
     TWO_FOUR,
     NMPattern,

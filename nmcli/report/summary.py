@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from nmcli.checkpoints import Resolved
+from nmcli.models.resolve import Resolved
 from nmcli.errors import NMSparseError
 from nmcli.nm import CONVENTION, NMPattern
 from nmcli.report.flops import Flops, count_flops

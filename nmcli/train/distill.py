@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmcli.models import ModelKind
+from nmcli.models.architecture import ModelKind
 from nmcli.recipes import DistillSpec
 
 # Defaults per model kind (methods.md §6; what the measurements support). The student learns without

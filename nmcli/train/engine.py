@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from nmcli.checkpoints import Resolved, load_model, resolve
+from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.data.batches import LengthGroupedBatches
 from nmcli.data.images import MNIST5K
 from nmcli.data.text import PYTHON_HELP
@@ -35,7 +35,7 @@ from nmcli.io.rewrite import copy_side_files
 from nmcli.io.sources import INDEX_NAME
 from nmcli.methods.plan import StepPlan, plan_step, relative_training_flops
 from nmcli.methods.sparsifier import Sparsifier
-from nmcli.models import ModelKind, ModelRef, model_kind
+from nmcli.models.architecture import ModelKind, ModelRef, model_kind
 from nmcli.nm import compliance, count_nonfinite
 from nmcli.oneshot.calibrate import OneShotMethod
 from nmcli.prune import PrunePlan, plan_prune

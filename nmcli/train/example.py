@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from nmcli.checkpoints import load_model, resolve
-from nmcli.models import data_config
+from nmcli.models.resolve import load_model, resolve
+from nmcli.models.architecture import data_config
 from nmcli.nm import parse_pattern
 from nmcli.prune import plan_prune, prune_model_
 from nmcli.recipes import Recipe, load_recipe

@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from nmcli.checkpoints import Resolved, load_model, resolve
+from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.data.images import load_data
 from nmcli.data.teacher import read_prompts, teacher_count, teacher_samples
 from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import check_tokenizer_files, load_tokenizer
 from nmcli.errors import NMSparseError
 from nmcli.eval import TextQuality, accuracy, text_data
-from nmcli.models import ModelKind, ModelRef, data_config, model_kind
+from nmcli.models.architecture import ModelKind, ModelRef, data_config, model_kind
 from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
 from nmcli.oneshot.service import CalibrationSettings, calibration_batches
 from nmcli.prune import PrunePlan, prune_model_

@@ -13,16 +13,9 @@ from nmcli.io.metadata import SparsityMetadata, model_from_strings
 from nmcli.io.opener import open_path
 from nmcli.io.sources import Checkpoint, in_memory, load_state_dict_file
 from nmcli.nm import layout_by_name
-from nmcli.models import (
-    LayerInfo,
-    ModelRef,
-    build_model,
-    hf_ref,
-    layers_from_shapes,
-    layers_of_model,
-    timm_model_exists,
-)
-from nmcli.state_match import StateMatch, match_state
+from nmcli.models.architecture import ModelRef, build_model, hf_ref, timm_model_exists
+from nmcli.models.targets import LayerInfo, layers_from_shapes, layers_of_model
+from nmcli.models.state_match import StateMatch, match_state
 
 
 @dataclass
