@@ -697,7 +697,7 @@ def study(
 
 
 def _mnist_study(out_dir: Path, quick: bool, seeds: int, epochs: int | None, jobs: int, say) -> dict:  # noqa: ANN001
-    from nmcli.study import StudySettings, run_study
+    from nmcli.study.mnist import StudySettings, run_study
 
     settings = StudySettings(out=out_dir, seeds=seeds, jobs=jobs)
     if quick:
@@ -713,8 +713,8 @@ def _mnist_study(out_dir: Path, quick: bool, seeds: int, epochs: int | None, job
 
 def _pretrained_study(model, out_dir, quick, epochs, seeds, patterns, recipes, budget, data, batch_size, seq_len, lr,  # noqa: ANN001, ANN202, PLR0913
                       sparsegpt_start, jobs, say):
-    from nmcli.pretrained_study import PATTERNS, RECIPES, PretrainedStudySettings, StudyBudget, run_pretrained_study
-    from nmcli.pretrained_study_page import display_name
+    from nmcli.study.pretrained import PATTERNS, RECIPES, PretrainedStudySettings, StudyBudget, run_pretrained_study
+    from nmcli.study.pretrained_page import display_name
 
     if quick or epochs:
         raise NMSparseError("--quick and --epochs belong to the MNIST study; with --model the budget is --budget STEPS|MINUTESmin")

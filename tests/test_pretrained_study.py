@@ -2,15 +2,16 @@
 page's verdicts on hand-made runs (metric direction, paired differences, equal-FLOPs cells)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import save_tiny_hf
+from tests.conftest import minilm_folder, save_tiny_hf
 from nmcli.errors import NMSparseError
 from nmcli.models.architecture import ModelKind
-from nmcli.pretrained_study import StudyBudget
-from nmcli.pretrained_study_page import METRICS, cell_runs, outcome, paired_differences, verdict
+from nmcli.study.pretrained import StudyBudget
+from nmcli.study.pretrained_page import METRICS, cell_runs, outcome, paired_differences, verdict
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_every_arm_runs_every_seed_from_the_same_start(study):
 
 
 def test_seeds_change_the_data_order_and_nothing_else(tmp_path):
-    from nmcli.pretrained_study import Arm, Budget, PretrainedStudySettings, Start, _config
+    from nmcli.study.pretrained import Arm, Budget, PretrainedStudySettings, Start, _config
 
     settings = PretrainedStudySettings(model="unused", out=tmp_path)
     starts = {"2:4": tmp_path / "sparsegpt-2of4"}
@@ -129,7 +130,7 @@ def test_a_minutes_budget_becomes_steps_from_a_timed_probe(cli, tmp_path):
 def test_an_interrupted_study_resumes_where_it_stopped(cli, tmp_path, monkeypatch):
     """The second run fails (as a full disk did in a real 2-hour study): the finished run is kept in runs.jsonl,
     and the same command run again trains only what is missing."""
-    import nmcli.study
+    import nmcli.study.pool
     from nmcli.train.engine import run_finetune
 
     calls = []
@@ -143,14 +144,14 @@ def test_an_interrupted_study_resumes_where_it_stopped(cli, tmp_path, monkeypatc
     folder = save_tiny_hf(tmp_path / "bert", "bert", tokenizer=True)
     args = ("study", "--model", folder, "--out", tmp_path / "page", "--budget", "2", "--seeds", "1", "--patterns", "2:4",
             "--recipes", "sr-ste,fixed-mask", "--batch-size", "2", "--seq-len", "16", "--no-sparsegpt-start", "--jobs", "1", "--quiet")
-    monkeypatch.setattr(nmcli.study, "run_finetune", failing_second)
+    monkeypatch.setattr(nmcli.study.pool, "run_finetune", failing_second)
     r = cli(*args)
     assert r.exit_code == 2 and "simulated" in r.stderr
     header, first = (json.loads(line) for line in (tmp_path / "page" / "runs.jsonl").read_text().splitlines())
     assert header["steps"] == 2 and first["arm"] == "sr-ste" and not (tmp_path / "page" / "results.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(nmcli.study, "run_finetune", lambda config, *a: calls.append(config.out.name) or run_finetune(config, *a))
+    monkeypatch.setattr(nmcli.study.pool, "run_finetune", lambda config, *a: calls.append(config.out.name) or run_finetune(config, *a))
     r = cli(*args)
     assert r.exit_code == 0, r.output
     assert len(calls) == 1 and calls[0].startswith("fixed-mask")  # sr-ste is not trained again
@@ -183,3 +184,28 @@ def test_bad_study_input_is_one_line_and_writes_nothing(cli, tmp_path, args, mes
     r = cli("study", *[a.replace("{bert}", str(folder)) for a in args], "--out", out, "--quiet")
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_the_rerun_line_holds_no_absolute_path_and_still_finds_the_model(tmp_path):
+    """A model inside an installed wheel is found through its package by the shell; one in the working folder is
+    shown relative to it; one elsewhere by its name only (issue 29: the MiniLM page named this machine's venv)."""
+    import os
+    import subprocess
+    import sys
+
+    from nmcli.study.page import portable_path
+    from nmcli.study.pretrained_page import rerun_command
+
+    model = minilm_folder()
+    shown = portable_path(model)
+    assert not shown.startswith(("/", '"/')) and str(model.parent) not in shown
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    found = subprocess.run(["bash", "-c", f"cd {tmp_path} && realpath {shown}"], capture_output=True, text=True, env=env)
+    assert found.returncode == 0 and Path(found.stdout.strip()) == model.resolve(), found.stderr
+    assert portable_path(tmp_path / "runs" / "minilm", cwd=tmp_path) == "runs/minilm"
+    assert portable_path("/somewhere/else/my model", cwd=tmp_path) == "'my model'"
+    settings = {"model": str(model), "budget": {"steps": 40}, "data": None, "sparsegpt_start": True, "batch_size": 8,
+                "seq_len": 128, "lr": 3e-4, "patterns": ["2:4"], "recipes": ["sr-ste"], "seeds": 3, "jobs": 2}
+    line = rerun_command(settings, Path.cwd() / "docs" / "results" / "minilm")
+    assert "--out docs/results/minilm " in line and f"--model {shown} " in line
+    assert not any(part.startswith("/") for part in line.split())

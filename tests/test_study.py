@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from nmcli.study_page import guidance, outcome
+from nmcli.study.mnist_page import guidance, outcome
 
 
 def test_quick_study_writes_the_page_plots_and_raw_results(cli, tmp_path):
@@ -40,7 +40,7 @@ def test_outcome_and_guidance_state_the_spread():
 
 
 def test_paired_comparison_and_gradient_summary_on_hand_made_runs():
-    from nmcli.study_page import gradient_summary, paired
+    from nmcli.study.mnist_page import gradient_summary, paired
 
     def run(recipe, seed, acc, curve):
         return {"recipe": recipe, "pattern": None if recipe == "dense" else "1:8", "seed": seed,

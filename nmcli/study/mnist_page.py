@@ -7,15 +7,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from nmcli.io.atomic import atomic_output, write_text_atomic
+from nmcli.io.atomic import write_text_atomic
 from nmcli.nm import parse_pattern
-
-GRADIENT_FLOW = ("mdgf-linear", "mdgf-exponential", "sdgf-stepwise", "sdgf-geometric", "mdgf-sdgf")
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
+from nmcli.study.page import GRADIENT_FLOW, mean_std, save_plot, table_head, table_row
 
 def summarise(data: dict[str, Any]) -> dict[tuple[str, str | None], dict[str, float]]:
     groups: dict[tuple[str, str | None], list[dict]] = defaultdict(list)
@@ -86,19 +80,6 @@ def guidance(table: dict, patterns: list[str]) -> list[str]:
         tie = f"; statistically tied with {', '.join(f'`{r}`' for r in close if r != r1)}" if len(close) > 1 else ""
         lines.append(f"- **{pattern}**: `{r1}` ({100 * m1:.2f} ± {100 * s1:.2f}){tie}.")
     return lines
-
-
-def save_plot(fig, ax, path: Path, xlabel: str, ylabel: str) -> str:
-    import matplotlib.pyplot as plt
-
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_output(path, force=True) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path.name
 
 
 def _plots(data: dict[str, Any], table: dict, patterns: list[str], out: Path) -> list[str]:
@@ -216,22 +197,19 @@ def write_page(data: dict[str, Any], out: Path) -> None:
         "",
         "## Validation accuracy (%), mean ± std over seeds",
         "",
-        "| recipe | " + " | ".join(patterns) + " |",
-        "|---|" + "---|" * len(patterns),
+        *table_head(patterns),
     ]
     for recipe in recipes:
         if recipe == "dense":
-            lines.append("| dense (same budget) | " + " | ".join(f"{100 * dense['mean']:.2f} ± {100 * dense['std']:.2f}" for _ in patterns) + " |")
+            lines.append(table_row("dense (same budget)", [f"{100 * dense['mean']:.2f} ± {100 * dense['std']:.2f}" for _ in patterns]))
             continue
         cells = [f"{100 * table[(recipe, p)]['mean']:.2f} ± {100 * table[(recipe, p)]['std']:.2f}" if (recipe, p) in table else "-" for p in patterns]
-        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
-    lines += ["", "## Training FLOPs relative to dense training (methods §5)", "",
-              "| recipe | " + " | ".join(patterns) + " |", "|---|" + "---|" * len(patterns)]
+        lines.append(table_row(recipe, cells))
+    lines += ["", "## Training FLOPs relative to dense training (methods §5)", "", *table_head(patterns)]
     for recipe in recipes:
         if recipe == "dense":
             continue
-        cells = [f"{table[(recipe, p)]['flops']:.3f}" if (recipe, p) in table else "-" for p in patterns]
-        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+        lines.append(table_row(recipe, [f"{table[(recipe, p)]['flops']:.3f}" if (recipe, p) in table else "-" for p in patterns]))
     lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in files]
     lines += ["", "Raw numbers, gradient-variance and mask-flip curves of every run: `results.json`.", ""]
     write_text_atomic(out / "README.md", "\n".join(lines))

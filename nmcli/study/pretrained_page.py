@@ -12,7 +12,7 @@ from typing import Any
 
 from nmcli.io.atomic import write_text_atomic
 from nmcli.models.architecture import ModelKind
-from nmcli.study_page import GRADIENT_FLOW, mean_std, save_plot
+from nmcli.study.page import GRADIENT_FLOW, mean_std, portable_path, save_plot, table_head, table_row
 
 
 @dataclass(frozen=True)
@@ -101,15 +101,10 @@ def outcome(data: dict[str, Any], metric: Metric, budget: str, patterns: list[st
     return lines
 
 
-def _head(columns: list[str]) -> list[str]:
-    """A markdown table's first two lines: the recipe column, then `columns`."""
-    return ["| recipe | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-
-
 def quality_table(data: dict[str, Any], metric: Metric, budget: str, patterns: list[str]) -> list[str]:
     cells = cell_runs(data, budget)
     arms = list(dict.fromkeys(run["arm"] for run in data["runs"]))
-    lines = _head(patterns)
+    lines = table_head(patterns)
     for arm in arms:
         row = []
         for pattern in patterns:
@@ -119,13 +114,13 @@ def quality_table(data: dict[str, Any], metric: Metric, budget: str, patterns: l
                 continue
             mean, std = mean_std([r[f"final_{metric.key}"] for r in runs])
             row.append(f"{metric.text(mean)} ± {metric.text(std)} ({statistics.fmean(r['steps'] for r in runs):.0f} steps)")
-        lines.append(f"| {arm} | " + " | ".join(row) + " |")
+        lines.append(table_row(arm, row))
     return lines
 
 
 def paired_table(data: dict[str, Any], metric: Metric, budget: str, patterns: list[str]) -> list[str]:
     cells, base_arm = cell_runs(data, budget), baseline_arm(data)
-    lines = _head(patterns)
+    lines = table_head(patterns)
     for arm in dict.fromkeys(run["arm"] for run in data["runs"]):
         if arm == base_arm:
             continue
@@ -138,20 +133,20 @@ def paired_table(data: dict[str, Any], metric: Metric, budget: str, patterns: li
                 continue
             mean, std = mean_std(diffs)
             row.append(f"{mean:+,.{metric.digits}f} ± {metric.text(std)} ({verdict(diffs)})")
-        lines.append(f"| {arm} | " + " | ".join(row) + " |")
+        lines.append(table_row(arm, row))
     return lines
 
 
 def cost_table(data: dict[str, Any], key: str, digits: int, patterns: list[str]) -> list[str]:
     """Mean of a per-run cost (training FLOPs relative to dense, wall seconds) at equal steps and equal FLOPs."""
-    lines = _head([f"{p} steps / FLOPs budget" for p in patterns])
+    lines = table_head([f"{p} steps / FLOPs budget" for p in patterns])
     steps, flops = cell_runs(data, "steps"), cell_runs(data, "flops")
     for arm in dict.fromkeys(run["arm"] for run in data["runs"]):
         row = []
         for pattern in patterns:
             pair = [statistics.fmean(r[key] for r in cells[(arm, pattern)]) for cells in (steps, flops) if (arm, pattern) in cells]
             row.append(" / ".join(f"{v:.{digits}f}" for v in pair) or "-")
-        lines.append(f"| {arm} | " + " | ".join(row) + " |")
+        lines.append(table_row(arm, row))
     return lines
 
 
@@ -219,7 +214,7 @@ def rerun_command(settings: dict[str, Any], out: Path) -> str:
     """The command that reproduces the study from its recorded settings."""
     budget = f"{settings['budget']['minutes']:g}min" if settings["budget"].get("minutes") else str(settings["budget"]["steps"])
     extra = (f" --data {settings['data']}" if settings["data"] else "") + ("" if settings["sparsegpt_start"] else " --no-sparsegpt-start")
-    return (f"nmsparse study --model {settings['model']} --out {out} --budget {budget} --batch-size {settings['batch_size']} "
+    return (f"nmsparse study --model {portable_path(settings['model'])} --out {portable_path(out)} --budget {budget} --batch-size {settings['batch_size']} "
             f"--seq-len {settings['seq_len']} --lr {settings['lr']:g} --patterns {','.join(settings['patterns'])} "
             f"--recipes {','.join(settings['recipes'])} --seeds {settings['seeds']} --jobs {settings['jobs']}{extra}")
 

@@ -38,7 +38,8 @@ from nmcli.prune import plan_prune
 from nmcli.recipes import Recipe, load_recipe
 from nmcli.report.flops import target_costs
 from nmcli.schedules import Phases
-from nmcli.study import map_runs, terminated_cleanly
+from nmcli.study.pool import map_runs, terminated_cleanly
+from nmcli.study.pretrained_page import write_page
 from nmcli.train.engine import FinetuneConfig, Reporter, run_finetune
 
 RECIPES = ("ste", "sr-ste", "fixed-mask", "mdgf-exponential", "sdgf-geometric", "mdgf-sdgf")
@@ -342,8 +343,6 @@ def run_pretrained_study(settings: PretrainedStudySettings, say: Callable[[str],
         "resumed_runs": resumed,
     }
     write_text_atomic(settings.out / "results.json", json.dumps(data, indent=1) + "\n")
-    from nmcli.pretrained_study_page import write_page
-
     write_page(data, settings.out)
     progress.path.unlink()
     return data
