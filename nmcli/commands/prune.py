@@ -1,0 +1,167 @@
+"""`nmsparse prune`: one-shot N:M, magnitude streamed tensor by tensor or Wanda / SparseGPT calibrated."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.text import Text
+
+from nmcli.commands.common import (
+    PATTERN_HELP,
+    CheckpointOpt,
+    DeviceOpt,
+    ExcludeOpt,
+    ForceOpt,
+    IncludeOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    SeedOpt,
+    Source,
+    out,
+    print_json,
+    user_errors,
+)
+from nmcli.commands.progress import progress_bar, with_byte_progress
+from nmcli.errors import NMSparseError
+from nmcli.nm import CONVENTION, parse_pattern
+
+CalibOpt = Annotated[
+    Optional[str], typer.Option("--calib", help="wanda/sparsegpt calibration data: text (python-help [default], "
+                                ".txt/.md/.jsonl, folder, teacher:N) for transformers; images (folder, mnist5k) for timm models")
+]
+
+
+def prune(
+    source: Source,
+    pattern: Annotated[str, typer.Option("--pattern", "-p", help=PATTERN_HELP)] = "2:4",
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="output .safetensors file (or folder for a folder)")] = ...,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    method: Annotated[str, typer.Option("--method", help="magnitude (no data) | wanda | sparsegpt")] = "magnitude",
+    calib: CalibOpt = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="calibration samples")] = 128,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per calibration sample")] = 512,
+    damp: Annotated[float, typer.Option("--damp", min=0.0, help="SparseGPT dampening, a fraction of mean(diag H)")] = 0.01,
+    block_size: Annotated[int, typer.Option("--block-size", min=1, help="SparseGPT columns per lazy-update block")] = 128,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """One-shot N:M pruning: magnitude streamed tensor by tensor, or Wanda / SparseGPT calibrated layer by layer on
+    the outputs of the layers already pruned (dense-shaped output with exact zeros)."""
+    from nmcli.models.resolve import resolve
+    from nmcli.prune import plan_prune
+
+    show = not (quiet or as_json)
+    with user_errors():
+        nm = parse_pattern(pattern)
+        chosen = _oneshot_method(method, device)
+        compute = _check_output_and_device(out_path, force, device)
+        resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
+        plan = plan_prune(resolved, nm, include or (), exclude or ())
+        started = time.perf_counter()
+        if chosen.value == "magnitude":
+            result, oneshot = _magnitude(resolved, plan, out_path, force, show), None
+        else:
+            from nmcli.oneshot.calibrate import SolverSettings
+            from nmcli.oneshot.service import CalibrationSettings
+
+            result, oneshot = _calibrated_prune(
+                resolved, plan, out_path, CalibrationSettings(calib, calib_samples, seq_len, seed),
+                SolverSettings(chosen, plan.pattern, damp, block_size), compute, force, show,
+            )
+        seconds = time.perf_counter() - started
+    payload = _payload(result, plan, oneshot, method, seconds)
+    if as_json:
+        print_json(payload)
+    else:
+        _print_result(payload, plan, seconds, quiet)
+
+
+def _oneshot_method(name: str, device: str):  # noqa: ANN202
+    from nmcli.oneshot.calibrate import OneShotMethod
+
+    try:
+        chosen = OneShotMethod(name)
+    except ValueError:
+        raise NMSparseError(f"--method {name!r}: choose one of {', '.join(m.value for m in OneShotMethod)}") from None
+    if chosen is OneShotMethod.MAGNITUDE and device != "cpu":
+        raise NMSparseError(f"--device {device}: magnitude pruning streams the file on the CPU and runs no model; "
+                            "--device goes with --method wanda or sparsegpt")
+    return chosen
+
+
+def _check_output_and_device(out_path: Path, force: bool, device: str):  # noqa: ANN202
+    from nmcli.device import run_device
+    from nmcli.io.atomic import check_writable
+
+    compute = run_device(device)
+    check_writable(out_path, force)
+    return compute
+
+
+def _magnitude(resolved, plan, out_path: Path, force: bool, show: bool):  # noqa: ANN001, ANN202
+    from nmcli.prune import prune as run_prune
+
+    return with_byte_progress(
+        "pruning", resolved.checkpoint.infos, show,
+        lambda progress: run_prune(resolved, plan, out_path, force=force, progress=progress),
+    )
+
+
+def _calibrated_prune(resolved, plan, out_path, calib, solver, device, force, show):  # noqa: ANN001, ANN202, PLR0913
+    """Wanda / SparseGPT with a progress bar over the model's blocks."""
+    from nmcli.oneshot.service import oneshot_prune
+
+    with progress_bar(show, unit="blocks") as bar:
+        task = bar.add_task(f"{solver.method.value} (calibrating)", total=None, item="")
+        return oneshot_prune(
+            resolved, plan, out_path, solver, calib, device, force=force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+
+
+def _payload(result, plan, oneshot, method: str, seconds: float) -> dict[str, Any]:  # noqa: ANN001
+    payload = {
+        "out": str(result.out),
+        "pattern": str(plan.pattern),
+        "convention": CONVENTION,
+        "pruned_layers": list(plan.targets),
+        "skipped_layers": plan.skipped,
+        "tensors": result.tensors,
+        "bytes": result.bytes,
+        "seconds": round(seconds, 3),
+        "notes": result.notes,
+        "method": method,
+    }
+    if oneshot is not None:
+        from nmcli.oneshot.calibrate import describe
+
+        payload["calibration"] = {**describe(oneshot), "reconstruction_error": oneshot.errors}
+    return payload
+
+
+def _print_result(payload: dict[str, Any], plan, seconds: float, quiet: bool) -> None:  # noqa: ANN001
+    if not quiet:
+        for name, why in plan.skipped.items():
+            out.print(Text.assemble(("skipped", "yellow"), f" {name}: {why}"))
+        for note in payload["notes"]:
+            out.print(f"note: {note}")
+        if "calibration" in payload:
+            info = payload["calibration"]
+            out.print(
+                f"{payload['method']}: mean reconstruction error {info['mean_reconstruction_error']:.4f} "
+                f"(|WX - W'X|^2 / |WX|^2 on the calibration inputs), calibration activations {info['activation_mib']} MiB"
+            )
+    out.print(
+        f"pruned {len(plan.targets)} layers to {plan.pattern} ({len(plan.skipped)} skipped) by {payload['method']} in "
+        f"{seconds:.2f}s -> {payload['out']}"
+    )
