@@ -3,9 +3,9 @@
 torch's CPU kernels run on GNU OpenMP (libgomp). A thread that reaches the end of a parallel region first spins,
 by default for up to 300,000 iterations (milliseconds), waiting for the others. When another process keeps a core
 busy, the thread it waits for is often the one not scheduled, and the spinning one holds the core it needs. With
-3,000 spins a waiting thread soon sleeps and gives the core back. On 2 cores with one competing process: a training
-step of the built-in ViT 170-178 ms instead of 150-580 ms (median ~290), a SmolLM2-135M distillation step 56 instead
-of 45 tokens/s (fp32) and 86 instead of 59 (bf16); idle about the same (bench/step_overhead.py, bench/lm_step.py).
+3,000 spins a waiting thread soon sleeps and gives the core back: training steps get faster and steadier under
+contention and stay about the same idle (bench/step_overhead.py and bench/lm_step.py measure both; figures in
+README's benchmark section).
 
 libgomp reads the setting once, when torch loads it, so the entry point sets it before anything imports torch. A
 GOMP_SPINCOUNT or OMP_WAIT_POLICY the user set is left as it is.

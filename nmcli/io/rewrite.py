@@ -134,8 +134,7 @@ def _produced(ckpt: Checkpoint, items: list[Item], progress: Progress) -> Iterat
 def _one_torch_thread() -> Iterator[None]:
     """Torch kernels on one thread while a checkpoint is rewritten: the worker's (exports' packing) and the writer's
     (prune's mask, one chunk at a time) each keep to one core instead of OpenMP spreading each over both, against
-    the other thread (measured on 2 cores, 2 GiB, when prune masked in the worker: 1.1-2.0x the time of a plain
-    copy with one thread, 1.2-2.3x with two)."""
+    the other thread (slower with two; README's benchmark section)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

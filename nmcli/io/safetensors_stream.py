@@ -79,9 +79,9 @@ class RowChange:
 class SourceBytes:
     """An output tensor that is the `nbytes` bytes at `offset` of the file `path` (a tensor of the source
     checkpoint), changed (if at all) by `change`. It is never read into the process as a whole: it goes through one
-    small buffer, `CHUNK_BYTES` at a time (read, changed, written), which stays in the core's cache. On the
-    development VM that wrote 2 GiB in 0.6 s as they were and in 1.0 s masked, against 1.2-1.3 s for safetensors'
-    own copy (from its memory map) and 3-6 s from a whole tensor read into memory, masked and written."""
+    small buffer, `CHUNK_BYTES` at a time (read, changed, written), which stays in the core's cache: faster than
+    safetensors' own copy from its memory map, and much faster than a whole tensor read into memory, masked and
+    written (bench/prune.py; README's benchmark section)."""
 
     path: Path
     offset: int
@@ -89,8 +89,8 @@ class SourceBytes:
     change: RowChange | None = None
 
 
-# Half the development VM's 1 MiB L2 per core. Masking and writing 2 GiB through a buffer of 64 KiB took 1.9 s,
-# 256 KiB 1.2 s, 512 KiB 1.0 s, 1 MiB 0.9-2.9 s, 2-16 MiB 2.1-3.5 s.
+# Half the development VM's 1 MiB L2 per core: smaller buffers cost more calls, larger ones leave the cache (every
+# size measured is in README's benchmark section).
 CHUNK_BYTES = 512 * 2**10
 
 
@@ -167,7 +167,7 @@ def write_streaming(
 ) -> None:
     """Write `tensors` (yielded in `layout` order, each matching its declared shape and dtype) to `path`."""
     # Not open(path, "wb"): atomic_output hands over an empty temporary file, and truncating an existing file (even
-    # an empty one) makes ext4 write every byte to disk when it is closed (auto_da_alloc): 1 s per 2 GiB here.
+    # an empty one) makes ext4 write every byte to disk when it is closed (auto_da_alloc; README's benchmarks).
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
     try:
         if os.lseek(fd, 0, os.SEEK_END):

@@ -119,14 +119,14 @@ def _threshold4(k0, k1, k2, k3, n):  # pragma: no cover - compiled
 @numba.njit(nogil=True, cache=True)
 def _zero_below_threshold4(flat, n, abs_mask, nan_key, ties):  # pragma: no cover - compiled
     """In place, for M = 4: zero every entry below its group's N-th largest key, in one pass with the group size
-    fixed and no data-dependent branch, which LLVM turns into SIMD code (2:4 of a 4096x8192 fp32 tensor on one
-    thread: 46 ms against 78 ms for `_keep_groups` + `_zero_dropped`). `ties[g]` marks a group that kept more
+    fixed and no data-dependent branch, which LLVM turns into SIMD code (faster than `_keep_groups` +
+    `_zero_dropped`; README's benchmark section). `ties[g]` marks a group that kept more
     than N (a tie at the threshold) for `_settle_ties`. Returns the NaN/Inf count. What stays keeps its bits and
     what was zeroed was below the threshold (nothing is when the threshold is 0), so a tied group is settled
     afterwards on the same keys it had.
 
     The four key lines are written out here and in `_mark4` on purpose: a shared helper returning the keys as a
-    tuple stopped LLVM from vectorising the loop (330 ms instead of 46 ms, measured)."""
+    tuple stopped LLVM from vectorising the loop (several times slower; README's benchmark section)."""
     nonfinite = 0
     inf_key = nan_key - 1
     for g in range(flat.shape[0] // 4):
@@ -147,7 +147,7 @@ def _zero_below_threshold4(flat, n, abs_mask, nan_key, ties):  # pragma: no cove
 
 @numba.njit(nogil=True, cache=True)
 def _mark4(flat, n, abs_mask, nan_key, ties, keep):  # pragma: no cover - compiled
-    """`_zero_below_threshold4` writing the keep mask instead of zeroing (about 2x `_keep_groups` at M = 4)."""
+    """`_zero_below_threshold4` writing the keep mask instead of zeroing (faster than `_keep_groups` at M = 4)."""
     for g in range(flat.shape[0] // 4):
         i = 4 * g
         k0 = min(flat[i] & abs_mask, nan_key)

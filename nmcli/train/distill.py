@@ -16,9 +16,8 @@ from torch import nn
 from nmcli.models.architecture import ModelKind
 from nmcli.recipes import DistillSpec
 
-# Defaults per model kind (methods.md §6; what the measurements support). The student learns without
-# dropout: it matches a deterministic teacher, and dropout only blurs what it is shown (MiniLM 2:4 from magnitude:
-# +0.008 to +0.021 embedding cosine at equal steps, README).
+# Defaults per model kind (methods.md §6). The student learns without dropout: it matches a deterministic teacher,
+# and dropout only blurs what it is shown (measured on MiniLM 2:4: README's benchmark section).
 _SHARED = {"temperature": 1.0, "embedding_loss": "cosine", "dropout": False}
 DEFAULTS = {
     ModelKind.CAUSAL_LM: DistillSpec(kl=1.0, ce=0.0, squarehead=0.0, embedding=0.0, **_SHARED),

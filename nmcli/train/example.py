@@ -37,10 +37,10 @@ class MiniLMExample:
     recipe: Recipe = field(default_factory=lambda: load_recipe("fixed-mask"))
     pattern: str = "2:4"
     epochs: int = 1
-    lr: float = 1e-3  # one epoch: 0.9441 / 0.9504 against 0.9399 / 0.9463 at 3e-4 (paragraphs / sentences)
+    lr: float = 1e-3  # better than 3e-4 for one epoch (README's benchmark section)
     batch_size: int = 16
-    limit: int | None = None  # every training sample (5,363 paragraphs and sentences): 336 steps, about 4 minutes
-    start: str = "sparsegpt"  # the one-shot start (bench/recovery.py: +0.02 cosine over magnitude after one epoch)
+    limit: int | None = None  # every training sample
+    start: str = "sparsegpt"  # the one-shot start, better than magnitude after one epoch (bench/recovery.py)
     seed: int = 0
     force: bool = False
 
