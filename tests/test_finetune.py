@@ -161,8 +161,17 @@ def test_built_in_minilm_example_runs_end_to_end_with_its_options(cli, tmp_path)
     result = json.loads(r.stdout)
     assert result["example"] == "minilm" and result["pattern"] == "1:4" and result["all_layers_compliant"] is True
     assert result["start"] == "sparsegpt"
-    assert result["one_shot"]["paragraphs"] < 0.95  # 1:4 one-shot loses quality, even with SparseGPT
-    assert 0 < result["recovered"]["paragraphs"] <= 1 and 0 < result["recovered"]["sentences"] <= 1
+    assert list(result["domains"]) == ["news", "python-help"]  # the general domain first: it is the headline
+    for domain in result["domains"].values():
+        assert domain["one_shot"]["paragraphs"] < 0.95  # 1:4 one-shot loses quality, even with SparseGPT
+        recovered = domain["recovered"]
+        assert 0 < recovered["paragraphs"] <= 1 and 0 < recovered["sentences"] <= 1
+        assert 0 <= recovered["top1_agreement"] <= 1 and 0 <= recovered["recall_at_10"] <= 1
+    assert result["domains"]["news"] != result["domains"]["python-help"]
+    from nmcli.commands.finetune import _finetune_line
+
+    line = _finetune_line(result, None)  # what the run prints without --json: each figure named by its domain
+    assert "news: " in line and "python-help: " in line and line.index("news: ") < line.index("python-help: ")
     assert cli("report", result["sparse_checkpoint"], "--check", "1:4", "--quiet", "--no-flops").exit_code == 0
     recipe = (tmp_path / "ex" / "recipe.yaml").read_text()
     assert "lr: 0.0001" in recipe and "name: fixed-mask" in recipe

@@ -47,6 +47,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, 
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for random init of a timm SOURCE without --checkpoint")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="where the model computes: cpu or cuda")]
+EvalDataOpt = Annotated[Optional[list[str]], typer.Option(
+    "--eval-data", help="HF models: another held-out set (.txt/.md/.jsonl, a folder; repeat), scored besides the data's "
+    "own held-out part and the built-in general-domain 'news'"
+)]
 ModelKwargsOpt = Annotated[Optional[str], typer.Option("--model-kwargs", help="JSON kwargs for timm.create_model")]
 
 

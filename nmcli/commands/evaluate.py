@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from nmcli.commands.common import DeviceOpt, JsonOpt, QuietOpt, Source, out, print_json, user_errors
+from nmcli.commands.common import DeviceOpt, EvalDataOpt, JsonOpt, QuietOpt, Source, out, print_json, user_errors
 from nmcli.commands.progress import progress_bar
 
 
@@ -19,7 +19,10 @@ def evaluate(
     teacher: Annotated[
         Optional[str], typer.Option("--teacher", help="the dense model: needed for encoders (embedding agreement)")
     ] = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per held-out sample (HF models)")] = 128,
+    seq_len: Annotated[Optional[int], typer.Option(
+        "--seq-len", min=8, help="tokens per held-out sample (HF models) [default: 128, or the model's positions if fewer]"
+    )] = None,
+    eval_data: EvalDataOpt = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -33,7 +36,8 @@ def evaluate(
         compute = run_device(device)
         with progress_bar(not (quiet or as_json)) as bar:
             bar.add_task("evaluating", total=None, item=source)
-            result = evaluate_source(source, data=data, teacher=teacher, seq_len=seq_len, device=compute)
+            result = evaluate_source(source, data=data, teacher=teacher, seq_len=seq_len, device=compute,
+                                     eval_data=tuple(eval_data or ()))
     if as_json:
         print_json(result.to_json())
         return

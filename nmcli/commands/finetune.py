@@ -11,6 +11,7 @@ from nmcli.commands.common import (
     PATTERN_HELP,
     CheckpointOpt,
     DeviceOpt,
+    EvalDataOpt,
     ForceOpt,
     JsonOpt,
     ModelKwargsOpt,
@@ -46,6 +47,7 @@ def finetune(
     prompts: Annotated[
         Optional[Path], typer.Option("--prompts", help="--data teacher:N: prompts, one per line (default: built-in)")
     ] = None,
+    eval_data: EvalDataOpt = None,
     recipe: Annotated[
         Optional[str], typer.Option("--recipe", "-r", help="built-in recipe name or YAML path (default: sdgf-stepwise)")
     ] = None,
@@ -80,7 +82,7 @@ def finetune(
                 "--seq-len": None if seq_len == 128 else seq_len, "--prompts": prompts, "--batch-size": batch_size,
                 "--num-classes": num_classes, "--bf16": bf16 or None, "--resume": resume, "--stop-after": stop_after,
                 "--grad-log-every": grad_log_every or None, "--eval-every": eval_every or None,
-                "--device": None if device == "cpu" else device,
+                "--device": None if device == "cpu" else device, "--eval-data": eval_data,
             })
             result = _run_example(example or "minilm", recipe, pattern, epochs, lr, out_dir, seed, limit, force, reporter)
         else:
@@ -90,6 +92,7 @@ def finetune(
                 model, recipe, pattern, epochs, lr, batch_size, out_dir, resume,
                 model_kwargs=model_kwargs, data=data, checkpoint=checkpoint, seed=seed,
                 num_classes=num_classes, bf16=bf16, seq_len=seq_len, start=start, prompts=prompts,
+                eval_data=tuple(eval_data or ()),
                 grad_log_every=grad_log_every, eval_every=eval_every, stop_after=stop_after, limit=limit, force=force,
                 device=device,
             )
@@ -125,12 +128,10 @@ def _config(model: str, recipe: Optional[str], pattern: Optional[str], epochs: O
 def _finetune_line(result: dict, out_path: Optional[Path]) -> str:
     """One line for the terminal: quality before and after, compliance, cost, where the result is."""
     if result.get("example") == "minilm":
-        one, rec = result["one_shot"], result["recovered"]
         return (
-            f"embedding cosine to dense (held-out paragraphs / sentences): {result['start']} one-shot {result['pattern']} "
-            f"{one['paragraphs']:.4f} / {one['sentences']:.4f} | {result['recipe']} {result['pattern']} distilled "
-            f"{rec['paragraphs']:.4f} / {rec['sentences']:.4f} (Spearman {rec['spearman']:.4f}) | N:M compliant: "
-            f"{result['all_layers_compliant']} | {result['wall_seconds']}s -> {result['sparse_checkpoint']}"
+            f"embedding cosine to dense, held-out paragraphs / sentences, {result['start']} one-shot {result['pattern']} -> "
+            f"{result['recipe']} distilled: " + " | ".join(_example_domain(name, d) for name, d in result["domains"].items())
+            + f" | N:M compliant: {result['all_layers_compliant']} | {result['wall_seconds']}s -> {result['sparse_checkpoint']}"
         )
     if "dense_val_accuracy" in result:
         return (
@@ -146,6 +147,13 @@ def _finetune_line(result: dict, out_path: Optional[Path]) -> str:
         f"compliant: {result['all_layers_compliant']} | training FLOPs vs dense "
         f"{result['training_flops_relative_to_dense']:.3f}x | {result['wall_seconds']}s -> {out_path}"
     )
+
+
+def _example_domain(name: str, domain: dict) -> str:
+    """`news: 0.7500 / 0.7600 -> 0.8800 / 0.8900 (Spearman 0.87, top-1 neighbour 0.42)`."""
+    one, rec = domain["one_shot"], domain["recovered"]
+    return (f"{name}: {one['paragraphs']:.4f} / {one['sentences']:.4f} -> {rec['paragraphs']:.4f} / {rec['sentences']:.4f} "
+            f"(Spearman {rec['spearman']:.4f}, top-1 neighbour {rec['top1_agreement']:.2f})")
 
 
 def _run_example(
@@ -187,14 +195,21 @@ def _refuse_for_example(options: dict[str, object]) -> None:
 
 def _quality_change(result: dict) -> str:
     """`val accuracy 0.2000 (one-shot 0.1000) -> 0.8990`, one entry per quality metric of the summary (start and
-    one-shot are unknown after --resume)."""
+    one-shot are unknown after --resume), grouped by held-out domain and each group named: `python-help (held out):
+    perplexity ... | news: perplexity ...`."""
+    from nmcli.eval import DOMAIN_SEPARATOR
+
     def value(key: str) -> str:
         return "(resumed)" if result.get(key) is None else format(result[key], ".4f")
 
-    names = [key.removeprefix("final_") for key in result if key.startswith("final_")]
-    return ", ".join(
-        f"{name.replace('_', ' ')} {value('start_' + name)}"
-        + (f" (one-shot {value('one_shot_' + name)})" if result.get("one_shot_" + name) is not None else "")
-        + f" -> {result['final_' + name]:.4f}"
-        for name in names
-    )
+    groups: dict[str, list[str]] = {}
+    for name in (key.removeprefix("final_") for key in result if key.startswith("final_")):
+        domain, _, metric = name.rpartition(DOMAIN_SEPARATOR)
+        groups.setdefault(domain, []).append(
+            f"{metric.replace('_', ' ')} {value('start_' + name)}"
+            + (f" (one-shot {value('one_shot_' + name)})" if result.get("one_shot_" + name) is not None else "")
+            + f" -> {result['final_' + name]:.4f}"
+        )
+    held_out = result.get("held_out")
+    label = {"": f"{held_out} (held out): " if held_out else ""}
+    return " | ".join(label.get(domain, f"{domain}: ") + ", ".join(entries) for domain, entries in groups.items())

@@ -46,7 +46,8 @@ RECIPES = ("ste", "sr-ste", "fixed-mask", "mdgf-exponential", "sdgf-geometric", 
 PATTERNS = ("2:4", "1:4", "1:8")
 REFERENCE = "sr-ste"  # the equal-FLOPs budget is SR-STE's FLOPs at the equal-steps budget
 FLOPS_TOLERANCE = 0.02  # arms within 2% of the reference's FLOPs reuse their equal-steps runs
-QUALITY_KEYS = ("final_cosine", "final_perplexity", "final_label_agreement")  # what the progress lines show
+QUALITY_KEYS = ("final_cosine", "final_perplexity", "final_label_agreement", "final_news/cosine", "final_news/perplexity",
+                "final_news/label_agreement")  # what the progress lines show: the training text's held-out part, news
 PROGRESS_FILE = "runs.jsonl"  # finished runs of an unfinished study, so that running it again resumes
 
 

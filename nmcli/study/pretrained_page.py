@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nmcli.data.text import NEWS
+from nmcli.eval import DOMAIN_SEPARATOR
 from nmcli.io.atomic import write_text_atomic
 from nmcli.models.architecture import ModelKind
 from nmcli.study.page import GRADIENT_FLOW, mean_std, portable_path, save_plot, table_head, table_row
@@ -35,6 +37,21 @@ METRICS = {
     ModelKind.CAUSAL_LM.value: Metric("perplexity", "held-out perplexity (lower is better)", False, 2),
     ModelKind.SEQUENCE_CLASSIFIER.value: Metric("label_agreement", "held-out label agreement with the dense model (higher is better)", True, 4),
 }
+
+
+def general_metric(metric: Metric) -> Metric:
+    """The same measure on the built-in general-domain set (`news/cosine`, `news/perplexity`)."""
+    return Metric(NEWS + DOMAIN_SEPARATOR + metric.key, metric.title.replace("held-out", "general-domain (`news`)"),
+                  metric.higher_is_better, metric.digits)
+
+
+def _general_section(data: dict[str, Any], metric: Metric, patterns: list[str]) -> list[str]:
+    """Quality off the training text's domain, when the runs measured it (studies made before it did not)."""
+    general = general_metric(metric)
+    if not all(f"final_{general.key}" in run for run in data["runs"]):
+        return []
+    return [f"## {general.title[0].upper() + general.title[1:]}, mean ± std over seeds", "",
+            *_both_budgets(lambda budget: quality_table(data, general, budget, patterns))]
 
 
 def cell_runs(data: dict[str, Any], budget: str) -> dict[tuple[str, str], list[dict]]:
@@ -282,6 +299,7 @@ def write_page(data: dict[str, Any], out: Path) -> None:
         f"## {metric.title[0].upper() + metric.title[1:]}, mean ± std over seeds",
         "",
         *_both_budgets(lambda budget: quality_table(data, metric, budget, patterns)),
+        *_general_section(data, metric, patterns),
         f"## Paired difference to `{base}` (positive: better), mean ± std over seeds",
         "",
         *_both_budgets(lambda budget: paired_table(data, metric, budget, patterns)),

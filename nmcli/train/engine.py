@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.data.batches import LengthGroupedBatches
 from nmcli.data.images import MNIST5K
-from nmcli.data.text import PYTHON_HELP
+from nmcli.data.text import NEWS, PYTHON_HELP
+from nmcli.eval import DOMAIN_SEPARATOR
 from nmcli.device import place
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
@@ -78,6 +79,7 @@ class FinetuneConfig:
     seq_len: int = 128  # Hugging Face models: tokens per training / held-out sample
     start: str | None = None  # Hugging Face models: the student's starting N:M checkpoint (default: the teacher)
     prompts: Path | None = None  # --data teacher:N: prompts file (default: the built-in prompts)
+    eval_data: tuple[str, ...] = ()  # Hugging Face models: held-out sets besides the data's own and the built-in news
     measure_start: bool = True  # evaluate the start and one-shot quality (the study measures each start once)
 
     @property
@@ -167,6 +169,8 @@ def _task(config: FinetuneConfig, device: torch.device) -> tuple[Task, torch.nn.
     if kind is ModelKind.IMAGE_CLASSIFIER:
         if config.start is not None:
             raise NMSparseError("--start goes with Hugging Face models; for timm models pass --checkpoint")
+        if config.eval_data:
+            raise NMSparseError("--eval-data goes with Hugging Face models (held-out text); a timm model is scored on its --data")
         model = load_model(resolved)
         if config.num_classes is not None:
             if model.num_classes != config.num_classes:
@@ -175,7 +179,8 @@ def _task(config: FinetuneConfig, device: torch.device) -> tuple[Task, torch.nn.
         return image_task(resolved, ref, model, config.data or MNIST5K, config.limit), model, ref, resolved
     if config.num_classes is not None:
         raise NMSparseError("--num-classes goes with timm models; a Hugging Face model keeps its own head")
-    text = TextSettings(config.data or PYTHON_HELP, config.seq_len, config.limit, config.seed, config.prompts, config.out)
+    text = TextSettings(config.data or PYTHON_HELP, config.seq_len, config.limit, config.seed, config.prompts, config.out,
+                        (NEWS, *config.eval_data))
     check_text_settings(resolved, text)
     teacher = load_model(resolved).to(device)
     if config.use_bf16:
@@ -287,9 +292,15 @@ def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
     )
 
 
-def quality_text(quality: dict[str, float]) -> str:
-    """`val accuracy 0.9000`, `perplexity 17.1000`, `cosine 0.9500, cosine min 0.8000, ...`."""
-    return ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in quality.items())
+def quality_text(quality: dict[str, float], held_out: str | None = None) -> str:
+    """`val accuracy 0.9000`; with text domains, each named: `python-help (held out): perplexity 17.1000 | news:
+    perplexity 21.3000`, `... cosine 0.9500, cosine min 0.8000, ...`."""
+    groups: dict[str, list[str]] = {}
+    for name, value in quality.items():
+        domain, _, metric = name.rpartition(DOMAIN_SEPARATOR)
+        groups.setdefault(domain, []).append(f"{metric.replace('_', ' ')} {value:.4f}")
+    label = {"": f"{held_out} (held out): " if held_out else ""}
+    return " | ".join(label.get(domain, f"{domain}: ") + ", ".join(values) for domain, values in groups.items())
 
 
 def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int, dict[str, float] | None]:
@@ -317,12 +328,12 @@ def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int,
     target = config.recipe.target
     run.sparsifier.set_plan(StepPlan("dense", (target,), 0))
     quality = run.evaluate()
-    reporter.message(f"start: {quality_text(quality)} ({run.task.description})")
+    reporter.message(f"start: {quality_text(quality, run.task.held_out)} ({run.task.description})")
     if config.recipe.method != "dense":
         run.sparsifier.set_plan(StepPlan("finetune", (target,), 0))  # every target layer at its magnitude N:M mask
         run.one_shot = run.evaluate()
         run.sparsifier.set_plan(StepPlan("dense", (target,), 0))
-        reporter.message(f"one-shot {_start_label(config.start)} {target}: {quality_text(run.one_shot)} (no training)")
+        reporter.message(f"one-shot {_start_label(config.start)} {target}: {quality_text(run.one_shot, run.task.held_out)} (no training)")
     run.log.write({"event": "start", **quality, **{f"one_shot_{k}": v for k, v in (run.one_shot or {}).items()}, "step": 0})
     return 0, 0, quality
 
@@ -371,7 +382,7 @@ def _evaluate_mid_epoch(run: _Run, step: int, plan: StepPlan, reporter: Reporter
     quality = run.evaluate()
     elapsed = round(time.perf_counter() - run.prepared_at, 1)
     run.log.write({"event": "eval", "step": step, **quality, "elapsed_s": elapsed})
-    reporter.message(f"step {step}: {quality_text(quality)} ({plan.label()}, {elapsed} s)")
+    reporter.message(f"step {step}: {quality_text(quality, run.task.held_out)} ({plan.label()}, {elapsed} s)")
 
 
 def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter: Reporter) -> None:
@@ -384,7 +395,7 @@ def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter
     elapsed = round(time.perf_counter() - run.prepared_at, 1)
     run.log.write({"event": "epoch", "epoch": epoch, "step": step, **quality, "elapsed_s": elapsed,
                    "masks_identical_across_ranks": agree})
-    done = "trained, evaluating the final weights" if last else quality_text(quality)
+    done = "trained, evaluating the final weights" if last else quality_text(quality, run.task.held_out)
     reporter.message(f"epoch {epoch + 1}/{config.epochs}: {done} ({plan.label() if plan else ''})")
     if run.env.is_main:
         save_training_checkpoint(
@@ -473,6 +484,7 @@ def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float],
         "model": run.ref.to_json(),
         "kind": run.task.kind.value,
         "data": run.task.description,
+        "held_out": run.task.held_out,  # the domain of the plainly named metrics; the others are named `domain/metric`
         "seed": config.seed,
         "epochs": config.epochs,
         "steps": run.phases.total,

@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.data.images import load_data
 from nmcli.data.teacher import read_prompts, teacher_count, teacher_samples
-from nmcli.data.text import PYTHON_HELP, load_texts
+from nmcli.data.mixture import Share, parse_mixture
+from nmcli.data.text import NEWS, PYTHON_HELP, load_eval_texts, load_texts
 from nmcli.data.tokens import check_tokenizer_files, load_tokenizer
 from nmcli.errors import NMSparseError
-from nmcli.eval import TextQuality, accuracy, text_data
+from nmcli.eval import QualitySuite, accuracy, check_seq_len, text_data
 from nmcli.models.architecture import ModelKind, ModelRef, data_config, model_kind
 from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
 from nmcli.oneshot.service import CalibrationSettings, calibration_batches
@@ -40,6 +41,7 @@ class Task(Protocol):
     collate: Callable | None
     description: str
     lengths: list[int] | None  # each training sample's length, to batch similar lengths together; None: any order
+    held_out: str | None  # the domain of the plainly named metrics (the training text's held-out part); None: images
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
     def evaluate(self, model: nn.Module, env: DistEnv, autocast: Callable) -> dict[str, float]: ...
@@ -61,6 +63,7 @@ class ImageTask:
     kind: ModelKind = ModelKind.IMAGE_CLASSIFIER
     collate: Callable | None = None
     lengths: None = None  # images are all one size
+    held_out: None = None  # accuracy on the data's validation split: one domain
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = batch
@@ -74,11 +77,15 @@ class ImageTask:
 class DistillTask:
     kind: ModelKind
     train: Dataset
-    quality: TextQuality
+    quality: QualitySuite
     distiller: Distiller
     collate: Callable
     description: str
     lengths: list[int]  # tokens per training sample: batches group similar lengths (padding is wasted compute)
+
+    @property
+    def held_out(self) -> str:
+        return self.quality.domains[0]
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         return self.distiller(model, batch)
@@ -131,6 +138,7 @@ class TextSettings:
     seed: int
     prompts: Path | None  # teacher:N prompts, one per line (None: the built-in list)
     cache: Path  # where teacher-written data is kept (the run's folder)
+    eval_specs: tuple[str, ...] = (NEWS,)  # held-out sets besides the data's own: the built-in news, --eval-data
 
 
 def _checkpoint_id(resolved: Resolved) -> str:
@@ -143,7 +151,8 @@ def _checkpoint_id(resolved: Resolved) -> str:
 
 def _teacher_written(resolved: Resolved, teacher: nn.Module, count: int, text: TextSettings):
     """Training samples the dense causal LM writes itself; held-out quality stays on real text (python-help)."""
-    texts = text_data(ModelKind.CAUSAL_LM, resolved.checkpoint.folder, PYTHON_HELP, text.seq_len, teacher, with_train=False)
+    texts = text_data(ModelKind.CAUSAL_LM, resolved.checkpoint.folder, PYTHON_HELP, text.seq_len, teacher, with_train=False,
+                      eval_specs=text.eval_specs)
     tokenizer = load_tokenizer(resolved.checkpoint.folder)
     made = teacher_samples(teacher, tokenizer, _checkpoint_id(resolved), count, text.seq_len, text.seed,
                            read_prompts(text.prompts), text.cache)
@@ -160,11 +169,11 @@ def check_text_settings(resolved: Resolved, text: TextSettings) -> None:
     if count is not None and kind is not ModelKind.CAUSAL_LM:
         raise NMSparseError(f"--data teacher:{count}: only a causal LM can write its own training text (this model: {kind.value})")
     if count is None:
-        load_texts(text.data)
-    config = resolved.model.hf_config or {}
-    longest = config.get("max_position_embeddings") or config.get("n_positions")
-    if longest and text.seq_len > longest:
-        raise NMSparseError(f"--seq-len {text.seq_len}: {resolved.model.name} takes at most {longest} tokens per sample")
+        for share in parse_mixture(text.data) or [Share(text.data, 1.0)]:
+            load_texts(share.source)
+    for spec in text.eval_specs:
+        load_eval_texts(spec)
+    check_seq_len(resolved, text.seq_len)
     check_tokenizer_files(resolved.checkpoint.folder)
 
 
@@ -177,7 +186,8 @@ def distill_task(resolved: Resolved, teacher: nn.Module, recipe_spec: Any, text:
     if count is not None:
         samples, texts, description = _teacher_written(resolved, teacher, count, text)
     else:
-        texts = text_data(kind, resolved.checkpoint.folder, text.data, text.seq_len, teacher)
+        texts = text_data(kind, resolved.checkpoint.folder, text.data, text.seq_len, teacher, eval_specs=text.eval_specs,
+                          seed=text.seed)
         samples, description = texts.train, texts.quality.description
     train = limit_samples(samples, text.limit)
     limited = f"; training limited to {len(train)} samples" if text.limit else ""
