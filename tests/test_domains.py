@@ -182,9 +182,19 @@ def test_bad_mixtures_are_one_line_and_nothing_is_written(cli, tmp_path, tiny_ll
 def test_finetune_on_a_mixture_states_it_and_scores_each_sources_held_out_part(cli, tmp_path, tiny_bert):
     out = tmp_path / "run"
     r = cli("finetune", "--model", tiny_bert, "--recipe", "fixed-mask", "--epochs", "1", "--limit", "8", "--seq-len", "32",
-            "--batch-size", "4", "--data", "python-help:0.5,wiki:0.5", "--out", out, "--json")
+            "--batch-size", "4", "--data", "python-help:0.5,wiki:0.5", "--start", "sparsegpt", "--out", out, "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["data"].startswith("mixture of ") and "python-help 50% (" in summary["data"] and "wiki 50% (" in summary["data"]
     assert {"final_cosine", "final_wiki/cosine", "final_news/cosine", "final_news/recall_at_10"} <= set(summary)
     assert summary["held_out"] == "python-help"
+
+
+def test_calibration_draws_a_mixture_in_proportion_and_the_study_refuses_one(cli, tmp_path, tiny_llama):
+    out = tmp_path / "p"
+    r = cli("prune", tiny_llama, "--method", "wanda", "--calib", "python-help:0.5,wiki:0.5", "--calib-samples", "4",
+            "--seq-len", "32", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    assert cli("report", out, "--check", "2:4", "-q").exit_code == 0
+    r = cli("study", "--model", tiny_llama, "--data", "python-help:0.5,wiki:0.5", "--out", tmp_path / "s")
+    assert r.exit_code == 2 and "mixtures go with nmsparse finetune" in r.stderr

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from nmcli.models.resolve import Resolved, load_model
 from nmcli.data.images import calibration_images
 from nmcli.data.teacher import read_prompts, teacher_count, teacher_samples
+from nmcli.data.mixture import Share, mix, parse_mixture
 from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import PadCollate, TokenSamples, encoder_samples, encoder_texts, lm_chunks, load_tokenizer
 from nmcli.errors import NMSparseError
@@ -50,8 +51,17 @@ class CalibrationSettings:
         return replace(self, data=PYTHON_HELP)
 
 
+def _text_pool(kind: ModelKind, tokenizer, source: str, seq_len: int) -> TokenSamples:  # noqa: ANN001
+    """A text source's training part as calibration samples: LM chunks, or encoder paragraphs."""
+    corpus = load_texts(source)
+    if kind is ModelKind.CAUSAL_LM:
+        return lm_chunks(tokenizer, corpus.train, seq_len, f"--calib {source}")
+    return encoder_samples(tokenizer, encoder_texts(corpus.train)[0], seq_len, f"--calib {source}")
+
+
 def calibration_batches(resolved: Resolved, model: torch.nn.Module, calib: CalibrationSettings) -> list[dict]:
-    """`samples` seeded picks from the calibration data: LM chunks (or teacher-written text), encoder paragraphs."""
+    """`samples` seeded picks from the calibration data: LM chunks (or teacher-written text), encoder paragraphs; a
+    mixture of sources (nmcli/data/mixture.py) is drawn in its proportions first."""
     kind = model_kind(resolved.model)
     folder = resolved.checkpoint.folder
     tokenizer = load_tokenizer(folder)
@@ -61,11 +71,9 @@ def calibration_batches(resolved: Resolved, model: torch.nn.Module, calib: Calib
             raise NMSparseError(f"--calib {calib.data}: only a causal LM can write its own calibration text")
         pool = teacher_samples(model, tokenizer, str(folder), count, calib.seq_len, calib.seed, read_prompts(None), None).samples
     else:
-        corpus = load_texts(calib.data)
-        if kind is ModelKind.CAUSAL_LM:
-            pool = lm_chunks(tokenizer, corpus.train, calib.seq_len, f"--calib {calib.data}")
-        else:
-            pool = encoder_samples(tokenizer, encoder_texts(corpus.train)[0], calib.seq_len, f"--calib {calib.data}")
+        shares = parse_mixture(calib.data)
+        pools = [_text_pool(kind, tokenizer, share.source, calib.seq_len) for share in shares or [Share(calib.data, 1.0)]]
+        pool = mix(pools, shares, calib.seed)[0] if shares else pools[0]
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(calib.seed))[: calib.samples]
     chosen = TokenSamples([pool.ids[i] for i in sorted(pick.tolist())])
     return list(DataLoader(chosen, batch_size=CALIB_BATCH, collate_fn=PadCollate(int(tokenizer.pad_token_id))))

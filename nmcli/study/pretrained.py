@@ -26,6 +26,7 @@ import torch
 
 from nmcli.models.resolve import Resolved, resolve
 from nmcli.data.teacher import teacher_count
+from nmcli.data.mixture import parse_mixture
 from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import load_tokenizer
 from nmcli.errors import NMSparseError
@@ -135,6 +136,8 @@ def check_settings(settings: PretrainedStudySettings) -> tuple[Resolved, ModelKi
     if count is not None:
         return resolved, kind, count
     tokenizer = load_tokenizer(resolved.checkpoint.folder)
+    if parse_mixture(data):
+        raise NMSparseError(f"--data {data}: the study trains on one source; mixtures go with nmsparse finetune")
     return resolved, kind, len(training_samples(kind, tokenizer, load_texts(data).train, settings.seq_len, f"--data {data}"))
 
 
