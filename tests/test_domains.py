@@ -166,7 +166,7 @@ def test_a_mixture_draws_each_source_in_proportion_seeded_and_without_repeats():
     ("python-help:a lot,wiki:1", "the proportion 'a lot' of python-help is not a number"),
     ("python-help,wiki:1", "'python-help' has no proportion"),
     ("wiki:1,wiki:2", "wiki is listed twice"),
-    ("wiki:1,teacher:64:1", "teacher:64 (text the model writes) cannot be mixed"),
+    ("wiki:1,teacher:64:1", "teacher:64 (text a model writes) cannot be mixed"),
     ("wiki:1,{short}:1", "shorter than one chunk"),
 ])
 def test_bad_mixtures_are_one_line_and_nothing_is_written(cli, tmp_path, tiny_llama, spec, message):
@@ -198,3 +198,42 @@ def test_calibration_draws_a_mixture_in_proportion_and_the_study_refuses_one(cli
     assert cli("report", out, "--check", "2:4", "-q").exit_code == 0
     r = cli("study", "--model", tiny_llama, "--data", "python-help:0.5,wiki:0.5", "--out", tmp_path / "s")
     assert r.exit_code == 2 and "mixtures go with nmsparse finetune" in r.stderr
+
+
+def _cached_ids(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "teacher-data.safetensors"))["ids"]
+
+
+def test_a_causal_lm_writes_an_encoders_training_text_seeded(cli, tmp_path, tiny_llama, tiny_bert):
+    def run(out, seed):
+        r = cli("finetune", "--model", tiny_bert, "--recipe", "fixed-mask", "--epochs", "1", "--seq-len", "32",
+                "--batch-size", "4", "--data", f"writer:{tiny_llama}:6", "--seed", seed, "--out", out, "--json")
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    first = run(tmp_path / "a", 0)
+    assert first["data"].startswith(f"written by {tiny_llama}: 6 texts of 32 of its tokens (generated in ")
+    assert "quality on python-help: " in first["data"] and "news: " in first["data"] and "final_news/cosine" in first
+    ids = _cached_ids(tmp_path / "a")
+    assert ids.shape == (6, 32)
+    run(tmp_path / "b", 0)
+    run(tmp_path / "c", 1)
+    assert torch.equal(_cached_ids(tmp_path / "b"), ids) and not torch.equal(_cached_ids(tmp_path / "c"), ids)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("writer:{bert}:8", "the writer (encoder) is not a causal LM"),
+    ("writer:{missing}:8", "is not a folder; the writer is a causal LM's Hugging Face folder"),
+    ("writer:{llama}:many", "write writer:FOLDER:N"),
+    ("writer:{llama}", "write writer:FOLDER:N"),
+    ("python-help:1,writer:{llama}:8:1", "(text a model writes) cannot be mixed yet"),
+])
+def test_bad_writers_are_one_line_and_nothing_is_written(cli, tmp_path, tiny_llama, tiny_bert, spec, message):
+    out = tmp_path / "run"
+    data = spec.format(bert=tiny_bert, llama=tiny_llama, missing=tmp_path / "nothing-here")
+    r = cli("finetune", "--model", tiny_bert, "--recipe", "fixed-mask", "--epochs", "1", "--seq-len", "32",
+            "--data", data, "--out", out)
+    assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not out.exists()

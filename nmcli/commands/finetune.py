@@ -27,7 +27,8 @@ from nmcli.errors import NMSparseError
 from nmcli.nm import parse_pattern
 
 DataOpt = Annotated[Optional[str], typer.Option(
-    "--data", help="timm: image folder or mnist5k (default); HF: .txt/.md/.jsonl, a folder, python-help (default) or teacher:N (causal LMs)"
+    "--data", help="timm: image folder or mnist5k (default); HF: .txt/.md/.jsonl, a folder, python-help (default), wiki, "
+    "teacher:N (causal LMs), writer:LM_FOLDER:N (text a causal LM writes), or a mixture SOURCE:P,SOURCE:P"
 )]
 StartOpt = Annotated[Optional[str], typer.Option(
     "--start", help="HF models: magnitude | wanda | sparsegpt (one-shot first) or an N:M checkpoint (default: the dense model)"
@@ -45,7 +46,7 @@ def finetune(
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="HF models: tokens per sample")] = 128,
     start: StartOpt = None,
     prompts: Annotated[
-        Optional[Path], typer.Option("--prompts", help="--data teacher:N: prompts, one per line (default: built-in)")
+        Optional[Path], typer.Option("--prompts", help="--data teacher:N or writer:...: prompts, one per line (default: built-in)")
     ] = None,
     eval_data: EvalDataOpt = None,
     recipe: Annotated[

@@ -1,6 +1,7 @@
 """Training text from several sources in chosen proportions: `--data python-help:0.3,wiki:0.7`.
 
-A mixture is a comma-separated list of `SOURCE:PROPORTION` items (any source `--data` takes but `teacher:N`);
+A mixture is a comma-separated list of `SOURCE:PROPORTION` items (any source `--data` takes but the generated
+`teacher:N` and `writer:FOLDER:N`);
 proportions are relative weights. Each source gives its training samples; the mixture draws from each its share,
 seeded, without repeating a sample, so it is as large as the proportions allow: the source that runs out first at
 its share sets the size (a source of weight 0 gives none). Batches are then drawn from the mixed samples in a
@@ -41,8 +42,8 @@ def parse_mixture(spec: str) -> list[Share] | None:
             raise NMSparseError(f"--data {spec}: the proportion {weight!r} of {source} is not a number") from None
         if not math.isfinite(value) or value < 0:
             raise NMSparseError(f"--data {spec}: the proportion of {source} is {weight}; proportions are numbers >= 0")
-        if source.startswith("teacher:"):
-            raise NMSparseError(f"--data {spec}: {source} (text the model writes) cannot be mixed; use it alone")
+        if source.startswith(("teacher:", "writer:")):
+            raise NMSparseError(f"--data {spec}: {source} (text a model writes) cannot be mixed yet; use it alone")
         if any(share.source == source for share in shares):
             raise NMSparseError(f"--data {spec}: {source} is listed twice; give each source once")
         shares.append(Share(source, value))

@@ -25,8 +25,10 @@ from nmcli.data.teacher import read_prompts, teacher_count, teacher_samples
 from nmcli.data.mixture import Share, parse_mixture
 from nmcli.data.text import NEWS, PYTHON_HELP, load_eval_texts, load_texts
 from nmcli.data.tokens import check_tokenizer_files, load_tokenizer
+from nmcli.data.writer import PROMPTS as WRITER_PROMPTS
+from nmcli.data.writer import WriterSpec, decoded_documents, writer_spec
 from nmcli.errors import NMSparseError
-from nmcli.eval import QualitySuite, accuracy, check_seq_len, text_data
+from nmcli.eval import QualitySuite, accuracy, check_seq_len, text_data, training_samples
 from nmcli.models.architecture import ModelKind, ModelRef, data_config, model_kind
 from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
 from nmcli.oneshot.service import CalibrationSettings, calibration_batches
@@ -115,8 +117,8 @@ def student_of(dense: nn.Module, resolved: Resolved, start: str | None, plan: Pr
         if start == OneShotMethod.MAGNITUDE.value:
             prune_model_(student, plan)
         elif start is not None:
-            calib = CalibrationSettings(PYTHON_HELP if teacher_count(text.data) else text.data, seed=text.seed,
-                                        seq_len=text.seq_len)
+            written = teacher_count(text.data) or writer_spec(text.data)  # generated text: calibrate on real text
+            calib = CalibrationSettings(PYTHON_HELP if written else text.data, seed=text.seed, seq_len=text.seq_len)
             by_module = {layer.module: layer for layer in plan.targets.values()}
             calibrate_and_prune(student, by_module, calibration_batches(resolved, student, calib),
                                 SolverSettings(methods[start], plan.pattern))
@@ -161,14 +163,48 @@ def _teacher_written(resolved: Resolved, teacher: nn.Module, count: int, text: T
     return made.samples, texts, description
 
 
+def _writer_written(resolved: Resolved, teacher: nn.Module, writer: WriterSpec, text: TextSettings):
+    """Training text a causal LM writes for this student, of any kind; held-out quality stays on real text."""
+    kind = model_kind(resolved.model)
+    texts = text_data(kind, resolved.checkpoint.folder, PYTHON_HELP, text.seq_len, teacher, with_train=False,
+                      eval_specs=text.eval_specs)
+    source = resolve(str(writer.folder))
+    writer_tokenizer = load_tokenizer(writer.folder)
+    model = load_model(source).to(next(teacher.parameters()).device)
+    prompts = read_prompts(text.prompts) if text.prompts is not None else WRITER_PROMPTS
+    made = teacher_samples(model, writer_tokenizer, _checkpoint_id(source), writer.count, text.seq_len, text.seed,
+                           prompts, text.cache)
+    del model
+    documents = decoded_documents(writer_tokenizer, made.samples.ids)
+    samples = training_samples(kind, load_tokenizer(resolved.checkpoint.folder), documents, text.seq_len,
+                               f"--data writer:{writer.folder}:{writer.count}")
+    how = f"generated in {made.seconds} s" if made.seconds else "read from the cache"
+    description = (f"written by {writer.folder}: {writer.count} texts of {text.seq_len} of its tokens ({how}, {made.cache}), "
+                   f"{len(samples)} training samples; quality on {texts.quality.description}")
+    return samples, texts, description
+
+
+def _check_writer(writer: WriterSpec, seq_len: int) -> None:
+    source = resolve(str(writer.folder))
+    if source.model is None or model_kind(source.model) is not ModelKind.CAUSAL_LM:
+        what = model_kind(source.model).value if source.model else "not a model nmsparse knows"
+        raise NMSparseError(f"--data writer:{writer.folder}:{writer.count}: the writer ({what}) is not a causal LM; give "
+                            "a Hugging Face ...ForCausalLM folder, e.g. SmolLM2")
+    check_seq_len(source, seq_len)
+    check_tokenizer_files(writer.folder)
+
+
 def check_text_settings(resolved: Resolved, text: TextSettings) -> None:
     """Bad text input is reported before any model is loaded: the data spec, teacher:N on a model that cannot
-    write, --seq-len beyond the model's positions, a folder without a tokenizer."""
+    write, a writer that is not a causal LM, --seq-len beyond the model's positions, a folder without a tokenizer."""
     kind = model_kind(resolved.model)
     count = teacher_count(text.data)
+    writer = writer_spec(text.data)
     if count is not None and kind is not ModelKind.CAUSAL_LM:
         raise NMSparseError(f"--data teacher:{count}: only a causal LM can write its own training text (this model: {kind.value})")
-    if count is None:
+    if writer is not None:
+        _check_writer(writer, text.seq_len)
+    elif count is None:
         for share in parse_mixture(text.data) or [Share(text.data, 1.0)]:
             load_texts(share.source)
     for spec in text.eval_specs:
@@ -182,9 +218,11 @@ def distill_task(resolved: Resolved, teacher: nn.Module, recipe_spec: Any, text:
     spec = resolve_spec(recipe_spec, kind)
     if not any((spec.kl, spec.ce, spec.squarehead, spec.embedding)):
         raise NMSparseError(f"the recipe's distill section leaves every loss term at 0 for a {kind.value}")
-    count = teacher_count(text.data)
+    count, writer = teacher_count(text.data), writer_spec(text.data)
     if count is not None:
         samples, texts, description = _teacher_written(resolved, teacher, count, text)
+    elif writer is not None:
+        samples, texts, description = _writer_written(resolved, teacher, writer, text)
     else:
         texts = text_data(kind, resolved.checkpoint.folder, text.data, text.seq_len, teacher, eval_specs=text.eval_specs,
                           seed=text.seed)
