@@ -5,7 +5,7 @@ Each run is `nmsparse finetune` in a fresh process (its peak RSS measured by the
 is a curve of quality against minutes in both domains.
 
     python bench/recovery.py minilm --patterns 2:4,1:4,4:8            # MiniLM: embedding cosine to dense
-    python bench/recovery.py smollm2 --data python-help,teacher:512   # SmolLM2-135M: perplexity
+    python bench/recovery.py smollm2 --data python-help --data teacher:512   # SmolLM2-135M: perplexity
 
 Figures are printed, not asserted. Long: run it in the background (15-30 minutes per run on 2 CPU cores).
 """
@@ -50,7 +50,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--patterns", default="2:4")
-    parser.add_argument("--data", default="python-help", help="comma-separated --data values to compare")
+    parser.add_argument("--data", action="append", help="a --data value to compare (repeat; a mixture's commas stay "
+                        "inside one value) [default: finetune's own default, python-help:0.3,wiki:0.7]")
     parser.add_argument("--recipe", default="fixed-mask")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit", type=int, default=None, help="training samples per run")
@@ -64,9 +65,10 @@ def main() -> None:
     converted = ROOT / "bench" / ".models" / "smollm2-135m"
     folder = args.folder or (minilm_folder() if args.model == "minilm" else smollm2_folder(converted))
     print(f"# {args.model} ({folder}), recipe {args.recipe}, {args.epochs} epoch(s), options {' '.join(options)} {args.extra}")
-    for data in args.data.split(","):
+    for data in args.data or ["python-help:0.3,wiki:0.7"]:
         for pattern in args.patterns.split(","):
-            out = args.out / f"{args.model}-{pattern.replace(':', 'of')}-{data.replace(':', '')}-{Path(args.recipe).stem}"
+            tag = data.replace(":", "").replace(",", "+").replace("/", "_")
+            out = args.out / f"{args.model}-{pattern.replace(':', 'of')}-{tag}-{Path(args.recipe).stem}"
             cmd = [sys.executable, "-m", "nmcli", "finetune", "--model", str(folder), "--recipe", args.recipe,
                    "--pattern", pattern, "--epochs", str(args.epochs), "--data", data, "--out", str(out), "--force",
                    "--eval-every", str(args.eval_every), *options, *args.extra.split()]

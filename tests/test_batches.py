@@ -56,7 +56,7 @@ def test_finetune_trains_text_in_batches_grouped_by_length(cli, tmp_path, tiny_b
 
     monkeypatch.setattr(nmcli.train.engine, "train_step", spy)
     r = cli("finetune", "--model", tiny_bert, "--recipe", "fixed-mask", "--epochs", "1", "--pattern", "2:4",
-            "--batch-size", "4", "--seq-len", "64", "--limit", "16", "--out", tmp_path / "o", "--quiet")
+            "--batch-size", "4", "--seq-len", "64", "--limit", "16", "--data", "python-help", "--out", tmp_path / "o", "--quiet")
     assert r.exit_code == 0, r.output
     from nmcli.data.text import PYTHON_HELP
     from nmcli.eval import text_data

@@ -134,7 +134,7 @@ def test_training_and_evaluation_batches_reach_the_model_through_place(cli, tmp_
 
     def prepare(config, env):
         run = real_prepare(config, env)
-        teacher = run.task.quality.teacher
+        teacher = run.task.quality.parts[0].teacher
         models.extend([(run.model, _inputs_of(run.model)), (teacher, _inputs_of(teacher))])
         return run
 

@@ -14,7 +14,7 @@ from nmcli.recipes import builtin_names
 from tests.conftest import save_tiny_hf
 from tests.reference import brute_force_mask
 
-COMMON = ("--pattern", "2:4", "--batch-size", "4", "--seq-len", "32", "--limit", "16", "--lr", "3e-3")
+COMMON = ("--pattern", "2:4", "--batch-size", "4", "--seq-len", "32", "--limit", "16", "--lr", "3e-3", "--data", "python-help")
 
 
 def _max_nonzeros(weight, m=4):
@@ -112,7 +112,7 @@ def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, tiny_l
     assert r.exit_code == 2 and "--num-classes goes with timm models" in r.output
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    r = cli("finetune", "--model", tiny_llama, "--data", empty, *COMMON, "--out", tmp_path / "r")
+    r = cli("finetune", "--model", tiny_llama, *COMMON, "--data", empty, "--out", tmp_path / "r")
     assert r.exit_code == 2 and "empty.txt: 0 non-empty document(s)" in r.output
     assert not (tmp_path / "r").exists()
     recipe = tmp_path / "bad.yaml"

@@ -27,8 +27,9 @@ from nmcli.errors import NMSparseError
 from nmcli.nm import parse_pattern
 
 DataOpt = Annotated[Optional[str], typer.Option(
-    "--data", help="timm: image folder or mnist5k (default); HF: .txt/.md/.jsonl, a folder, python-help (default), wiki, "
-    "teacher:N (causal LMs), writer:LM_FOLDER:N (text a causal LM writes), or a mixture SOURCE:P,SOURCE:P"
+    "--data", help="timm: image folder or mnist5k (default); HF: .txt/.md/.jsonl, a folder, python-help, wiki, "
+    "teacher:N (causal LMs), writer:LM_FOLDER:N (text a causal LM writes), or a mixture SOURCE:P,SOURCE:P "
+    "[default: python-help:0.3,wiki:0.7]"
 )]
 StartOpt = Annotated[Optional[str], typer.Option(
     "--start", help="HF models: magnitude | wanda | sparsegpt (one-shot first) or an N:M checkpoint (default: the dense model)"

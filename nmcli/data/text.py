@@ -17,6 +17,7 @@ evaluation (`--eval-data`, the built-in `news`) is held out whole.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -85,7 +86,8 @@ def _news() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _wiki() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _wiki() -> tuple[str, ...]:
     """One document per article (meta pages left out), its blocks of at least WIKI_MIN_WORDS words as paragraphs;
     gensim parses the dump and strips the markup (its bold and italic quotes are dropped here)."""
     import bz2
@@ -100,7 +102,7 @@ def _wiki() -> list[str]:
         kept = [block for block in blocks if len(block.split()) >= WIKI_MIN_WORDS]
         if kept:
             documents.append("\n\n".join(kept))
-    return documents
+    return tuple(documents)
 
 
 def read_text(path: Path) -> str:
@@ -143,7 +145,7 @@ def _documents(spec: str) -> tuple[list[str], str]:
     if spec == NEWS:
         return _news(), "ABC news paragraphs (the Lee corpus, gensim's test data)"
     if spec == WIKI:
-        return _wiki(), "English Wikipedia articles (gensim's test data)"
+        return list(_wiki()), "English Wikipedia articles (gensim's test data)"
     path = Path(spec)
     if path.is_dir():
         return _folder(path), str(path)

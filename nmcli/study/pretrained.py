@@ -146,8 +146,8 @@ def _config(settings: PretrainedStudySettings, arm: Arm, pattern: str, seed: int
     recipe = load_recipe(arm.recipe).with_overrides(pattern=pattern, epochs=1, lr=settings.lr, batch_size=settings.batch_size)
     start = str(starts[pattern]) if arm.start is Start.SPARSEGPT else (None if arm.start is Start.DENSE else arm.start.value)
     name = f"{arm.label}-{pattern}-{seed}-{budget.value}".replace(" ", "_").replace(":", "of").replace("(", "").replace(")", "")
-    return FinetuneConfig(model=settings.model, recipe=recipe, out=work / name, data=settings.data, seed=seed,
-                          limit=steps * settings.batch_size, seq_len=settings.seq_len, start=start, force=True,
+    return FinetuneConfig(model=settings.model, recipe=recipe, out=work / name, data=settings.data or PYTHON_HELP,
+                          seed=seed, limit=steps * settings.batch_size, seq_len=settings.seq_len, start=start, force=True,
                           measure_start=seed == 0)
 
 

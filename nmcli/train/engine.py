@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.data.batches import LengthGroupedBatches
 from nmcli.data.images import MNIST5K
-from nmcli.data.text import NEWS, PYTHON_HELP
+from nmcli.data.mixture import GENERAL_USE
+from nmcli.data.text import NEWS
 from nmcli.eval import DOMAIN_SEPARATOR
 from nmcli.device import place
 from nmcli.errors import NMSparseError
@@ -62,7 +63,7 @@ class FinetuneConfig:
     model: str
     recipe: Recipe
     out: Path
-    data: str | None = None  # None: mnist5k for timm models, python-help for Hugging Face models
+    data: str | None = None  # None: mnist5k for timm models, GENERAL_USE (a mixture) for Hugging Face models
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     seed: int = 0
@@ -179,7 +180,7 @@ def _task(config: FinetuneConfig, device: torch.device) -> tuple[Task, torch.nn.
         return image_task(resolved, ref, model, config.data or MNIST5K, config.limit), model, ref, resolved
     if config.num_classes is not None:
         raise NMSparseError("--num-classes goes with timm models; a Hugging Face model keeps its own head")
-    text = TextSettings(config.data or PYTHON_HELP, config.seq_len, config.limit, config.seed, config.prompts, config.out,
+    text = TextSettings(config.data or GENERAL_USE, config.seq_len, config.limit, config.seed, config.prompts, config.out,
                         (NEWS, *config.eval_data))
     check_text_settings(resolved, text)
     teacher = load_model(resolved).to(device)
