@@ -168,6 +168,8 @@ def test_a_mixture_draws_each_source_in_proportion_seeded_and_without_repeats():
     ("wiki:1,wiki:2", "wiki is listed twice"),
     ("wiki:1,teacher:64:1", "teacher:64 (text a model writes) cannot be mixed"),
     ("wiki:1,{short}:1", "shorter than one chunk"),
+    ("wiki:1,news:1", "'news' is the built-in general-domain evaluation set"),
+    ("news", "'news' is the built-in general-domain evaluation set"),
 ])
 def test_bad_mixtures_are_one_line_and_nothing_is_written(cli, tmp_path, tiny_llama, spec, message):
     short = tmp_path / "short.txt"

@@ -206,6 +206,9 @@ def check_text_settings(resolved: Resolved, text: TextSettings) -> None:
         _check_writer(writer, text.seq_len)
     elif count is None:
         for share in parse_mixture(text.data) or [Share(text.data, 1.0)]:
+            if share.source == NEWS:
+                raise NMSparseError(f"--data {text.data}: '{NEWS}' is the built-in general-domain evaluation set, scored "
+                                    "as never trained on; train on wiki, python-help or your own text")
             load_texts(share.source)
     for spec in text.eval_specs:
         load_eval_texts(spec)
