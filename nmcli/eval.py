@@ -224,6 +224,21 @@ class QualitySuite:
         return f"{self.mixture}; held out: {held_out}" if self.mixture else held_out
 
 
+def by_domain(entries: dict[str, str], held_out: str | None) -> str:
+    """Text entries keyed by metric name, grouped by domain and each group named: `python-help (held out): <entry>,
+    <entry> | news: <entry>` (the plainly named metrics are the held-out part of `held_out`; no name without it)."""
+    groups: dict[str, list[str]] = {}
+    for name, entry in entries.items():
+        groups.setdefault(name.rpartition(DOMAIN_SEPARATOR)[0], []).append(entry)
+    label = {"": f"{held_out} (held out): " if held_out else ""}
+    return " | ".join(label.get(domain, f"{domain}: ") + ", ".join(items) for domain, items in groups.items())
+
+
+def metric_words(name: str) -> str:
+    """`news/sentence_cosine` -> `sentence cosine`: a metric as a line shows it inside its domain's group."""
+    return name.rpartition(DOMAIN_SEPARATOR)[2].replace("_", " ")
+
+
 def domain_name(spec: str, taken: list[str]) -> str:
     """How a held-out set is named in metrics and lines: the built-in name, else the file or folder's stem
     (numbered when two sets share it)."""

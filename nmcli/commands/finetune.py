@@ -199,19 +199,15 @@ def _quality_change(result: dict) -> str:
     """`val accuracy 0.2000 (one-shot 0.1000) -> 0.8990`, one entry per quality metric of the summary (start and
     one-shot are unknown after --resume), grouped by held-out domain and each group named: `python-help (held out):
     perplexity ... | news: perplexity ...`."""
-    from nmcli.eval import DOMAIN_SEPARATOR
+    from nmcli.eval import by_domain, metric_words
 
     def value(key: str) -> str:
         return "(resumed)" if result.get(key) is None else format(result[key], ".4f")
 
-    groups: dict[str, list[str]] = {}
-    for name in (key.removeprefix("final_") for key in result if key.startswith("final_")):
-        domain, _, metric = name.rpartition(DOMAIN_SEPARATOR)
-        groups.setdefault(domain, []).append(
-            f"{metric.replace('_', ' ')} {value('start_' + name)}"
-            + (f" (one-shot {value('one_shot_' + name)})" if result.get("one_shot_" + name) is not None else "")
-            + f" -> {result['final_' + name]:.4f}"
-        )
-    held_out = result.get("held_out")
-    label = {"": f"{held_out} (held out): " if held_out else ""}
-    return " | ".join(label.get(domain, f"{domain}: ") + ", ".join(entries) for domain, entries in groups.items())
+    names = [key.removeprefix("final_") for key in result if key.startswith("final_")]
+    return by_domain({
+        name: f"{metric_words(name)} {value('start_' + name)}"
+        + (f" (one-shot {value('one_shot_' + name)})" if result.get("one_shot_" + name) is not None else "")
+        + f" -> {result['final_' + name]:.4f}"
+        for name in names
+    }, result.get("held_out"))

@@ -28,7 +28,7 @@ from nmcli.data.batches import LengthGroupedBatches
 from nmcli.data.images import MNIST5K
 from nmcli.data.mixture import GENERAL_USE
 from nmcli.data.text import NEWS
-from nmcli.eval import DOMAIN_SEPARATOR
+from nmcli.eval import by_domain, metric_words
 from nmcli.device import place
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
@@ -296,12 +296,7 @@ def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
 def quality_text(quality: dict[str, float], held_out: str | None = None) -> str:
     """`val accuracy 0.9000`; with text domains, each named: `python-help (held out): perplexity 17.1000 | news:
     perplexity 21.3000`, `... cosine 0.9500, cosine min 0.8000, ...`."""
-    groups: dict[str, list[str]] = {}
-    for name, value in quality.items():
-        domain, _, metric = name.rpartition(DOMAIN_SEPARATOR)
-        groups.setdefault(domain, []).append(f"{metric.replace('_', ' ')} {value:.4f}")
-    label = {"": f"{held_out} (held out): " if held_out else ""}
-    return " | ".join(label.get(domain, f"{domain}: ") + ", ".join(values) for domain, values in groups.items())
+    return by_domain({name: f"{metric_words(name)} {value:.4f}" for name, value in quality.items()}, held_out)
 
 
 def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int, dict[str, float] | None]:
