@@ -6,6 +6,7 @@ is a curve of quality against minutes in both domains.
 
     python bench/recovery.py minilm --patterns 2:4,1:4,4:8            # MiniLM: embedding cosine to dense
     python bench/recovery.py smollm2 --data python-help --data teacher:512   # SmolLM2-135M: perplexity
+    python bench/recovery.py minilm --busy        # the same run with a competing busy process per core but one
 
 Figures are printed, not asserted. Long: run it in the background (15-30 minutes per run on 2 CPU cores).
 """
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.child import run_child  # noqa: E402
+from bench.contention import competing, describe, idle  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
 from nmcli.train.example import minilm_folder  # noqa: E402
 
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="training samples per run")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--extra", default="", help="more finetune options, space-separated")
+    parser.add_argument("--busy", action="store_true", help="run with a competing busy process per core but one")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / ".runs")
     parser.add_argument("--folder", type=Path, default=None,
                         help="the model's folder (default: MiniLM from its wheel, SmolLM2 converted from its GGUF)")
@@ -74,12 +77,13 @@ def main() -> None:
                    "--eval-every", str(args.eval_every), *options, *args.extra.split()]
             if args.limit:
                 cmd += ["--limit", str(args.limit)]
-            code, _, seconds, rss = run_child(cmd)
+            with (competing() if args.busy else idle()) as busy:
+                code, _, seconds, rss = run_child(cmd)
             if code:
                 print(f"{pattern} {data}: failed (exit {code})")
                 continue
             summary = json.loads((out / "summary.json").read_text())
-            print(f"\n## {pattern}, data {data}: {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB, {summary['steps']} steps")
+            print(f"\n## {pattern}, data {data} ({describe('busy' if busy else 'idle', busy)}): {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB, {summary['steps']} steps")
             print(f"data: {summary['data']}")
             print("  " + " | ".join(f"{k}: start {summary[f'start_{k}']:.4f}, one-shot mask of the start "
                                      f"{summary[f'one_shot_{k}']:.4f}, recovered {summary[f'final_{k}']:.4f}" for k in keys))
