@@ -65,6 +65,7 @@ def main() -> None:
                         help="the model's folder (default: MiniLM from its wheel, SmolLM2 converted from its GGUF)")
     args = parser.parse_args()
     keys, options = MODELS[args.model]
+    args.out.mkdir(parents=True, exist_ok=True)
     converted = ROOT / "bench" / ".models" / "smollm2-135m"
     folder = args.folder or (minilm_folder() if args.model == "minilm" else smollm2_folder(converted))
     print(f"# {args.model} ({folder}), recipe {args.recipe}, {args.epochs} epoch(s), options {' '.join(options)} {args.extra}")
