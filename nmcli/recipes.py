@@ -66,6 +66,24 @@ class DistillSpec:
     dropout: bool | None = None  # the student keeps the model's dropout while it learns (default: off)
 
 
+LORA_METHODS = ("fixed-mask", "ste", "mdgf", "sdgf", "mdgf+sdgf")  # the mask comes from the frozen base weights
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Mask-preserving LoRA (methods.md §10): W_eff = M * (W + alpha / rank * B A), only A and B trained."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ("*",)  # globs over the target layers' module names
+    dropout: float = 0.0  # on the adapter's input, in training steps
+    train_norms: bool = False  # also train the norms' weights and every bias
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -84,6 +102,7 @@ class Recipe:
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
     training: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRAINING))
     distill: DistillSpec | None = None  # Hugging Face models only
+    lora: LoraSpec | None = None  # train low-rank adapters on frozen base weights instead of the weights
     source: str = "<built-in>"
 
     @property
@@ -110,7 +129,7 @@ class Recipe:
 
 _TOP_KEYS = {
     "name", "description", "method", "pattern", "phases", "mask_decay", "structure_decay", "sr_ste", "targets",
-    "optimizer", "scheduler", "training", "distill",
+    "optimizer", "scheduler", "training", "distill", "lora",
 }
 _SECTION_KEYS = {
     "phases": {"dense", "finetune", "finetune_mask"},
@@ -122,6 +141,7 @@ _SECTION_KEYS = {
     "scheduler": {"name", "warmup_fraction", "min_lr"},
     "training": {"epochs", "batch_size", "clip_grad", "bf16"},
     "distill": {"kl", "ce", "squarehead", "embedding", "temperature", "embedding_loss", "dropout"},
+    "lora": {"rank", "alpha", "targets", "dropout", "train_norms"},
 }
 
 
@@ -216,6 +236,7 @@ def from_dict(data: Any, source: str) -> Recipe:
         scheduler=_scheduler(c, data),
         training={**DEFAULT_TRAINING, **_training(c, data)},
         distill=_distill(c, data) if "distill" in data else None,
+        lora=_lora(c, data, method) if "lora" in data else None,
         source=source,
     )
 
@@ -331,6 +352,25 @@ def _distill(c: _Checker, data: dict) -> DistillSpec:
     return DistillSpec(**weights, temperature=temperature, embedding_loss=loss, dropout=dropout)
 
 
+def _lora(c: _Checker, data: dict, method: str) -> LoraSpec:
+    """Adapters train on a mask derived from the frozen base weights: no SR-STE pull (it acts on the base)."""
+    if method not in LORA_METHODS:
+        raise c.fail("lora", f"method {method} cannot train adapters (one of {', '.join(LORA_METHODS)} can: the mask "
+                     "comes from the frozen base weights)")
+    if "sr_ste" in data:
+        raise c.fail("lora", "the SR-STE term pulls pruned base weights, which LoRA freezes; drop sr_ste")
+    section = c.section(data, "lora", _SECTION_KEYS["lora"])
+    default = LoraSpec()
+    rank = c.number(section.get("rank", default.rank), "lora.rank", 1, integer=True)
+    alpha = c.number(section.get("alpha", 2 * rank), "lora.alpha", 1e-6, 1e6)
+    targets = c.strings(section.get("targets", list(default.targets)), "lora.targets")
+    if not targets:
+        raise c.fail("lora.targets", "an empty list trains nothing; give globs such as ['*'] or ['*.mlp.*']")
+    dropout = c.number(section.get("dropout", default.dropout), "lora.dropout", 0, 0.99)
+    train_norms = c.flag(section.get("train_norms", default.train_norms), "lora.train_norms")
+    return LoraSpec(rank, float(alpha), targets, float(dropout), train_norms)
+
+
 def _optimizer(c: _Checker, data: dict) -> dict[str, Any]:
     """A timm optimizer by name, with finite hyper-parameters in range."""
     import timm.optim
@@ -383,6 +423,8 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
     out["training"] = dict(recipe.training)
     if recipe.distill is not None:
         out["distill"] = {k: v for k, v in dataclasses.asdict(recipe.distill).items() if v is not None}
+    if recipe.lora is not None:
+        out["lora"] = {**dataclasses.asdict(recipe.lora), "targets": list(recipe.lora.targets)}
     return out
 
 

@@ -64,6 +64,10 @@ def recipe_show(
         out.print(f"  steps {segment['start']:>6}-{segment['end'] - 1:<6} {segment['phase']:<8} {segment['pattern']}")
     if any(a["alpha"] for a in described["alpha"]):
         out.print("  alpha: " + ", ".join(f"step {a['step']}: {a['alpha']:.4f}" for a in described["alpha"]))
+    if chosen.lora is not None:
+        lora = chosen.lora
+        out.print(f"  lora: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.scale:g}), layers {', '.join(lora.targets)}; "
+                  f"trains the adapters{' and norms / biases' if lora.train_norms else ''} only, merged under the mask")
     out.print(
         f"  training FLOPs relative to dense: {described['training_flops_relative_to_dense']:.3f}x "
         f"({described['training_flops_scope']})"

@@ -2,21 +2,27 @@
 
 Masks are attached with `torch.nn.utils.parametrize` (as torch.ao.pruning does): each target weight becomes
 `original` + an `NMWeight` parametrization that forms the effective weight every forward pass. `finalize`
-removes the parametrizations and leaves plain weights with exact zeros at the target pattern.
+removes the parametrizations and leaves plain weights with exact zeros at the target pattern. With a recipe's
+`lora:` section the chosen layers also hold low-rank factors (methods/lora.py) inside their parametrization, every
+other parameter is frozen, and `finalize` merges the factors under the mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nmcli.errors import NMSparseError
 from nmcli.methods.effective import effective_weight
+from nmcli.methods.lora import LoraFactors, lora_weight, mask_scale
 from nmcli.methods.plan import StepPlan
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import Layout, NMPattern, apply_nm_, nm_mask
+from nmcli.recipes import LoraSpec
 from nmcli.schedules import pattern_for_layer
 
 
@@ -29,6 +35,9 @@ class NMWeight(nn.Module):
         self.reduction_length = reduction_length
         self.plan: StepPlan | None = None
         self.frozen: torch.Tensor | None = None
+        self.lora: LoraFactors | None = None
+        self.lora_masks: dict[NMPattern, torch.Tensor] = {}  # the frozen base's mask at each pattern met
+        self.lora_scale: torch.Tensor | None = None  # S of the last forward, for the split adapter term
 
     def pattern(self) -> NMPattern | None:
         if self.plan is None or self.plan.dense:
@@ -39,10 +48,16 @@ class NMWeight(nn.Module):
         """The binary mask E in use at `pattern` (this layer's `pattern()`): the frozen one, else from `weight`."""
         if self.frozen is not None:
             return self.frozen
-        return nm_mask(weight.detach(), pattern, self.layout)
+        if self.lora is None:
+            return nm_mask(weight.detach(), pattern, self.layout)
+        if pattern not in self.lora_masks:  # the base is frozen: its mask at a pattern never changes
+            self.lora_masks[pattern] = nm_mask(weight.detach(), pattern, self.layout)
+        return self.lora_masks[pattern]
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         plan, pattern = self.plan, self.pattern()
+        if self.lora is not None:
+            return self._with_adapter(weight, plan, pattern)
         if plan is None or pattern is None or pattern.is_dense:
             return weight
         if plan.freeze and self.frozen is None:
@@ -50,6 +65,20 @@ class NMWeight(nn.Module):
         return effective_weight(
             weight, self.keep_mask(weight, pattern), alpha=plan.alpha, sr_lambda=plan.sr_lambda, backward=plan.backward
         )
+
+    def _with_adapter(self, weight: torch.Tensor, plan: StepPlan | None, pattern: NMPattern | None) -> torch.Tensor:
+        """S * (W + s B A); with adapter dropout in a training step S * W, the module's hook adding the rest."""
+        lora = self.lora
+        if plan is None or pattern is None or pattern.is_dense:
+            keep, alpha = torch.ones_like(weight, dtype=torch.bool), 0.0
+        else:
+            if plan.freeze and self.frozen is None:
+                self.frozen = nm_mask(weight.detach(), pattern, self.layout)
+            keep, alpha = self.keep_mask(weight, pattern), plan.alpha
+        if lora.split:
+            self.lora_scale = mask_scale(keep, alpha, lora.lora_A.dtype)
+            return self.lora_scale.to(weight.dtype) * weight
+        return lora_weight(weight, keep, lora.delta(), lora.scale, alpha)
 
 
 class Sparsifier:
@@ -65,13 +94,24 @@ class Sparsifier:
         for layer in self.targets.values():
             yield layer.module, by_name[layer.module]
 
-    def attach(self) -> Sparsifier:
+    def attach(self, lora: LoraSpec | None = None) -> Sparsifier:
+        """Parametrize every target layer; with `lora`, give the layers its globs choose adapters and freeze the
+        rest of the model (norms and biases stay trainable with `train_norms`)."""
+        adapted = adapter_layers(lora, [name for name, _ in self.modules()]) if lora is not None else set()
         for name, module in self.modules():
             layer = self.targets[f"{name}.weight"]
             param = NMWeight(layer.layout, module.weight.shape[layer.layout.k_axis])
+            if name in adapted:
+                param.lora = _factors(name, module, layer.layout, lora)
+                module.register_forward_hook(_split_adapter_hook(param))
             parametrize.register_parametrization(module, "weight", param, unsafe=True)
             self.params[name] = param
+        if lora is not None:
+            freeze_all_but_adapters(self.model, lora.train_norms)
         return self
+
+    def adapters(self) -> dict[str, LoraFactors]:
+        return {name: p.lora for name, p in self.params.items() if p.lora is not None}
 
     def set_plan(self, plan: StepPlan) -> None:
         for param in self.params.values():
@@ -99,7 +139,59 @@ class Sparsifier:
             if target is None:
                 continue
             with torch.no_grad():
-                if param.frozen is not None:
+                if param.lora is not None:
+                    keep = param.frozen if param.frozen is not None else nm_mask(module.weight, target, param.layout)
+                    merged = lora_weight(module.weight, keep, param.lora.delta(), param.lora.scale)
+                    module.weight.copy_(merged.to(module.weight.dtype))
+                    param.lora, param.lora_scale = None, None  # merged: the hook adds nothing any more
+                elif param.frozen is not None:
                     module.weight.mul_(param.frozen)
                 else:
                     apply_nm_(module.weight.data, target, param.layout)
+
+
+def adapter_layers(lora: LoraSpec, names: list[str]) -> set[str]:
+    """The target layers `lora.targets` chooses; a glob that chooses none is an error naming it."""
+    chosen = set()
+    for glob in lora.targets:
+        matched = {name for name in names if fnmatchcase(name, glob)}
+        if not matched:
+            example = names[0] if names else "(none)"
+            raise NMSparseError(f"lora.targets: {glob!r} matches none of the {len(names)} target layers (e.g. {example})")
+        chosen |= matched
+    return chosen
+
+
+def _factors(name: str, module: nn.Module, layout: Layout, lora: LoraSpec) -> LoraFactors:
+    if module.weight.dim() != 2:
+        raise NMSparseError(f"lora.targets: {name} is a {type(module).__name__} with a {module.weight.dim()}-D weight; "
+                            "adapters go on Linear layers: narrow lora.targets to them")
+    in_features = module.weight.shape[layout.k_axis]
+    out_features = module.weight.shape[1 - layout.k_axis]
+    if lora.rank > min(out_features, in_features):
+        raise NMSparseError(f"lora.rank: {lora.rank} is larger than layer {name} ({out_features} x {in_features}); "
+                            f"choose a rank of at most {min(out_features, in_features)}")
+    factors = LoraFactors(out_features, in_features, lora.rank, lora.scale, lora.dropout, fan_in_fan_out=layout.k_axis == 0)
+    return factors.to(module.weight.device)
+
+
+def _split_adapter_hook(param: NMWeight) -> Callable:
+    """Adds the adapter's term on the dropped-out input when the parametrization left it out (`LoraFactors.split`)."""
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        if param.lora is None or not param.lora.split or param.lora_scale is None:
+            return output
+        return output + param.lora.adapter_output(inputs[0], param.lora_scale)
+
+    return hook
+
+
+def freeze_all_but_adapters(model: nn.Module, train_norms: bool) -> None:
+    """Only adapter factors train (and, with `train_norms`, norm weights and biases): the optimizer holds no
+    state for anything else."""
+    norm_modules = {name for name, m in model.named_modules() if type(m).__name__.lower().endswith("norm")}
+    for name, param in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        is_factor = name.endswith(("lora_A", "lora_B"))
+        is_norm_or_bias = name.endswith(".bias") or owner in norm_modules
+        param.requires_grad_(is_factor or (train_norms and is_norm_or_bias))

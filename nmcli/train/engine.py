@@ -33,6 +33,7 @@ from nmcli.device import place
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
 from nmcli.io.metadata import MODEL
+from nmcli.io.peft_adapter import ADAPTER_DIR, write_adapter
 from nmcli.io.rewrite import copy_side_files
 from nmcli.io.sources import INDEX_NAME
 from nmcli.methods.plan import StepPlan, plan_step, relative_training_flops
@@ -44,6 +45,7 @@ from nmcli.prune import PrunePlan, plan_prune
 from nmcli.recipes import Recipe, to_dict
 from nmcli.report.flops import target_costs
 from nmcli.schedules import Phases
+from nmcli.train.adapter import check_lora_settings, kept_adapter
 from nmcli.train.checkpointing import (
     CHECKPOINT_DIR,
     load_checkpoint_weights,
@@ -82,6 +84,7 @@ class FinetuneConfig:
     prompts: Path | None = None  # --data teacher:N: prompts file (default: the built-in prompts)
     eval_data: tuple[str, ...] = ()  # Hugging Face models: held-out sets besides the data's own and the built-in news
     measure_start: bool = True  # evaluate the start and one-shot quality (the study measures each start once)
+    keep_adapter: bool = False  # with a recipe's lora: also write the adapter in peft's layout (OUT/adapter)
 
     @property
     def use_bf16(self) -> bool:
@@ -103,6 +106,7 @@ class FinetuneConfig:
             "recipe": to_dict(self.recipe), "data": self.data, "seed": self.seed, "num_classes": self.num_classes,
             "bf16": self.bf16, "limit": self.limit, "world_size": world, "seq_len": self.seq_len, "start": self.start,
             "prompts": str(self.prompts),
+            "lora": to_dict(self.recipe).get("lora"),  # named on its own: a LoRA run resumed without it says so
         }
 
 
@@ -273,7 +277,7 @@ def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
     task, model, ref, resolved = _task(config, device)
     model.to(device)
     plan = plan_prune(resolved, target, recipe.include, recipe.exclude)
-    sparsifier = Sparsifier(model, plan.targets).attach()
+    sparsifier = Sparsifier(model, plan.targets).attach(recipe.lora)
     sampler, train_loader = _train_loader(task, config, env)
     phases = Phases.from_fractions(config.epochs * len(train_loader), recipe.dense_fraction, recipe.finetune_fraction)
     optimizer, scheduler = _optimizer_and_scheduler(recipe, model, config.epochs, len(train_loader))
@@ -406,11 +410,15 @@ def _finish(run: _Run, start: dict[str, float] | None, started: float) -> dict[s
     """Exact N:M weights, final quality, summary; the main rank writes the outputs."""
     recipe = run.config.recipe
     _check_finite(run.model)
+    adapter = kept_adapter(run.sparsifier, recipe.lora, run.task.kind, run.config.start or run.config.model) \
+        if run.config.keep_adapter else None  # before the merge folds the factors into the weights
     run.sparsifier.finalize(recipe.target if recipe.method != "dense" else None)
     final = run.evaluate()
     summary = _summary(run, start, final, started)
     if run.env.is_main:
         _write_outputs(run, summary)
+        if adapter is not None:
+            write_adapter(run.config.out / ADAPTER_DIR, *adapter)
     run.log.write({"event": "final", **final, "step": run.phases.total})
     return summary
 
@@ -418,6 +426,8 @@ def _finish(run: _Run, start: dict[str, float] | None, started: float) -> dict[s
 def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv) -> FinetuneResult:
     started = time.perf_counter()
     _check_out(config)
+    check_lora_settings(config.recipe.name, config.recipe.lora, keep_adapter=config.keep_adapter,
+                        grad_log_every=config.grad_log_every, start=config.start)
     _seed_everything(config.seed)
     state = read_training_state(config.out, config.fingerprint(env.world)) if config.resume else None
     run = _prepare(config, env)
@@ -514,7 +524,7 @@ def _write_outputs(run: _Run, summary: dict[str, Any]) -> None:
     tensors = _output_tensors(run)
     folder = run.resolved.checkpoint.folder
     if folder is not None:
-        own = {MODEL_FILE, INDEX_NAME, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE, CHECKPOINT_DIR}
+        own = {MODEL_FILE, INDEX_NAME, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE, CHECKPOINT_DIR, ADAPTER_DIR}
         summary["notes"] = copy_side_files(folder, config.out, own)
     if config.recipe.method != "dense":
         meta = run.plan.metadata(run.ref)
