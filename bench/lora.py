@@ -1,0 +1,143 @@
+"""Mask-preserving LoRA against full fine-tuning of SmolLM2-135M at 2:4, from one SparseGPT start, in one run.
+
+1. The start: `nmsparse prune --method sparsegpt` once (reused from bench/.runs when present).
+2. Training memory and speed: each arm trains `--memory-steps` steps in a fresh process with no evaluation at all
+   (the evaluation's logits would otherwise set the peak), reporting its own peak RSS (the OS's) and tokens/s of
+   the steps after the first.
+3. Quality: `nmsparse finetune` for `--steps` steps with full fine-tuning (recipe fixed-mask) and for
+   `--lora-factor` times as many with LoRA (recipe lora), evaluated every `--eval-every` steps on the held-out
+   Python help and the general-domain news; LoRA is compared at equal steps and at equal training time (its last
+   evaluation no later than full fine-tuning's end).
+
+    python bench/lora.py                      # 2:4, 60 steps of batch 4 x 256 tokens, bf16 autocast
+
+Figures are printed, not asserted. Long (about 40 minutes on 2 CPU cores): run it in the background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.child import run_child  # noqa: E402
+from bench.recovery import _curve  # noqa: E402
+from bench.smollm2 import smollm2_folder  # noqa: E402
+
+ARMS = {"full": "fixed-mask", "lora": "lora"}
+KEYS = ("perplexity_ratio", "news/perplexity_ratio", "perplexity", "news/perplexity")
+TRAIN = ["--batch-size", "4", "--seq-len", "256", "--bf16"]
+LR = {"full": "2e-4", "lora": "1e-3"}
+
+
+def memory_child(model: str, start: str, recipe: str, lr: str, steps: int, out: str) -> None:
+    """In a fresh process: `steps` training steps, no evaluation; print peak RSS and tokens/s as JSON."""
+    from nmcli.recipes import load_recipe
+    from nmcli.train.engine import FinetuneConfig, Reporter, run_finetune
+
+    class Clock(Reporter):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def step(self, step: int, values: dict) -> None:
+            self.times.append(time.perf_counter())
+
+    chosen = load_recipe(recipe).with_overrides(batch_size=4, epochs=2, lr=float(lr))
+    config = FinetuneConfig(model=model, recipe=chosen, out=Path(out), start=start, seq_len=256, bf16=True,
+                            limit=4 * steps, stop_after=1, force=True, measure_start=False)
+    clock = Clock()
+    run_finetune(config, clock)
+    seconds = clock.times[-1] - clock.times[0]
+    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "tokens_per_s": (len(clock.times) - 1) * 4 * 256 / seconds, "steps": len(clock.times)}))
+
+
+def _start(folder: Path, runs: Path) -> Path:
+    base = runs / "smollm2-sparsegpt-2of4"
+    if not (base / "model.safetensors").is_file():
+        code, _, seconds, rss = run_child([sys.executable, "-m", "nmcli", "prune", str(folder), "--method", "sparsegpt",
+                                           "--pattern", "2:4", "--out", str(base), "--force", "--quiet"])
+        if code:
+            sys.exit(f"prune failed (exit {code})")
+        print(f"start: SparseGPT 2:4 in {seconds / 60:.1f} min (peak RSS {rss:.2f} GiB) -> {base}")
+    return base
+
+
+def _memory(folder: Path, base: Path, runs: Path, steps: int) -> None:
+    print(f"\n## training memory and speed ({steps} steps of batch 4 x 256 tokens, bf16 autocast, no evaluation)")
+    for arm, recipe in ARMS.items():
+        cmd = [sys.executable, __file__, "--memory-child", arm, "--folder", str(folder), "--memory-steps", str(steps)]
+        code, out, seconds, _ = run_child(cmd)
+        if code:
+            print(f"{arm}: failed (exit {code})")
+            continue
+        measured = json.loads(out.strip().splitlines()[-1])
+        print(f"{arm:>5} ({recipe}): peak RSS {measured['peak_rss_gib']:.2f} GiB, {measured['tokens_per_s']:.0f} tokens/s "
+              f"({measured['steps']} steps, {seconds:.0f} s in all)")
+
+
+def _quality(folder: Path, base: Path, runs: Path, steps: int, factor: float, every: int) -> dict[str, list]:
+    curves = {}
+    for arm, recipe in ARMS.items():
+        arm_steps = steps if arm == "full" else round(steps * factor)
+        out = runs / f"lora-bench-{arm}"
+        cmd = [sys.executable, "-m", "nmcli", "finetune", "--model", str(folder), "--start", str(base), "--recipe", recipe,
+               "--epochs", "1", "--limit", str(4 * arm_steps), "--eval-every", str(every), "--lr", LR[arm], *TRAIN,
+               "--out", str(out), "--force", "--quiet"]
+        code, _, seconds, rss = run_child(cmd)
+        if code:
+            print(f"{arm}: failed (exit {code})")
+            continue
+        curves[arm] = _curve(out, KEYS)
+        print(f"\n## {arm} ({recipe}, lr {LR[arm]}): {arm_steps} steps, {seconds / 60:.1f} min in all, peak RSS {rss:.2f} GiB "
+              "(evaluation included)")
+        print("  step   min  " + "  ".join(KEYS))
+        for elapsed, event in curves[arm]:
+            print(f"  {event['step']:>4} {elapsed / 60:5.1f}  " + "  ".join(f"{event[k]:.4f}" for k in KEYS))
+    return curves
+
+
+def _compare(curves: dict[str, list], steps: int) -> None:
+    if set(curves) != set(ARMS):
+        return
+    full_end, full = curves["full"][-1]
+    at_steps = next((e for _, e in curves["lora"] if e["step"] == steps), None)
+    at_time = [e for t, e in curves["lora"] if t <= full_end][-1]
+    print(f"\n## LoRA against full fine-tuning ({full['step']} steps, {full_end / 60:.1f} min of training)")
+    for label, event in (("equal steps", at_steps), (f"equal time (LoRA step {at_time['step']})", at_time)):
+        if event is not None:
+            print(f"  {label}: " + ", ".join(f"{k} {event[k]:.4f} vs {full[k]:.4f} ({event[k] / full[k] - 1:+.1%})"
+                                             for k in KEYS[:2]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--lora-factor", type=float, default=1.5, help="LoRA trains this many times --steps")
+    parser.add_argument("--eval-every", type=int, default=30)
+    parser.add_argument("--memory-steps", type=int, default=8)
+    parser.add_argument("--folder", type=Path, default=None, help="SmolLM2's folder (default: converted from its GGUF)")
+    parser.add_argument("--runs", type=Path, default=ROOT / "bench" / ".runs")
+    parser.add_argument("--memory-child", choices=sorted(ARMS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    folder = args.folder or smollm2_folder(ROOT / "bench" / ".models" / "smollm2-135m")
+    args.runs.mkdir(parents=True, exist_ok=True)
+    base = _start(folder, args.runs)
+    if args.memory_child:
+        memory_child(str(folder), str(base), ARMS[args.memory_child], LR[args.memory_child], args.memory_steps,
+                     str(args.runs / f"lora-memory-{args.memory_child}"))
+        return
+    print(f"# SmolLM2-135M 2:4 from SparseGPT ({base}): LoRA (recipe lora: rank 16, alpha 32, every target layer) "
+          "against full fine-tuning (recipe fixed-mask); data: finetune's default mixture")
+    _memory(folder, base, args.runs, args.memory_steps)
+    _compare(_quality(folder, base, args.runs, args.steps, args.lora_factor, args.eval_every), args.steps)
+
+
+if __name__ == "__main__":
+    main()
