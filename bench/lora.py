@@ -59,7 +59,7 @@ def memory_child(model: str, start: str, recipe: str, lr: str, steps: int, out: 
 
 
 def _start(folder: Path, runs: Path) -> Path:
-    base = runs / "smollm2-sparsegpt-2of4"
+    base = runs / f"{folder.name}-sparsegpt-2of4"
     if not (base / "model.safetensors").is_file():
         code, _, seconds, rss = run_child([sys.executable, "-m", "nmcli", "prune", str(folder), "--method", "sparsegpt",
                                            "--pattern", "2:4", "--out", str(base), "--force", "--quiet"])
@@ -72,7 +72,8 @@ def _start(folder: Path, runs: Path) -> Path:
 def _memory(folder: Path, base: Path, runs: Path, steps: int) -> None:
     print(f"\n## training memory and speed ({steps} steps of batch 4 x 256 tokens, bf16 autocast, no evaluation)")
     for arm, recipe in ARMS.items():
-        cmd = [sys.executable, __file__, "--memory-child", arm, "--folder", str(folder), "--memory-steps", str(steps)]
+        cmd = [sys.executable, __file__, "--memory-child", arm, "--folder", str(folder), "--memory-steps", str(steps),
+               "--runs", str(runs)]
         code, out, seconds, _ = run_child(cmd)
         if code:
             print(f"{arm}: failed (exit {code})")

@@ -108,6 +108,9 @@ def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, tiny_l
     assert starts["sparsegpt"] != starts["magnitude"]  # SparseGPT's updated weights, not the magnitude mask
     r = cli("finetune", "--model", tiny_llama, "--start", tiny_bert, "--epochs", "1", *COMMON, "--out", tmp_path / "p")
     assert r.exit_code == 2 and "a checkpoint of LlamaForCausalLM is needed" in r.output
+    other = save_tiny_hf(tmp_path / "other", "llama")  # the same class, a smaller vocabulary
+    r = cli("finetune", "--model", tiny_llama, "--start", other, "--epochs", "1", *COMMON, "--out", tmp_path / "p2")
+    assert r.exit_code == 2 and "model.embed_tokens.weight is of shape [128, 32], the model's is [30522, 32]" in r.output
     r = cli("finetune", "--model", tiny_llama, "--num-classes", "3", *COMMON, "--out", tmp_path / "q")
     assert r.exit_code == 2 and "--num-classes goes with timm models" in r.output
     empty = tmp_path / "empty.txt"

@@ -26,6 +26,12 @@ def lora_weight(weight: torch.Tensor, keep: torch.Tensor, delta: torch.Tensor, s
     return mask_scale(keep, alpha, delta.dtype) * (weight.to(delta.dtype) + scale * delta)
 
 
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """B A laid out as the weight: [out, K], or [K, out] for a weight stored fan-in first (GPT-2's Conv1D)."""
+    product = lora_b @ lora_a
+    return product.T if fan_in_fan_out else product
+
+
 class LoraFactors(nn.Module):
     """A [rank, K] and B [out, rank] of one layer, initialised as peft does (A Kaiming-uniform, B zero: the
     adapter starts as the identity update). `fan_in_fan_out`: the weight is stored [K, out] (GPT-2's Conv1D)."""
@@ -41,8 +47,7 @@ class LoraFactors(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """B A in the weight's own layout."""
-        product = self.lora_B @ self.lora_A
-        return product.T if self.fan_in_fan_out else product
+        return lora_delta(self.lora_A, self.lora_B, self.fan_in_fan_out)
 
     @property
     def split(self) -> bool:

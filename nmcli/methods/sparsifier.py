@@ -18,10 +18,10 @@ from torch.nn.utils import parametrize
 
 from nmcli.errors import NMSparseError
 from nmcli.methods.effective import effective_weight
-from nmcli.methods.lora import LoraFactors, lora_weight, mask_scale
+from nmcli.methods.lora import LoraFactors, lora_delta, lora_weight, mask_scale
 from nmcli.methods.plan import StepPlan
 from nmcli.models.targets import LayerInfo
-from nmcli.nm import Layout, NMPattern, apply_nm_, nm_mask
+from nmcli.nm import Layout, NMPattern, nm_mask
 from nmcli.recipes import LoraSpec
 from nmcli.schedules import pattern_for_layer
 
@@ -53,6 +53,16 @@ class NMWeight(nn.Module):
         if pattern not in self.lora_masks:  # the base is frozen: its mask at a pattern never changes
             self.lora_masks[pattern] = nm_mask(weight.detach(), pattern, self.layout)
         return self.lora_masks[pattern]
+
+    def final_weight(self, original: torch.Tensor, target: NMPattern, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The exactly N:M weight a run leaves: the base under its frozen mask, else its magnitude mask at `target`;
+        with LoRA, E * (W + s delta) (`delta` = B A laid out as W). No target (a dense recipe): the weight itself."""
+        if target is None:
+            return original
+        keep = (self.frozen if self.frozen is not None else nm_mask(original, target, self.layout)).to(original.device)
+        if delta is not None:
+            return lora_weight(original, keep, delta.to(original.device), self.lora.scale).to(original.dtype)
+        return original.masked_fill(~keep, 0)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         plan, pattern = self.plan, self.pattern()
@@ -132,22 +142,29 @@ class Sparsifier:
             self.params[name].frozen = mask.bool()
 
     def finalize(self, target: NMPattern | None) -> None:
-        """Remove the parametrizations; with a target, weights become exactly N:M (frozen mask, else magnitude)."""
+        """Remove the parametrizations; with a target, weights become exactly N:M (`NMWeight.final_weight`)."""
         for name, module in self.modules():
             param = self.params.pop(name)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             if target is None:
                 continue
             with torch.no_grad():
-                if param.lora is not None:
-                    keep = param.frozen if param.frozen is not None else nm_mask(module.weight, target, param.layout)
-                    merged = lora_weight(module.weight, keep, param.lora.delta(), param.lora.scale)
-                    module.weight.copy_(merged.to(module.weight.dtype))
-                    param.lora, param.lora_scale = None, None  # merged: the hook adds nothing any more
-                elif param.frozen is not None:
-                    module.weight.mul_(param.frozen)
-                else:
-                    apply_nm_(module.weight.data, target, param.layout)
+                delta = param.lora.delta() if param.lora is not None else None
+                module.weight.copy_(param.final_weight(module.weight, target, delta))
+            param.lora, param.lora_scale = None, None  # merged: the hook adds nothing any more
+
+    def finalized_state(self, state: dict[str, torch.Tensor], target: NMPattern | None) -> dict[str, torch.Tensor]:
+        """`finalize` on a state dict of the parametrized model (a sharded run's, gathered): every target layer's
+        `original` (and factors) become its plain, exactly N:M `weight`."""
+        out = dict(state)
+        for name, param in self.params.items():
+            original = out.pop(f"{name}.parametrizations.weight.original")
+            delta = None
+            if param.lora is not None:
+                factors = f"{name}.parametrizations.weight.0.lora.lora_"
+                delta = lora_delta(out.pop(factors + "A"), out.pop(factors + "B"), param.lora.fan_in_fan_out)
+            out[f"{name}.weight"] = param.final_weight(original, target, delta)
+        return out
 
 
 def adapter_layers(lora: LoraSpec, names: list[str]) -> set[str]:

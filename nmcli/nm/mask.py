@@ -227,8 +227,10 @@ def _for_row_chunks(rows: int, m: int, work) -> None:  # noqa: ANN001 - work(sta
 
 
 def _cpu_bits(groups: torch.Tensor) -> tuple[np.ndarray, int, int]:
+    """The groups' bits as a numpy view, read while the mask is made. Through DLPack, not `Tensor.numpy()`: that
+    marks the weight's storage as never resizable, and FSDP2 frees a gathered weight by resizing its storage."""
     int_dtype, abs_mask, inf_bits = _BITS[groups.dtype]
-    return groups.view(int_dtype).numpy(), abs_mask, inf_bits + 1
+    return np.from_dlpack(groups.view(int_dtype)), abs_mask, inf_bits + 1
 
 
 def _ranked_group_mask(groups: torch.Tensor, n: int) -> torch.Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nmcli.errors import NMSparseError
 from nmcli.io.peft_adapter import lora_config
 from nmcli.methods.sparsifier import Sparsifier
@@ -43,11 +45,17 @@ def check_lora_settings(recipe_name: str, lora: LoraSpec | None, *, keep_adapter
                             f"memory; prune first (nmsparse prune MODEL --method {start} --out BASE) and pass --start BASE")
 
 
-def kept_adapter(sparsifier: Sparsifier, lora: LoraSpec, kind: ModelKind, base: str) -> tuple[dict, dict[str, Any]]:
-    """A copy of every adapted layer's (A, B), taken before the merge folds them into the weights, and peft's
-    adapter_config.json for them over `base` (a folder, by its absolute path, or a model name)."""
+def kept_adapter(sparsifier: Sparsifier, lora: LoraSpec, kind: ModelKind, base: str,
+                 state: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict[str, Any]]:
+    """A copy of every adapted layer's (A, B), taken before the merge folds them into the weights (from the model,
+    or from its gathered `state` in a sharded run), and peft's adapter_config.json for them over `base` (a folder,
+    by its absolute path, or a model name)."""
     adapters = sparsifier.adapters()
-    factors = {name: (f.lora_A.detach().clone(), f.lora_B.detach().clone()) for name, f in adapters.items()}
+    if state is None:
+        factors = {name: (f.lora_A.detach().clone(), f.lora_B.detach().clone()) for name, f in adapters.items()}
+    else:
+        prefix = "{}.parametrizations.weight.0.lora.lora_"
+        factors = {name: (state[prefix.format(name) + "A"], state[prefix.format(name) + "B"]) for name in adapters}
     base_path = Path(base)
     config = lora_config(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, modules=list(factors),
                          fan_in_fan_out=any(f.fan_in_fan_out for f in adapters.values()), task_type=TASK_TYPES.get(kind),

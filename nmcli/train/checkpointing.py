@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from nmcli.device import model_device
 from nmcli.errors import NMSparseError
@@ -41,13 +41,17 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def save_training_checkpoint(out: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
-    """Replace `out`'s checkpoint. A failed write (torch's zip writer reports a full disk as a RuntimeError,
-    "unexpected pos ...") names the folder and the free space; the previous checkpoint stays."""
+def save_training_checkpoint(out: Path, model: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """Replace `out`'s checkpoint with `model`'s weights (or a gathered state dict of them, a sharded run's) and
+    `state`. A failed write (torch's zip writer reports a full disk as a RuntimeError, "unexpected pos ...") names
+    the folder and the free space; the previous checkpoint stays."""
     state = {**state, **rng_states()}
     try:
         with atomic_output(out / CHECKPOINT_DIR, force=True, directory=True) as tmp:
-            save_model(model, str(tmp / "model.safetensors"))
+            if isinstance(model, dict):
+                save_file(_unshared(model), str(tmp / "model.safetensors"))
+            else:
+                save_model(model, str(tmp / "model.safetensors"))
             torch.save(state, tmp / "state.pt")
     except (OSError, RuntimeError, SafetensorError) as exc:
         free = shutil.disk_usage(out).free / 2**30
@@ -88,6 +92,25 @@ def load_checkpoint_weights(run: Path, model: torch.nn.Module) -> None:
         load_model(model, str(path), device=str(model_device(model)))
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise NMSparseError(f"{path}: does not fit this run's model ({str(exc).splitlines()[0]})") from None
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors stores no tensor twice: a tied weight's second name gets its own copy."""
+    seen, out = set(), {}
+    for name, tensor in tensors.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if ptr in seen else tensor.contiguous()
+        seen.add(ptr)
+    return out
+
+
+def checkpoint_tensors(run: Path) -> dict[str, torch.Tensor]:
+    """`run`'s checkpointed weights as a state dict (a sharded run scatters them from rank 0)."""
+    path = run / CHECKPOINT_DIR / "model.safetensors"
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise NMSparseError(f"{path}: cannot read the checkpointed weights ({_first_line(exc)})") from None
 
 
 def restore_rng(state: dict) -> None:

@@ -48,12 +48,21 @@ from nmcli.schedules import Phases
 from nmcli.train.adapter import check_lora_settings, kept_adapter
 from nmcli.train.checkpointing import (
     CHECKPOINT_DIR,
+    checkpoint_tensors,
     load_checkpoint_weights,
     read_training_state,
     restore_rng,
     save_training_checkpoint,
 )
 from nmcli.train.distributed import DistEnv, all_equal, init_distributed, mean_over_ranks, shutdown
+from nmcli.train.sharding import (
+    check_shard,
+    finish_sharded,
+    gathered_model_state,
+    gathered_optimizer_state,
+    scatter_state,
+    shard_model,
+)
 from nmcli.train.metrics import GradientFlowProbe, MetricsLog
 from nmcli.train.tasks import Task, TextSettings, check_text_settings, distill_task, image_task, student_of
 
@@ -85,6 +94,7 @@ class FinetuneConfig:
     eval_data: tuple[str, ...] = ()  # Hugging Face models: held-out sets besides the data's own and the built-in news
     measure_start: bool = True  # evaluate the start and one-shot quality (the study measures each start once)
     keep_adapter: bool = False  # with a recipe's lora: also write the adapter in peft's layout (OUT/adapter)
+    shard: bool = False  # under torchrun: FSDP2 for student and teacher instead of DistributedDataParallel
 
     @property
     def use_bf16(self) -> bool:
@@ -107,6 +117,7 @@ class FinetuneConfig:
             "bf16": self.bf16, "limit": self.limit, "world_size": world, "seq_len": self.seq_len, "start": self.start,
             "prompts": str(self.prompts),
             "lora": to_dict(self.recipe).get("lora"),  # named on its own: a LoRA run resumed without it says so
+            "shard": self.shard,  # sharded checkpoints hold the optimizer state by parameter name
         }
 
 
@@ -172,6 +183,9 @@ def _task(config: FinetuneConfig, device: torch.device) -> tuple[Task, torch.nn.
         raise NMSparseError(f"{config.model}: the architecture is unknown; fine-tuning needs a timm name or a Hugging Face folder")
     ref, kind = resolved.model, model_kind(resolved.model)
     if kind is ModelKind.IMAGE_CLASSIFIER:
+        if config.shard:
+            raise NMSparseError("--shard goes with Hugging Face models (their transformer blocks are the shards); a "
+                                "timm model trains under plain torchrun (DistributedDataParallel)")
         if config.start is not None:
             raise NMSparseError("--start goes with Hugging Face models; for timm models pass --checkpoint")
         if config.eval_data:
@@ -278,6 +292,9 @@ def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
     model.to(device)
     plan = plan_prune(resolved, target, recipe.include, recipe.exclude)
     sparsifier = Sparsifier(model, plan.targets).attach(recipe.lora)
+    if config.shard:
+        shard_model(task.distiller.teacher)
+        shard_model(model)
     sampler, train_loader = _train_loader(task, config, env)
     phases = Phases.from_fractions(config.epochs * len(train_loader), recipe.dense_fraction, recipe.finetune_fraction)
     optimizer, scheduler = _optimizer_and_scheduler(recipe, model, config.epochs, len(train_loader))
@@ -291,7 +308,7 @@ def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=task.kind is not ModelKind.IMAGE_CLASSIFIER,
-        ) if env.enabled else model,
+        ) if env.enabled and not config.shard else model,
         autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.use_bf16 else contextlib.nullcontext,
         probe=GradientFlowProbe(sparsifier, target) if config.grad_log_every else None,
     )
@@ -309,8 +326,11 @@ def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int,
     config = run.config
     metrics = config.out / METRICS_FILE if run.env.is_main else None
     if state is not None:
-        load_checkpoint_weights(config.out, run.model)
-        run.optimizer.load_state_dict(state["optimizer"])
+        if config.shard:
+            scatter_state(run.model, run.optimizer, checkpoint_tensors(config.out) if run.env.is_main else {}, state["optimizer"])
+        else:
+            load_checkpoint_weights(config.out, run.model)
+            run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         run.sparsifier.load_masks_state(state["masks"])
         epoch, step = int(state["epoch"]), int(state["step"])
@@ -391,16 +411,20 @@ def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter
     config = run.config
     last = epoch + 1 == config.epochs
     quality = {} if last else run.evaluate()
-    agree = _masks_agree(run.sparsifier, run.env)
+    agree = _masks_agree(run.sparsifier, run.env, config.shard)
     elapsed = round(time.perf_counter() - run.prepared_at, 1)
     run.log.write({"event": "epoch", "epoch": epoch, "step": step, **quality, "elapsed_s": elapsed,
                    "masks_identical_across_ranks": agree})
     done = "trained, evaluating the final weights" if last else quality_text(quality, run.task.held_out)
     reporter.message(f"epoch {epoch + 1}/{config.epochs}: {done} ({plan.label() if plan else ''})")
+    if config.shard:  # every rank takes part in gathering the shards
+        weights, optimizer = gathered_model_state(run.model), gathered_optimizer_state(run.model, run.optimizer)
+    else:
+        weights, optimizer = run.model, run.optimizer.state_dict()
     if run.env.is_main:
         save_training_checkpoint(
-            config.out, run.model,
-            {"epoch": epoch + 1, "step": step, "optimizer": run.optimizer.state_dict(),
+            config.out, weights,
+            {"epoch": epoch + 1, "step": step, "optimizer": optimizer,
              "scheduler": run.scheduler.state_dict(), "masks": run.sparsifier.masks_state(),
              "fingerprint": json.dumps(config.fingerprint(run.env.world), sort_keys=True)},
         )
@@ -408,17 +432,27 @@ def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter
 
 def _finish(run: _Run, start: dict[str, float] | None, started: float) -> dict[str, Any]:
     """Exact N:M weights, final quality, summary; the main rank writes the outputs."""
-    recipe = run.config.recipe
-    _check_finite(run.model)
-    adapter = kept_adapter(run.sparsifier, recipe.lora, run.task.kind, run.config.start or run.config.model) \
-        if run.config.keep_adapter else None  # before the merge folds the factors into the weights
-    run.sparsifier.finalize(recipe.target if recipe.method != "dense" else None)
-    final = run.evaluate()
-    summary = _summary(run, start, final, started)
+    config = run.config
+    target = config.recipe.target if config.recipe.method != "dense" else None
+    base = config.start or config.model
+    if config.shard:
+        final, weights = finish_sharded(run.model, run.sparsifier, target, run.evaluate, run.env)
+        adapter = kept_adapter(run.sparsifier, config.recipe.lora, run.task.kind, base, weights) \
+            if config.keep_adapter and run.env.is_main else None
+        weights = run.sparsifier.finalized_state(weights, target) if run.env.is_main else {}
+    else:
+        _check_finite(run.model)
+        adapter = kept_adapter(run.sparsifier, config.recipe.lora, run.task.kind, base) \
+            if config.keep_adapter else None  # before the merge folds the factors into the weights
+        run.sparsifier.finalize(target)
+        final = run.evaluate()
+        weights = run.model.state_dict()
+    wall = round(mean_over_ranks(time.perf_counter() - started, run.env), 2)
+    summary = _summary(run, start, final, wall, weights) if weights else {"rank": run.env.rank, "world_size": run.env.world}
     if run.env.is_main:
-        _write_outputs(run, summary)
+        _write_outputs(run, summary, weights)
         if adapter is not None:
-            write_adapter(run.config.out / ADAPTER_DIR, *adapter)
+            write_adapter(config.out / ADAPTER_DIR, *adapter)
     run.log.write({"event": "final", **final, "step": run.phases.total})
     return summary
 
@@ -428,6 +462,8 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv) -> FinetuneRe
     _check_out(config)
     check_lora_settings(config.recipe.name, config.recipe.lora, keep_adapter=config.keep_adapter,
                         grad_log_every=config.grad_log_every, start=config.start)
+    if config.shard:
+        check_shard(env.world, config.grad_log_every)
     _seed_everything(config.seed)
     state = read_training_state(config.out, config.fingerprint(env.world)) if config.resume else None
     run = _prepare(config, env)
@@ -455,31 +491,35 @@ def _check_finite(model: torch.nn.Module) -> None:
             )
 
 
-def _masks_agree(sparsifier: Sparsifier, env: DistEnv) -> bool:
-    """All ranks hold the same weights, hence the same masks: check a checksum of every layer's mask."""
+def _masks_agree(sparsifier: Sparsifier, env: DistEnv, sharded: bool) -> bool:
+    """All ranks hold the same weights, hence the same masks: check a checksum of every layer's mask. Sharded, a
+    rank holds a shard of the weight between steps: its frozen masks are compared, the others are made from the
+    same gathered weight on every rank."""
     if not env.enabled:  # one process agrees with itself; no need to recompute every mask
         return True
     digest = torch.zeros(len(sparsifier.params), dtype=torch.float64)
     for i, (name, param) in enumerate(sparsifier.params.items()):
         pattern = param.pattern()
-        if pattern is not None:
+        if pattern is not None and (param.frozen is not None or not sharded):
             keep = param.keep_mask(sparsifier.original(name), pattern)
             positions = torch.arange(1, keep.numel() + 1, dtype=torch.float64, device=keep.device)
             digest[i] = float((keep.flatten().double() * positions).sum())
     return all_equal(digest, env)
 
 
-def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float], started: float) -> dict[str, Any]:
-    """Quality as `start_<metric>` / `final_<metric>` (start is None after a resume), FLOPs, compliance, time."""
-    config, model, layers = run.config, run.model, run.plan.targets
+def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float], wall: float,
+             weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Quality as `start_<metric>` / `final_<metric>` (start is None after a resume), FLOPs, compliance of the
+    final `weights` (the model's state), time."""
+    config, layers = run.config, run.plan.targets
     recipe, target = config.recipe, config.recipe.target
     total_flops, layer_costs = target_costs(
-        run.ref, {layer.module: model.get_submodule(layer.module).weight.shape[layer.layout.k_axis] for layer in layers.values()},
+        run.ref, {layer.module: weights[f"{layer.module}.weight"].shape[layer.layout.k_axis] for layer in layers.values()},
         config.seq_len,
     )
     sparse = recipe.method != "dense"
     compliant = {
-        name: compliance(model.get_submodule(layer.module).weight.detach(), target, layer.layout).compliant
+        name: compliance(weights[f"{layer.module}.weight"].detach(), target, layer.layout).compliant
         for name, layer in layers.items()
     } if sparse else {}
     sparse_flops = total_flops - sum(f * (1 - target.density) for f, _ in layer_costs.values()) if sparse else total_flops
@@ -503,25 +543,25 @@ def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float],
         "all_layers_compliant": all(compliant.values()) if sparse else None,
         "flops": {"unit": "FLOPs (2 x MACs), one forward at batch 1", "dense": total_flops, "sparse_theoretical": round(sparse_flops)},
         "training_flops_relative_to_dense": relative_training_flops(recipe, target, run.phases, layer_costs, total_flops),
-        "wall_seconds": round(mean_over_ranks(time.perf_counter() - started, run.env), 2),
+        "wall_seconds": wall,
     }
 
 
-def _output_tensors(run: _Run) -> dict[str, torch.Tensor]:
-    """The trained weights under the source checkpoint's own names: a tied weight once, tensors the model does not
-    load (non-persistent buffers, unused heads) carried through unchanged, as prune does."""
-    state, ckpt, match = run.model.state_dict(), run.resolved.checkpoint, run.resolved.match
+def _output_tensors(run: _Run, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained weights (`state`, the model's) under the source checkpoint's own names: a tied weight once,
+    tensors the model does not load (non-persistent buffers, unused heads) carried through unchanged, as prune does."""
+    ckpt, match = run.resolved.checkpoint, run.resolved.match
     return {
         name: (state[match.to_model[name]] if name in match.to_model else ckpt.read(name)).detach().contiguous().cpu()
         for name in ckpt.infos
     }
 
 
-def _write_outputs(run: _Run, summary: dict[str, Any]) -> None:
+def _write_outputs(run: _Run, summary: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     """model.safetensors (with prune's N:M metadata plus the recipe), summary.json, recipe.yaml; for a Hugging Face
     folder also its config, tokenizer and other files, so that `from_pretrained(out)` loads the result."""
     config = run.config
-    tensors = _output_tensors(run)
+    tensors = _output_tensors(run, state)
     folder = run.resolved.checkpoint.folder
     if folder is not None:
         own = {MODEL_FILE, INDEX_NAME, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE, CHECKPOINT_DIR, ADAPTER_DIR}

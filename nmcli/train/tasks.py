@@ -129,7 +129,19 @@ def student_of(dense: nn.Module, resolved: Resolved, start: str | None, plan: Pr
             f"--start {start}: a checkpoint of {resolved.model.name} is needed (it holds "
             f"{started.model.name if started.model else 'an unknown architecture'})"
         )
-    return load_model(started)
+    student = load_model(started)
+    _check_same_shapes(start, student, dense)
+    return student
+
+
+def _check_same_shapes(start: str, student: nn.Module, dense: nn.Module) -> None:
+    """A start of the same class but another size (layers, widths) is refused, naming the first difference."""
+    shapes = {name: tuple(t.shape) for name, t in student.state_dict().items()}
+    for name, tensor in dense.state_dict().items():
+        if shapes.get(name) != tuple(tensor.shape):
+            found = "missing" if name not in shapes else f"of shape {list(shapes[name])}"
+            raise NMSparseError(f"--start {start}: {name} is {found}, the model's is {list(tensor.shape)}; the start must "
+                                "be a checkpoint of this model (the same config), e.g. its `nmsparse prune` output")
 
 
 @dataclass(frozen=True)
