@@ -205,3 +205,15 @@ def test_lora_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, tiny_llama
         r = cli("finetune", "--model", tiny_llama, "--epochs", "1", *COMMON, *options, "--out", tmp_path / folder)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (folder, r.output)
         assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / folder).exists(), folder
+
+
+def test_lora_training_flops_skip_the_weight_gradient_pass():
+    from nmcli.methods.plan import relative_training_flops
+    from nmcli.schedules import Phases
+
+    full = from_dict({"name": "f", "method": "fixed-mask"}, "r.yaml")
+    lora = from_dict({"name": "l", "method": "fixed-mask", "lora": {}}, "r.yaml")
+    layers = {"a": (600, None)}  # 600 of 1000 forward FLOPs in a 2:4 target layer: 0.7 of dense per pass
+    phases = Phases.from_fractions(10, 0.0, 0.0)
+    assert relative_training_flops(full, TWO_FOUR, phases, layers, 1000) == pytest.approx(0.7)
+    assert relative_training_flops(lora, TWO_FOUR, phases, layers, 1000) == pytest.approx(0.7 * 2 / 3)

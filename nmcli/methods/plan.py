@@ -137,12 +137,14 @@ def relative_training_flops(
     """Training FLOPs of the recipe relative to dense training of the same steps (methods.md §5).
 
     `layers`: target module -> (dense forward FLOPs, reduction length K, or None for the pattern's own density).
-    Training costs ~3x the forward pass per step, with each target layer scaled by its density at that step; the
-    factor 3 cancels in the ratio.
+    Training costs ~3x the forward pass per step (forward, gradient of the inputs, gradient of the weights), with
+    each target layer scaled by its density at that step; the factor 3 cancels in the ratio. A LoRA recipe
+    computes no weight gradient but the adapters' (rank / K of a layer's, left out): 2 of the 3 passes.
     """
     if total_flops <= 0 or phases.total <= 0:
         return 1.0
     spent = 0.0
     for start, end, plan in uniform_spans(recipe, target, phases):
         spent += (end - start) * (total_flops - sum(f * (1 - training_density(plan, k)) for f, k in layers.values()))
-    return spent / (phases.total * total_flops)
+    passes = 2 / 3 if recipe.lora is not None else 1.0
+    return passes * spent / (phases.total * total_flops)
