@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.data.images import load_data
 from nmcli.data.teacher import read_prompts, teacher_count, teacher_samples
-from nmcli.data.mixture import Share, parse_mixture
+from nmcli.data.mixture import GENERAL_USE, Share, parse_mixture
 from nmcli.data.text import NEWS, PYTHON_HELP, load_eval_texts, load_texts
 from nmcli.data.tokens import check_tokenizer_files, load_tokenizer
 from nmcli.data.writer import PROMPTS as WRITER_PROMPTS
@@ -117,8 +117,10 @@ def student_of(dense: nn.Module, resolved: Resolved, start: str | None, plan: Pr
         if start == OneShotMethod.MAGNITUDE.value:
             prune_model_(student, plan)
         elif start is not None:
-            written = teacher_count(text.data) or writer_spec(text.data)  # generated text: calibrate on real text
-            calib = CalibrationSettings(PYTHON_HELP if written else text.data, seed=text.seed, seq_len=text.seq_len)
+            # generated text: calibrate on real text of general use (calibrated on one domain, the start is far
+            # worse on the others: README's benchmark section)
+            written = teacher_count(text.data) or writer_spec(text.data)
+            calib = CalibrationSettings(GENERAL_USE if written else text.data, seed=text.seed, seq_len=text.seq_len)
             by_module = {layer.module: layer for layer in plan.targets.values()}
             calibrate_and_prune(student, by_module, calibration_batches(resolved, student, calib),
                                 SolverSettings(methods[start], plan.pattern))
