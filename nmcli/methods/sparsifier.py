@@ -21,7 +21,7 @@ from nmcli.methods.effective import effective_weight
 from nmcli.methods.lora import LoraFactors, lora_delta, lora_weight, mask_scale
 from nmcli.methods.plan import StepPlan
 from nmcli.models.targets import LayerInfo
-from nmcli.nm import Layout, NMPattern, nm_mask
+from nmcli.nm import Layout, NMPattern, apply_nm_, nm_mask
 from nmcli.recipes import LoraSpec
 from nmcli.schedules import pattern_for_layer
 
@@ -142,15 +142,20 @@ class Sparsifier:
             self.params[name].frozen = mask.bool()
 
     def finalize(self, target: NMPattern | None) -> None:
-        """Remove the parametrizations; with a target, weights become exactly N:M (`NMWeight.final_weight`)."""
+        """Remove the parametrizations; with a target, weights become exactly N:M by `NMWeight.final_weight`'s rule
+        (frozen mask, else magnitude; with LoRA the merge), in place where it can be."""
         for name, module in self.modules():
             param = self.params.pop(name)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             if target is None:
                 continue
-            with torch.no_grad():
-                delta = param.lora.delta() if param.lora is not None else None
-                module.weight.copy_(param.final_weight(module.weight, target, delta))
+            with torch.no_grad():  # in place where no adapter is merged: no second copy of a large weight
+                if param.lora is not None:
+                    module.weight.copy_(param.final_weight(module.weight, target, param.lora.delta()))
+                elif param.frozen is not None:
+                    module.weight.masked_fill_(~param.frozen, 0)
+                else:
+                    apply_nm_(module.weight.data, target, param.layout)
             param.lora, param.lora_scale = None, None  # merged: the hook adds nothing any more
 
     def finalized_state(self, state: dict[str, torch.Tensor], target: NMPattern | None) -> dict[str, torch.Tensor]:
