@@ -1,10 +1,12 @@
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from nmcli.cli import app
@@ -124,3 +126,33 @@ def tiny_llama(tmp_path_factory) -> Path:
 def tiny_bert(tmp_path_factory) -> Path:
     """A tiny BertModel (an encoder) with MiniLM's tokenizer."""
     return save_tiny_hf(tmp_path_factory.mktemp("hf") / "bert", "bert", tokenizer=True)
+
+
+SHARD_LORA = "name: lora-test\nmethod: fixed-mask\nlora: {rank: 4, alpha: 8, dropout: 0.1}\n"
+
+
+def check_sharded_runs(tmp_path: Path, model: Path, nproc: int, device: str) -> None:
+    """tests/shard_worker.py under torchrun: each recipe's sharded run equals its unsharded run (the same data per
+    rank, the same global batch) and the sharded run stopped after epoch 1 and resumed equals the uninterrupted one."""
+    lora = tmp_path / "lora-test.yaml"
+    lora.write_text(SHARD_LORA)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "tests" / "shard_worker.py"), str(model), str(tmp_path), str(lora), device]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    dense = load_file(str(model / "model.safetensors"))
+    for recipe in ("fixed-mask", "sr-ste", "mdgf-linear", "lora-test"):
+        ddp = load_file(str(tmp_path / f"{recipe}-ddp" / "model.safetensors"))
+        sharded = load_file(str(tmp_path / f"{recipe}-shard" / "model.safetensors"))
+        assert ddp.keys() == sharded.keys() == dense.keys(), recipe
+        for name in ddp:
+            assert torch.allclose(ddp[name], sharded[name], rtol=1e-4, atol=1e-6), (recipe, name)
+        moved = ddp["model.layers.1.mlp.up_proj.weight"] != dense["model.layers.1.mlp.up_proj.weight"]
+        assert moved.sum() > 0.4 * moved.numel(), recipe  # trained (and pruned), not copied through
+        summary = json.loads((tmp_path / f"{recipe}-shard" / "summary.json").read_text())
+        assert summary["world_size"] == nproc and summary["all_layers_compliant"], recipe
+        ddp_summary = json.loads((tmp_path / f"{recipe}-ddp" / "summary.json").read_text())
+        assert abs(summary["final_perplexity"] - ddp_summary["final_perplexity"]) < 1e-3 * ddp_summary["final_perplexity"]
+    full, cut = load_file(str(tmp_path / "sr-ste-shard" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(full[k], cut[k]) for k in full)

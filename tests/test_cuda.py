@@ -1,6 +1,6 @@
 """The CUDA paths on a real GPU, each checked against the same run on the CPU: the N:M mask, Hugging Face
 distillation (fp32 and bf16, teacher-written data, resume), one-shot Wanda / SparseGPT calibration, `--start
-sparsegpt`, eval, and a timm model's fine-tuning.
+sparsegpt`, eval, a timm model's fine-tuning, mask-preserving LoRA, and `--shard` (FSDP2) on nccl.
 
 Skipped where no GPU is visible (CI has none): run `pytest tests/test_cuda.py` on a machine with one. The figures
 of the last run are in the README's benchmark section."""
@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from nmcli.nm import CONV, LINEAR, NMPattern, nm_mask
+from tests.conftest import SHARD_LORA, check_sharded_runs
 from tests.reference import brute_force_mask
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-HF = ("--pattern", "2:4", "--batch-size", "4", "--seq-len", "32", "--limit", "16", "--lr", "3e-3")
+HF = ("--data", "python-help", "--pattern", "2:4", "--batch-size", "4", "--seq-len", "32", "--limit", "16", "--lr", "3e-3")
 TIMM = ("finetune", "--model", "vit_tiny_patch16_224", "--limit", "128", "--batch-size", "32", "--model-kwargs",
         json.dumps({"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 1,
                     "num_heads": 2}))
@@ -130,3 +131,24 @@ def test_timm_finetune_on_cuda_with_bf16_and_resume(cli, tmp_path):
             "--out", tmp_path / "bf16", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["all_layers_compliant"] is True
+
+
+def test_sharded_finetune_on_cuda_with_nccl_equals_the_unsharded_run(tmp_path, tiny_llama):
+    """FSDP2 on CUDA tensors and nccl, one process (one GPU holds one nccl rank): every recipe, LoRA, resume."""
+    check_sharded_runs(tmp_path, tiny_llama, nproc=1, device="cuda")
+
+
+def test_lora_on_cuda_follows_the_cpu_run_and_merges_exactly_nm(cli, tmp_path, tiny_llama):
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(SHARD_LORA.replace("dropout: 0.1", "dropout: 0.0"))
+    args = ("finetune", "--model", tiny_llama, "--recipe", recipe, "--epochs", "2", *HF, "--json")
+    cpu = cli(*args, "--out", tmp_path / "cpu")
+    gpu = cli(*args, "--out", tmp_path / "gpu", "--device", "cuda")
+    assert cpu.exit_code == 0 and gpu.exit_code == 0, gpu.output
+    assert _terms(tmp_path / "gpu", "kl") == pytest.approx(_terms(tmp_path / "cpu", "kl"), rel=1e-3)
+    a, b = _weights(tmp_path / "cpu"), _weights(tmp_path / "gpu")
+    for name in a:
+        assert _relative(b[name], a[name]) < 1e-3, name
+    assert json.loads(gpu.stdout)["all_layers_compliant"] is True
+    bf16 = cli(*args, "--out", tmp_path / "bf16", "--device", "cuda", "--bf16")
+    assert bf16.exit_code == 0 and json.loads(bf16.stdout)["all_layers_compliant"] is True, bf16.output
