@@ -51,6 +51,8 @@ def prune(
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per calibration sample")] = 512,
     damp: Annotated[float, typer.Option("--damp", min=0.0, help="SparseGPT dampening, a fraction of mean(diag H)")] = 0.01,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="SparseGPT columns per lazy-update block")] = 128,
+    permute: Annotated[bool, typer.Option("--permute", help="reorder channels first (the model computes the same) so "
+                                          "the pattern keeps more: Llama-like and BERT-like models")] = False,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -68,7 +70,7 @@ def prune(
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         plan = plan_prune(resolved, nm, include or (), exclude or ())
         started = time.perf_counter()
-        if chosen.value == "magnitude":
+        if chosen.value == "magnitude" and not permute:
             result, oneshot = _magnitude(resolved, plan, out_path, force, show), None
         else:
             from nmcli.oneshot.calibrate import SolverSettings
@@ -76,7 +78,7 @@ def prune(
 
             result, oneshot = _calibrated_prune(
                 resolved, plan, out_path, CalibrationSettings(calib, calib_samples, seq_len, seed),
-                SolverSettings(chosen, plan.pattern, damp, block_size), compute, force, show,
+                SolverSettings(chosen, plan.pattern, damp, block_size), compute, force, show, permute,
             )
         seconds = time.perf_counter() - started
     payload = _payload(result, plan, oneshot, method, seconds)
@@ -117,14 +119,14 @@ def _magnitude(resolved, plan, out_path: Path, force: bool, show: bool):  # noqa
     )
 
 
-def _calibrated_prune(resolved, plan, out_path, calib, solver, device, force, show):  # noqa: ANN001, ANN202, PLR0913
-    """Wanda / SparseGPT with a progress bar over the model's blocks."""
+def _calibrated_prune(resolved, plan, out_path, calib, solver, device, force, show, permute):  # noqa: ANN001, ANN202, PLR0913
+    """Wanda / SparseGPT (or magnitude after --permute) on the model in memory, with a progress bar over its blocks."""
     from nmcli.oneshot.service import oneshot_prune
 
     with progress_bar(show, unit="blocks") as bar:
-        task = bar.add_task(f"{solver.method.value} (calibrating)", total=None, item="")
+        task = bar.add_task(f"{solver.method.value} ({'permuting, ' if permute else ''}calibrating)", total=None, item="")
         return oneshot_prune(
-            resolved, plan, out_path, solver, calib, device, force=force,
+            resolved, plan, out_path, solver, calib, device, permute=permute, force=force,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
 
@@ -155,8 +157,8 @@ def _print_result(payload: dict[str, Any], plan, seconds: float, quiet: bool) ->
             out.print(Text.assemble(("skipped", "yellow"), f" {name}: {why}"))
         for note in payload["notes"]:
             out.print(f"note: {note}")
-        if "calibration" in payload:
-            info = payload["calibration"]
+        info = payload.get("calibration", {})
+        if info.get("mean_reconstruction_error") is not None:
             out.print(
                 f"{payload['method']}: mean reconstruction error {info['mean_reconstruction_error']:.4f} "
                 f"(|WX - W'X|^2 / |WX|^2 on the calibration inputs), calibration activations {info['activation_mib']} MiB"

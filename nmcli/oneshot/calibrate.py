@@ -49,6 +49,7 @@ class OneShotResult:
     damped: dict[str, float] = field(default_factory=dict)  # layers whose Hessian needed more than --damp: damp used
     activation_bytes: int = 0  # the calibration activations held between blocks
     seconds: float = 0.0
+    permutation: dict | None = None  # prune --permute: what the channel reorder did (PermutationReport.to_dict)
 
 
 class _Captured(Exception):
@@ -291,4 +292,5 @@ def describe(result: OneShotResult) -> dict[str, Any]:
         "by_magnitude": result.by_magnitude,
         "activation_mib": round(result.activation_bytes / 2**20, 1),
         "seconds": result.seconds,
+        **({"permutation": result.permutation} if result.permutation is not None else {}),
     }

@@ -25,8 +25,17 @@ from nmcli.data.tokens import PadCollate, TokenSamples, encoder_samples, encoder
 from nmcli.errors import NMSparseError
 from nmcli.io.rewrite import Item, copy_item, rewrite
 from nmcli.models.architecture import ModelKind, data_config, model_kind
-from nmcli.oneshot.calibrate import OneShotMethod, OneShotResult, SolverSettings, calibrate_and_prune, describe
+from nmcli.models.channels import channel_plan
+from nmcli.oneshot.calibrate import (
+    OneShotMethod,
+    OneShotResult,
+    SolverSettings,
+    calibrate_and_prune,
+    describe,
+    prune_by_magnitude,
+)
 from nmcli.oneshot.onepass import calibrate_in_one_pass
+from nmcli.oneshot.permute import NORM_BATCHES, PermutationReport, input_column_norms, permute_channels
 from nmcli.prune import PrunePlan, PruneResult
 
 CALIB_BATCH = 8
@@ -81,34 +90,61 @@ def calibration_batches(resolved: Resolved, model: torch.nn.Module, calib: Calib
 
 def check_oneshot_input(resolved: Resolved, method: OneShotMethod) -> None:
     if resolved.model is None:
+        doing = ("--permute reorders the channels of the model's layers" if method is OneShotMethod.MAGNITUDE
+                 else f"--method {method.value} runs the model on calibration data")
         raise NMSparseError(
-            f"--method {method.value} runs the model on calibration data, and the architecture of "
-            f"{resolved.checkpoint.where} is unknown: pass --model (a timm name), use a Hugging Face folder, or use "
-            "--method magnitude"
+            f"{doing}, and the architecture of {resolved.checkpoint.where} is unknown: pass --model (a timm name), "
+            "use a Hugging Face folder, or use --method magnitude without --permute"
         )
 
 
 def _calibrate(resolved: Resolved, model: torch.nn.Module, layers: dict, solver: SolverSettings,
-               calib: CalibrationSettings, progress: Callable[[int, int], None]) -> OneShotResult:
-    """Image models: one pass over a batch of images; transformers: block by block over text batches."""
+               calib: CalibrationSettings, progress: Callable[[int, int], None],
+               batches: list[dict] | None) -> OneShotResult:
+    """Magnitude (after --permute): every layer of the model in memory; image models: one pass over a batch of
+    images; transformers: block by block over text batches (`batches`, when --permute has drawn them already)."""
+    if solver.method is OneShotMethod.MAGNITUDE:
+        result = OneShotResult({}, {})
+        prune_by_magnitude(model, layers, solver.pattern, result)
+        result.by_magnitude = []  # the method itself, not a fallback
+        return result
     if model_kind(resolved.model) is ModelKind.IMAGE_CLASSIFIER:
         images = calibration_images(calib.data, data_config(model, resolved.model), calib.samples, calib.seed)
         return calibrate_in_one_pass(model, layers, images, solver, progress)
-    return calibrate_and_prune(model, layers, calibration_batches(resolved, model, calib), solver, progress)
+    return calibrate_and_prune(model, layers, batches or calibration_batches(resolved, model, calib), solver, progress)
+
+
+def _permute(resolved: Resolved, model: torch.nn.Module, layers: dict, solver: SolverSettings,
+             calib: CalibrationSettings) -> tuple[PermutationReport, list[dict] | None]:
+    """Reorder the model's channels for the pattern (importance |W| for magnitude, Wanda's for the calibrated
+    methods, on the first calibration batches); the calibration batches, when drawn, are handed on."""
+    plan = channel_plan(model, layers, model_kind(resolved.model) is ModelKind.CAUSAL_LM)
+    batches = norms = None
+    if solver.method is not OneShotMethod.MAGNITUDE and plan.groups:
+        batches = calibration_batches(resolved, model, calib)
+        norms = input_column_norms(model, set(layers), batches[:NORM_BATCHES])
+    return permute_channels(model, plan, layers, solver.pattern, norms), batches
 
 
 def oneshot_prune(
     resolved: Resolved, plan: PrunePlan, out: Path, solver: SolverSettings, calib: CalibrationSettings,
-    device: torch.device = torch.device("cpu"), *,
+    device: torch.device = torch.device("cpu"), *, permute: bool = False,
     force: bool = False, progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[PruneResult, OneShotResult]:
-    """Calibrate and prune on `device` (the model, its activations and Hessians); the file is written from the CPU."""
+    """Calibrate and prune on `device` (the model, its activations and Hessians); the file is written from the CPU.
+    With `permute`, the channels are reordered first (every reordered tensor is then written from memory)."""
     check_oneshot_input(resolved, solver.method)
-    calib = calib.for_model(model_kind(resolved.model))
+    if solver.method is not OneShotMethod.MAGNITUDE:  # magnitude (after --permute) reads no data
+        calib = calib.for_model(model_kind(resolved.model))
     model = load_model(resolved).to(device)
     by_module = {layer.module: layer for layer in plan.targets.values()}
-    result = _calibrate(resolved, model, by_module, solver, calib, progress)
+    permutation, batches = _permute(resolved, model, by_module, solver, calib) if permute else (None, None)
+    result = _calibrate(resolved, model, by_module, solver, calib, progress, batches)
+    result.permutation = permutation.to_dict() if permutation else None
     tensors = {name: result.weights[layer.module] for name, layer in plan.targets.items()}
+    if permutation is not None and permutation.groups:
+        state = model.state_dict()
+        tensors = {name: state[key] for name, key in resolved.match.to_model.items()} | tensors
     ckpt = resolved.checkpoint
 
     def items(names: list[str]) -> list[Item]:
@@ -124,11 +160,14 @@ def oneshot_prune(
         return made
 
     meta_obj = plan.metadata(resolved.model)
-    meta_obj.oneshot = {"method": solver.method.value, "damp": solver.damp, "block_size": solver.block_size,
-                        **asdict(calib), **{k: v for k, v in describe(result).items() if k != "seconds"}}
+    meta_obj.oneshot = {"method": solver.method.value, **{k: v for k, v in describe(result).items() if k != "seconds"}}
+    if solver.method is not OneShotMethod.MAGNITUDE:
+        meta_obj.oneshot |= {"damp": solver.damp, "block_size": solver.block_size, **asdict(calib)}
     kept = {k: v for k, v in ckpt.metadata.items() if not k.startswith("nmsparse.")}
     notes = resolved.match.notes() if resolved.match is not None else []
     notes += rewrite(ckpt, items, out, {**kept, **meta_obj.to_strings()}, force=force)
+    if permutation is not None:
+        notes.append(permutation.note())
     if result.by_magnitude:
         notes.append(f"pruned by magnitude (no calibration input reached them, or they cannot be solved): "
                      f"{', '.join(result.by_magnitude)}")

@@ -64,7 +64,15 @@ from nmcli.train.sharding import (
     shard_model,
 )
 from nmcli.train.metrics import GradientFlowProbe, MetricsLog
-from nmcli.train.tasks import Task, TextSettings, check_text_settings, distill_task, image_task, student_of
+from nmcli.train.tasks import (
+    Task,
+    TextSettings,
+    align_teacher,
+    check_text_settings,
+    distill_task,
+    image_task,
+    student_of,
+)
 
 MODEL_FILE, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE = "model.safetensors", "summary.json", "recipe.yaml", "metrics.jsonl"
 
@@ -207,6 +215,7 @@ def _task(config: FinetuneConfig, device: torch.device) -> tuple[Task, torch.nn.
     plan = plan_prune(resolved, config.recipe.target, config.recipe.include, config.recipe.exclude)
     dense = load_model(resolved).to(device) if config.use_bf16 else teacher
     student = student_of(dense, resolved, config.start, plan, text)
+    align_teacher(teacher, config.start)
     task = distill_task(resolved, teacher, config.recipe.distill, text)
     student.train(task.distiller.spec.dropout)  # eval mode switches every kind of dropout off (distill.dropout)
     return task, student, ref, resolved

@@ -30,6 +30,7 @@ from nmcli.data.writer import WriterSpec, decoded_documents, writer_spec
 from nmcli.errors import NMSparseError
 from nmcli.eval import QualitySuite, accuracy, check_seq_len, text_data, training_samples
 from nmcli.models.architecture import ModelKind, ModelRef, data_config, model_kind
+from nmcli.models.channels import reorder_residual
 from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
 from nmcli.oneshot.service import CalibrationSettings, calibration_batches
 from nmcli.prune import PrunePlan, prune_model_
@@ -134,6 +135,17 @@ def student_of(dense: nn.Module, resolved: Resolved, start: str | None, plan: Pr
     student = load_model(started)
     _check_same_shapes(start, student, dense)
     return student
+
+
+def align_teacher(teacher: nn.Module, start: str | None) -> None:
+    """A `--start` checkpoint pruned with `prune --permute` may hold the residual stream in another order: the
+    teacher takes the same order (its logits do not change), so that hidden-state terms compare like with like."""
+    if start is None or start in {m.value for m in OneShotMethod}:
+        return
+    declared = resolve(start).declared
+    order = ((declared.oneshot or {}).get("permutation") or {}).get("residual_order") if declared else None
+    if order is not None:
+        reorder_residual(teacher, order)
 
 
 def _check_same_shapes(start: str, student: nn.Module, dense: nn.Module) -> None:
