@@ -1,10 +1,13 @@
-"""One-shot N:M quality, time and memory: magnitude vs Wanda vs SparseGPT on the two real checkpoints.
+"""One-shot N:M quality, time and memory: magnitude vs Wanda vs SparseGPT, each without and with --permute, on the
+two real checkpoints, side by side in one run.
 
-Each prune and each evaluation is a fresh `nmsparse` process (peak RSS from the OS); calibration on the built-in
-Python help text, quality with `nmsparse eval` on its held-out part.
+Each prune and each evaluation is a fresh `nmsparse` process (peak RSS from the OS); calibration on prune's default
+text (the general-use mixture python-help:0.3,wiki:0.7) unless --calib says otherwise; quality with `nmsparse eval
+--teacher DENSE` on two held-out domains: Python help's held-out part and the general-English news set (MiniLM:
+cosine to dense, paragraphs / sentences; SmolLM2: perplexity as a ratio to dense).
 
     python bench/oneshot.py minilm --patterns 2:4,4:8,1:4
-    python bench/oneshot.py smollm2 --patterns 2:4 --calib-samples 128 --seq-len 512
+    python bench/oneshot.py smollm2 --patterns 2:4 --methods wanda,sparsegpt
 
 Figures are printed, not asserted.
 """
@@ -36,34 +39,43 @@ def _nmsparse(*args: str) -> tuple[str, float, float]:
     return stdout, seconds, rss
 
 
+def _quality(out: str, folder: Path, key: str) -> str:
+    metrics = json.loads(_nmsparse("eval", out, "--teacher", str(folder), "--json")[0])["metrics"]
+    if key == "cosine":
+        return " | ".join(f"{metrics[p + 'cosine']:.4f} / {metrics[p + 'sentence_cosine']:.4f}" for p in ("", "news/"))
+    return " | ".join(f"{metrics[p + 'perplexity_ratio']:.3f}x ({metrics[p + 'perplexity']:.2f})" for p in ("", "news/"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=("minilm", "smollm2"))
     parser.add_argument("--patterns", default="2:4,4:8,1:4")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--permute", default="off,on", help="arms without and with --permute")
+    parser.add_argument("--calib", default=None, help="prune's --calib (default: prune's own default)")
     parser.add_argument("--calib-samples", default="128")
     parser.add_argument("--seq-len", default=None, help="calibration tokens per sample (default 128 MiniLM, 512 SmolLM2)")
     args = parser.parse_args()
     folder = minilm_folder() if args.model == "minilm" else smollm2_folder(ROOT / "bench" / ".models" / "smollm2-135m")
     seq_len = args.seq_len or ("128" if args.model == "minilm" else "512")
     key = "cosine" if args.model == "minilm" else "perplexity"
-    teacher = ["--teacher", str(folder)] if key == "cosine" else []  # perplexity needs no teacher; dense is measured once
-    dense, _, _ = _nmsparse("eval", str(folder), "--teacher", str(folder), "--json")
-    print(f"# {args.model}: dense {key} {json.loads(dense)['metrics'][key]:.4f}; calibration {args.calib_samples} x {seq_len} tokens "
-          f"of python-help; CPU threads {os.cpu_count()}")
-    print("| pattern | method | held-out " + key + (" (paragraphs / sentences)" if key == "cosine" else "") +
-          " | prune wall s | prune peak RSS GiB |")
-    print("|---|---|---|---|---|")
+    calib = ["--calib", args.calib] if args.calib else []
+    print(f"# {args.model}: calibration {args.calib_samples} x {seq_len} tokens of {args.calib or 'prune default'}; "
+          f"CPU threads {os.cpu_count()}")
+    shown = "cosine to dense, paragraphs / sentences" if key == "cosine" else "perplexity / dense (perplexity)"
+    print(f"| pattern | method | permute | python-help held-out: {shown} | news: {shown} | prune wall s | prune peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         for pattern in args.patterns.split(","):
             for method in args.methods.split(","):
-                out = Path(scratch) / f"{method}-{pattern.replace(':', 'of')}"
-                _, seconds, rss = _nmsparse("prune", str(folder), "--pattern", pattern, "--method", method,
-                                            "--calib-samples", args.calib_samples, "--seq-len", seq_len,
-                                            "--out", str(out), "--quiet")
-                metrics = json.loads(_nmsparse("eval", str(out), *teacher, "--json")[0])["metrics"]
-                shown = f"{metrics['cosine']:.4f} / {metrics['sentence_cosine']:.4f}" if key == "cosine" else f"{metrics[key]:.2f}"
-                print(f"| {pattern} | {method} | {shown} | {seconds:.1f} | {rss:.2f} |", flush=True)
+                for permute in args.permute.split(","):
+                    out = Path(scratch) / f"{method}-{pattern.replace(':', 'of')}-{permute}"
+                    extra = ["--permute"] if permute == "on" else []
+                    calibration = ["--calib-samples", args.calib_samples, "--seq-len", seq_len, *calib] if method != "magnitude" else []
+                    _, seconds, rss = _nmsparse("prune", str(folder), "--pattern", pattern, "--method", method,
+                                                *calibration, *extra, "--out", str(out), "--quiet")
+                    print(f"| {pattern} | {method} | {permute} | {_quality(str(out), folder, key)} | {seconds:.1f} | {rss:.2f} |",
+                          flush=True)
 
 
 if __name__ == "__main__":

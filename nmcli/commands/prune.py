@@ -30,8 +30,9 @@ from nmcli.errors import NMSparseError
 from nmcli.nm import CONVENTION, parse_pattern
 
 CalibOpt = Annotated[
-    Optional[str], typer.Option("--calib", help="wanda/sparsegpt calibration data: text (python-help [default], "
-                                ".txt/.md/.jsonl, folder, teacher:N) for transformers; images (folder, mnist5k) for timm models")
+    Optional[str], typer.Option("--calib", help="wanda/sparsegpt calibration data: text (the mixture "
+                                "python-help:0.3,wiki:0.7 [default], python-help, wiki, .txt/.md/.jsonl, folder, mixtures, "
+                                "teacher:N) for transformers; images (folder, mnist5k) for timm models")
 ]
 
 

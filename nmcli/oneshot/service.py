@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from nmcli.models.resolve import Resolved, load_model
 from nmcli.data.images import calibration_images
 from nmcli.data.teacher import read_prompts, teacher_count, teacher_samples
-from nmcli.data.mixture import Share, mix, parse_mixture
-from nmcli.data.text import PYTHON_HELP, load_texts
+from nmcli.data.mixture import GENERAL_USE, Share, mix, parse_mixture
+from nmcli.data.text import load_texts
 from nmcli.data.tokens import PadCollate, TokenSamples, encoder_samples, encoder_texts, lm_chunks, load_tokenizer
 from nmcli.errors import NMSparseError
 from nmcli.io.rewrite import Item, copy_item, rewrite
@@ -43,7 +43,7 @@ CALIB_BATCH = 8
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    data: str | None = None  # None: the built-in python-help text for transformers; image models must name theirs
+    data: str | None = None  # None: the general-use mixture (finetune's default) for transformers; image models name theirs
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
@@ -57,7 +57,7 @@ class CalibrationSettings:
                 "an image model is calibrated on images of its own domain: pass --calib IMAGE_FOLDER (with train/ "
                 "class folders) or --calib mnist5k"
             )
-        return replace(self, data=PYTHON_HELP)
+        return replace(self, data=GENERAL_USE)
 
 
 def _text_pool(kind: ModelKind, tokenizer, source: str, seq_len: int) -> TokenSamples:  # noqa: ANN001
