@@ -211,3 +211,21 @@ def test_finetune_gives_the_teacher_the_residual_order_of_a_permuted_start(cli, 
             "python-help", "--seq-len", "32", "--limit", "16", "--batch-size", "4", "--epochs", "1", "--out",
             tmp_path / "ft", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["all_layers_compliant"], r.output
+
+
+def test_a_variant_the_rules_do_not_know_fully_is_refused_not_written(cli, tmp_path, monkeypatch):
+    """A family variant with a parameter on a reordered axis that the rules miss (here: the value biases of Qwen2)
+    would be written out broken; the probe after reordering catches it: one line, exit 2, nothing written."""
+    import nmcli.models.channels as channels
+
+    folder = save_tiny_hf(tmp_path / "qwen2", "qwen2", initializer_range=0.3)
+    weights = load_file(str(folder / "model.safetensors"))
+    for name in weights:
+        if name.endswith("v_proj.bias"):
+            weights[name] = torch.rand(weights[name].shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert cli("prune", folder, "--permute", "--out", tmp_path / "fine").exit_code == 0
+    monkeypatch.setattr(channels, "_rows", lambda model, module, offsets=(0,): (channels._weight(module, 0, offsets),))
+    r = cli("prune", folder, "--permute", "--out", tmp_path / "broken")
+    assert r.exit_code == 2 and "--permute: the reordered qwen2 model computes other outputs" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "broken").exists()

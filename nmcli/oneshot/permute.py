@@ -16,12 +16,15 @@ import torch
 from torch import nn
 
 from nmcli.device import model_device, place
+from nmcli.errors import NMSparseError
 from nmcli.models.channels import RESIDUAL, ChannelGroup, ChannelPlan, apply_order
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import NMPattern
 from nmcli.oneshot.permutation import search_order
 
 NORM_BATCHES = 2  # calibration batches (of 8 samples) that measure the input norms of the dense model
+PROBE_TOKENS = 16
+PROBE_TOLERANCE = 1e-4  # relative to the largest output: float32 sums in another order stay far below it
 
 
 @dataclass
@@ -89,11 +92,31 @@ def _scores(model: nn.Module, group: ChannelGroup, targets: set[str], norms: dic
     return out
 
 
+def _probe(model: nn.Module) -> torch.Tensor:
+    """The model's output (logits, or the encoder's hidden states) on a fixed random token sequence."""
+    ids = torch.randint(0, model.config.vocab_size, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids.to(model_device(model)))
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()
+
+
+def check_same_outputs(model: nn.Module, before: torch.Tensor, family: str) -> None:
+    """The reordered model must compute what it computed: a variant with parameters the channel rules do not know
+    (an extra norm or bias on a reordered axis) is caught here instead of being written out broken."""
+    after = _probe(model)
+    error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+    if error > PROBE_TOLERANCE:
+        raise NMSparseError(f"--permute: the reordered {family} model computes other outputs (relative difference "
+                            f"{error:.2g} on a probe sequence): its wiring differs from the rules of "
+                            "nmcli/models/channels.py; prune without --permute")
+
+
 def permute_channels(model: nn.Module, plan: ChannelPlan, targets: dict[str, LayerInfo], pattern: NMPattern,
                      norms: dict[str, torch.Tensor] | None) -> PermutationReport:
     """Reorder the channel groups of `plan` (nmcli/models/channels.py) in `model`, in place, for `pattern`; `norms`
     (module -> input column norms) make the importance Wanda's, None keeps it |W|."""
     started = time.perf_counter()
+    before = _probe(model) if plan.groups else None
     report = PermutationReport("wanda" if norms else "magnitude", unpermuted=dict(plan.unpermuted))
     for group in plan.groups:
         if group.size % pattern.m:
@@ -109,5 +132,7 @@ def permute_channels(model: nn.Module, plan: ChannelPlan, targets: dict[str, Lay
             report.groups += 1
             if group.name == RESIDUAL:
                 report.residual_order = result.order.tolist()
+    if before is not None:
+        check_same_outputs(model, before, getattr(model.config, "model_type", type(model).__name__))
     report.seconds = round(time.perf_counter() - started, 2)
     return report
