@@ -63,7 +63,8 @@ def main() -> None:
     print(f"# {args.model}: calibration {args.calib_samples} x {seq_len} tokens of {args.calib or 'prune default'}; "
           f"CPU threads {os.cpu_count()}")
     shown = "cosine to dense, paragraphs / sentences" if key == "cosine" else "perplexity / dense (perplexity)"
-    print(f"| pattern | method | permute | python-help held-out: {shown} | news: {shown} | prune wall s | prune peak RSS GiB |")
+    print(f"| pattern | method | permute: groups, kept importance, search s | python-help held-out: {shown} | news: {shown} "
+          "| prune wall s | prune peak RSS GiB |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         for pattern in args.patterns.split(","):
@@ -72,9 +73,11 @@ def main() -> None:
                     out = Path(scratch) / f"{method}-{pattern.replace(':', 'of')}-{permute}"
                     extra = ["--permute"] if permute == "on" else []
                     calibration = ["--calib-samples", args.calib_samples, "--seq-len", seq_len, *calib] if method != "magnitude" else []
-                    _, seconds, rss = _nmsparse("prune", str(folder), "--pattern", pattern, "--method", method,
-                                                *calibration, *extra, "--out", str(out), "--quiet")
-                    print(f"| {pattern} | {method} | {permute} | {_quality(str(out), folder, key)} | {seconds:.1f} | {rss:.2f} |",
+                    stdout, seconds, rss = _nmsparse("prune", str(folder), "--pattern", pattern, "--method", method,
+                                                     *calibration, *extra, "--out", str(out), "--json")
+                    done = json.loads(stdout).get("calibration", {}).get("permutation")
+                    arm = f"{done['groups']}, {100 * done['kept_gain']:+.2f}%, {done['seconds']:.0f}" if done else "off"
+                    print(f"| {pattern} | {method} | {arm} | {_quality(str(out), folder, key)} | {seconds:.1f} | {rss:.2f} |",
                           flush=True)
 
 
