@@ -229,3 +229,12 @@ def test_a_variant_the_rules_do_not_know_fully_is_refused_not_written(cli, tmp_p
     r = cli("prune", folder, "--permute", "--out", tmp_path / "broken")
     assert r.exit_code == 2 and "--permute: the reordered qwen2 model computes other outputs" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "broken").exists()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_prune_permute_an_encoder_with_dropout(cli, tmp_path, tiny_bert, method):
+    """BERT's dropout is on after loading: the probe, the norms and the calibration run the model in eval mode."""
+    r = cli("prune", tiny_bert, "--permute", "--method", method, "--calib-samples", "8", "--seq-len", "32",
+            "--out", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["calibration"]["permutation"]["groups"] > 0

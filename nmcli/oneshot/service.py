@@ -136,7 +136,7 @@ def oneshot_prune(
     check_oneshot_input(resolved, solver.method)
     if solver.method is not OneShotMethod.MAGNITUDE:  # magnitude (after --permute) reads no data
         calib = calib.for_model(model_kind(resolved.model))
-    model = load_model(resolved).to(device)
+    model = load_model(resolved).to(device).eval()  # no dropout in the probe, the norms or the calibration
     by_module = {layer.module: layer for layer in plan.targets.values()}
     permutation, batches = _permute(resolved, model, by_module, solver, calib) if permute else (None, None)
     result = _calibrate(resolved, model, by_module, solver, calib, progress, batches)
