@@ -58,7 +58,8 @@ class PermutationReport:
 
 
 def input_column_norms(model: nn.Module, modules: set[str], batches: list[dict]) -> dict[str, torch.Tensor]:
-    """‖X_:,j‖₂ of every input column of `modules` (Linear layers) over the tokens of `batches`."""
+    """‖X_:,j‖₂ of every input column of `modules` (Linear layers) over the tokens of `batches`, run through the base
+    model (a target outside it, which no input then reaches, gets no norms: its importance stays |W|)."""
     sums: dict[str, torch.Tensor] = {}
     found = {name: m for name, m in model.named_modules() if name in modules}
 
@@ -67,10 +68,11 @@ def input_column_norms(model: nn.Module, modules: set[str], batches: list[dict])
         sums[name] = sums.get(name, 0) + rows.pow(2).sum(0)
 
     handles = [m.register_forward_pre_hook(lambda _m, args, name=name: hook(name, args[0])) for name, m in found.items()]
+    body = getattr(model, getattr(model, "base_model_prefix", ""), model)  # no LM head: its logits would set the peak
     try:
         with torch.no_grad():
             for batch in batches:
-                model(**place(batch, model_device(model)))
+                body(**place(batch, model_device(model)))
     finally:
         for handle in handles:
             handle.remove()
