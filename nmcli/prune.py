@@ -18,22 +18,32 @@ from nmcli.io.safetensors_stream import RowChange
 from nmcli.io.sources import Checkpoint
 from nmcli.models.architecture import ModelRef
 from nmcli.models.targets import LayerInfo, select_targets
-from nmcli.nm import MASKABLE_DTYPES, NMPattern, apply_nm_, reduction_length
+from nmcli.nm import MASKABLE_DTYPES, NMPattern, apply_nm_, parse_pattern, reduction_length
 
 @dataclass
 class PrunePlan:
-    """Which tensors get the pattern and which targets cannot take it (with the reason)."""
+    """Which tensors get the pattern and which targets cannot take it (with the reason). `own` holds the targets
+    whose pattern is not `pattern` (prune --budget chose it, or a file declares it)."""
 
     pattern: NMPattern
     targets: dict[str, LayerInfo]
     skipped: dict[str, str] = field(default_factory=dict)
+    own: dict[str, NMPattern] = field(default_factory=dict)
+
+    def pattern_of(self, name: str) -> NMPattern:
+        """Target `name`'s pattern."""
+        return self.own.get(name, self.pattern)
+
+    def patterns(self) -> list[NMPattern]:
+        """The patterns the targets hold, densest first."""
+        return sorted({self.pattern_of(name) for name in self.targets}, key=lambda p: (-p.density, p.m))
 
     def metadata(self, model: ModelRef | None) -> SparsityMetadata:
         """What prune, finetune and the exports write: pattern, convention, N:M layers and their K axes."""
         return SparsityMetadata(
             pattern=self.pattern,
             layers={
-                name: {"layout": layer.layout.name, "k_axis": layer.layout.k_axis, "pattern": str(self.pattern)}
+                name: {"layout": layer.layout.name, "k_axis": layer.layout.k_axis, "pattern": str(self.pattern_of(name))}
                 for name, layer in self.targets.items()
             },
             skipped=self.skipped,
@@ -72,11 +82,21 @@ def plan_prune(
     return plan
 
 
+def declared_plan(resolved: Resolved) -> PrunePlan | None:
+    """The plan a prune/finetune output declares: its N:M layers, each with its own pattern (None: declares none)."""
+    declared = resolved.declared
+    if declared is None:
+        return None
+    own = {name: parse_pattern(entry["pattern"]) for name, entry in declared.layers.items() if "pattern" in entry}
+    return PrunePlan(declared.pattern, resolved.declared_targets(), dict(declared.skipped),
+                     {name: p for name, p in own.items() if p != declared.pattern})
+
+
 def prune_rows_(ckpt: Checkpoint, name: str, plan: PrunePlan, tensor: torch.Tensor, rows: slice) -> None:
     """`tensor`, rows `rows` (of axis 0) of target `name`, pruned in place to the plan's pattern; the caller keeps
     every N:M group inside one range (`RowChange.unit`). NaN/Inf weights are refused, not hidden (they are counted
     by the mask's own pass, and the output is abandoned)."""
-    bad = apply_nm_(tensor, plan.pattern, plan.targets[name].layout)
+    bad = apply_nm_(tensor, plan.pattern_of(name), plan.targets[name].layout)
     if bad:
         total = ckpt.infos[name].shape[0]
         part = "" if rows == slice(0, total) else f" in rows {rows.start}-{rows.stop - 1} (of {total})"
@@ -90,8 +110,8 @@ def prune_model_(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """The plan's N:M applied in place to a loaded model's target weights (what `prune` does to the file)."""
     modules = dict(model.named_modules())
     with torch.no_grad():
-        for layer in plan.targets.values():
-            apply_nm_(modules[layer.module].weight.data, plan.pattern, layer.layout)
+        for name, layer in plan.targets.items():
+            apply_nm_(modules[layer.module].weight.data, plan.pattern_of(name), layer.layout)
     return model
 
 
@@ -106,7 +126,7 @@ def prune_items(ckpt: Checkpoint, plan: PrunePlan, names: list[str]) -> list[Ite
     for name in names:
         item = copy_item(ckpt, name)
         if name in plan.targets:  # masked row by row; when axis 0 is the reduction axis, M rows at a time
-            unit = plan.pattern.m if plan.targets[name].layout.k_axis == 0 else 1
+            unit = plan.pattern_of(name).m if plan.targets[name].layout.k_axis == 0 else 1
             item.produce = lambda tensors: [_own(ckpt, tensors[0])]
             item.change = RowChange(functools.partial(prune_rows_, ckpt, name, plan), unit)
         items.append(item)

@@ -83,7 +83,7 @@ def test_non_compliant_export_lists_offenders_and_prune_fixes_it(cli, tmp_path):
     path = tmp_path / "dense.safetensors"
     save_file({"a.weight": torch.randn(8, 16), "b.weight": torch.randn(8, 16)}, str(path))
     r = cli("export", path, "--format", "nm", "--pattern", "2:4", "--out", tmp_path / "o.safetensors")
-    assert r.exit_code == 2 and "2 layer(s) are not 2:4 compliant: a.weight, b.weight" in r.stderr and "--prune" in r.stderr
+    assert r.exit_code == 2 and "2 layer(s) do not comply with their N:M pattern: a.weight (2:4), b.weight (2:4)" in r.stderr and "--prune" in r.stderr
     assert not (tmp_path / "o.safetensors").exists()
     ok = cli("export", path, "--format", "nm", "--pattern", "2:4", "--prune", "--out", tmp_path / "o.safetensors", "-q")
     assert ok.exit_code == 0

@@ -28,6 +28,7 @@ from nmcli.commands.common import (
 from nmcli.commands.progress import progress_bar, with_byte_progress
 from nmcli.errors import NMSparseError
 from nmcli.nm import CONVENTION, parse_pattern
+from nmcli.oneshot.allocation import DEFAULT_CANDIDATES
 
 CalibOpt = Annotated[
     Optional[str], typer.Option("--calib", help="wanda/sparsegpt calibration data: text (the mixture "
@@ -38,7 +39,7 @@ CalibOpt = Annotated[
 
 def prune(
     source: Source,
-    pattern: Annotated[str, typer.Option("--pattern", "-p", help=PATTERN_HELP)] = "2:4",
+    pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", help=PATTERN_HELP + " [default: 2:4]")] = None,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="output .safetensors file (or folder for a folder)")] = ...,
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -54,6 +55,11 @@ def prune(
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="SparseGPT columns per lazy-update block")] = 128,
     permute: Annotated[bool, typer.Option("--permute", help="reorder channels first (the model computes the same) so "
                                           "the pattern keeps more: Llama-like and BERT-like models")] = False,
+    budget: Annotated[Optional[float], typer.Option(
+        "--budget", help="overall sparsity of the target layers (e.g. 0.5): each layer's pattern chosen from "
+        "--candidates by its measured sensitivity (Hugging Face transformers)")] = None,
+    candidates: Annotated[str, typer.Option("--candidates", help="--budget's patterns per layer (dense: leave it "
+                                            "dense)")] = DEFAULT_CANDIDATES,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -65,13 +71,13 @@ def prune(
 
     show = not (quiet or as_json)
     with user_errors():
-        nm = parse_pattern(pattern)
+        nm, budgeted = _pattern_and_budget(pattern, budget, candidates)
         chosen = _oneshot_method(method, device)
         compute = _check_output_and_device(out_path, force, device)
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         plan = plan_prune(resolved, nm, include or (), exclude or ())
         started = time.perf_counter()
-        if chosen.value == "magnitude" and not permute:
+        if chosen.value == "magnitude" and not permute and budgeted is None:
             result, oneshot = _magnitude(resolved, plan, out_path, force, show), None
         else:
             from nmcli.oneshot.calibrate import SolverSettings
@@ -79,14 +85,32 @@ def prune(
 
             result, oneshot = _calibrated_prune(
                 resolved, plan, out_path, CalibrationSettings(calib, calib_samples, seq_len, seed),
-                SolverSettings(chosen, plan.pattern, damp, block_size), compute, force, show, permute,
+                SolverSettings(chosen, plan.pattern, damp, block_size), compute, force, show, permute, budgeted,
             )
         seconds = time.perf_counter() - started
-    payload = _payload(result, plan, oneshot, method, seconds)
+    payload = _payload(result, oneshot, method, seconds)
     if as_json:
         print_json(payload)
     else:
-        _print_result(payload, plan, seconds, quiet)
+        _print_result(payload, result.plan, seconds, quiet)
+
+
+def _pattern_and_budget(pattern: str | None, budget: float | None, candidates: str):  # noqa: ANN202
+    """--pattern's N:M, or with --budget the plan's base pattern (the candidate of least M, densest) and the
+    budget's settings."""
+    from nmcli.oneshot.allocation import parse_candidates
+    from nmcli.oneshot.budget import BudgetSettings
+
+    if budget is None:
+        return parse_pattern(pattern or "2:4"), None
+    if pattern is not None:
+        raise NMSparseError(f"--pattern {pattern} and --budget {budget:g}: choose one (--budget picks each layer's "
+                            "pattern from --candidates)")
+    if not 0 < budget < 1:
+        raise NMSparseError(f"--budget {budget:g}: give the overall sparsity as a fraction between 0 and 1, e.g. 0.5")
+    found = parse_candidates(candidates)
+    base = min((p for p in found if not p.is_dense), key=lambda p: (p.m, -p.density))
+    return base, BudgetSettings(budget, tuple(found))
 
 
 def _oneshot_method(name: str, device: str):  # noqa: ANN202
@@ -120,22 +144,26 @@ def _magnitude(resolved, plan, out_path: Path, force: bool, show: bool):  # noqa
     )
 
 
-def _calibrated_prune(resolved, plan, out_path, calib, solver, device, force, show, permute):  # noqa: ANN001, ANN202, PLR0913
-    """Wanda / SparseGPT (or magnitude after --permute) on the model in memory, with a progress bar over its blocks."""
+def _calibrated_prune(resolved, plan, out_path, calib, solver, device, force, show, permute, budget):  # noqa: ANN001, ANN202, PLR0913
+    """Wanda / SparseGPT (or magnitude after --permute / --budget) on the model in memory, with a progress bar over
+    its blocks."""
     from nmcli.oneshot.service import oneshot_prune
 
+    steps = "".join(("permuting, " if permute else "", "measuring sensitivity, " if budget else ""))
     with progress_bar(show, unit="blocks") as bar:
-        task = bar.add_task(f"{solver.method.value} ({'permuting, ' if permute else ''}calibrating)", total=None, item="")
+        task = bar.add_task(f"{solver.method.value} ({steps}calibrating)", total=None, item="")
         return oneshot_prune(
-            resolved, plan, out_path, solver, calib, device, permute=permute, force=force,
+            resolved, plan, out_path, solver, calib, device, permute=permute, budget=budget, force=force,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
 
 
-def _payload(result, plan, oneshot, method: str, seconds: float) -> dict[str, Any]:  # noqa: ANN001
+def _payload(result, oneshot, method: str, seconds: float) -> dict[str, Any]:  # noqa: ANN001
+    plan = result.plan
     payload = {
         "out": str(result.out),
         "pattern": str(plan.pattern),
+        "patterns": {name: str(plan.pattern_of(name)) for name in plan.targets},
         "convention": CONVENTION,
         "pruned_layers": list(plan.targets),
         "skipped_layers": plan.skipped,
@@ -164,7 +192,8 @@ def _print_result(payload: dict[str, Any], plan, seconds: float, quiet: bool) ->
                 f"{payload['method']}: mean reconstruction error {info['mean_reconstruction_error']:.4f} "
                 f"(|WX - W'X|^2 / |WX|^2 on the calibration inputs), calibration activations {info['activation_mib']} MiB"
             )
+    patterns = " / ".join(map(str, plan.patterns()))
     out.print(
-        f"pruned {len(plan.targets)} layers to {plan.pattern} ({len(plan.skipped)} skipped) by {payload['method']} in "
+        f"pruned {len(plan.targets)} layers to {patterns} ({len(plan.skipped)} skipped) by {payload['method']} in "
         f"{seconds:.2f}s -> {payload['out']}"
     )

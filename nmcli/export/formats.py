@@ -20,7 +20,7 @@ from nmcli.io.metadata import DENSE_MASKED
 from nmcli.io.rewrite import Item, Progress, copy_item, copy_side_files, rewrite
 from nmcli.io.sources import INDEX_NAME, Checkpoint
 from nmcli.nm import LINEAR, NMPattern, compliance, group_mask, reduction_length
-from nmcli.prune import PrunePlan, plan_prune, prune_items
+from nmcli.prune import PrunePlan, declared_plan, plan_prune, prune_items
 
 CT_FORMAT = "sparse-24-bitmask"
 CT_VERSION = "0.14.0.1"  # the last compressed-tensors release with the 2:4 compressors
@@ -40,30 +40,30 @@ def sparsity_plan(
     resolved: Resolved, pattern: NMPattern | None, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> PrunePlan:
     """The N:M tensors: what the file declares (prune/finetune output), or the targets of `--pattern`."""
-    declared = resolved.declared
     if pattern is None:
+        declared = declared_plan(resolved)
         if declared is None:
             raise NMSparseError(
                 f"{resolved.checkpoint.where}: declares no N:M pattern (not written by prune/finetune); "
                 "pass --pattern N:M (and --prune if it is not sparse yet)"
             )
-        return PrunePlan(declared.pattern, resolved.declared_targets(), dict(declared.skipped))
+        return declared
     return plan_prune(resolved, pattern, include, exclude)
 
 
-def check_compliance(resolved: Resolved, plan: PrunePlan, pattern: NMPattern, prune: bool) -> None:
-    """A layer that breaks `pattern` is an error listing every offender, unless --prune prunes on the way."""
+def check_compliance(resolved: Resolved, plan: PrunePlan, prune: bool) -> None:
+    """A layer that breaks its pattern is an error listing every offender, unless --prune prunes on the way."""
     if prune:
         return
     offending = [
-        name
+        f"{name} ({plan.pattern_of(name)})"
         for name, layer in plan.targets.items()
-        if not compliance(resolved.checkpoint.read(name), pattern, layer.layout).compliant
+        if not compliance(resolved.checkpoint.read(name), plan.pattern_of(name), layer.layout).compliant
     ]
     if offending:
         shown = ", ".join(offending[:8]) + (f" and {len(offending) - 8} more" if len(offending) > 8 else "")
         raise NMSparseError(
-            f"{resolved.checkpoint.where}: {len(offending)} layer(s) are not {pattern} compliant: {shown}; "
+            f"{resolved.checkpoint.where}: {len(offending)} layer(s) do not comply with their N:M pattern: {shown}; "
             "pass --prune to prune them on the way"
         )
 
@@ -99,10 +99,11 @@ def export_nm(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, fo
             if layer is None:
                 continue
             name, info = item.inputs[0], ckpt.infos[item.inputs[0]]
-            values_shape, positions_bytes = nm_format.packed_shapes(info.shape, plan.pattern, layer.layout)
+            pattern = plan.pattern_of(name)
+            values_shape, positions_bytes = nm_format.packed_shapes(info.shape, pattern, layer.layout)
 
-            def produce(tensors, source=item, layer=layer):
-                return list(nm_format.compress(_dense_of(source, tensors), plan.pattern, layer.layout))
+            def produce(tensors, source=item, layer=layer, pattern=pattern):
+                return list(nm_format.compress(_dense_of(source, tensors), pattern, layer.layout))
 
             items[i] = Item(
                 [name],
@@ -113,7 +114,7 @@ def export_nm(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, fo
 
     for name, layer in plan.targets.items():
         info = ckpt.infos[name]
-        table[name] = nm_format.tensor_entry(name, info.shape, info.dtype, plan.pattern, layer.layout)
+        table[name] = nm_format.tensor_entry(name, info.shape, info.dtype, plan.pattern_of(name), layer.layout)
     meta = _base_metadata(resolved, plan, nm_format.FORMAT_NAME)
     meta[nm_format.VERSION_KEY] = nm_format.FORMAT_VERSION
     meta[nm_format.TENSORS_KEY] = json.dumps(table, sort_keys=True)
@@ -127,6 +128,12 @@ def export_dense(resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool,
     meta = _base_metadata(resolved, plan, DENSE_MASKED)
     notes = rewrite(ckpt, lambda names: _source_items(ckpt, plan, names, prune), out, meta, force=force, progress=progress)
     return ExportResult(out, "dense", list(plan.targets), notes=notes)
+
+
+def fits_two_four(pattern: NMPattern) -> bool:
+    """sparse-24-bitmask packs at most 2 non-zeros in every group of 4: an N:M with N <= 2 and M a multiple of 4
+    never puts more in one (1:4, 2:8 fit; 4:8 does not)."""
+    return pattern.n <= 2 and pattern.m % 4 == 0
 
 
 def _bitmask_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
@@ -149,11 +156,13 @@ def _ignored_modules(resolved: Resolved, dense: list[str]) -> list[str]:
 def export_compressed_tensors(
     resolved: Resolved, plan: PrunePlan, out: Path, *, prune: bool, force: bool, progress: Progress
 ) -> ExportResult:
-    """A Hugging Face style folder: config.json with quantization_config.sparsity_config + model.safetensors."""
+    """A Hugging Face style folder: config.json with quantization_config.sparsity_config + model.safetensors. The
+    layers whose pattern fits 2:4 are packed, every other Linear (another pattern, dense) is in `ignore`."""
     ckpt = resolved.checkpoint
     packable = {
         name: layer for name, layer in plan.targets.items()
         if layer.layout == LINEAR and len(ckpt.infos[name].shape) == 2 and reduction_length(ckpt.infos[name].shape, LINEAR) % 4 == 0
+        and fits_two_four(plan.pattern_of(name))
     }
     dense = sorted(set(resolved.layers) - set(packable))
 
@@ -178,7 +187,7 @@ def export_compressed_tensors(
             )
         return items
 
-    zeros = sum(round(ckpt.infos[n].numel * (1 - plan.pattern.density)) for n in plan.targets)
+    zeros = sum(round(ckpt.infos[n].numel * (1 - plan.pattern_of(n).density)) for n in plan.targets)
     total = sum(i.numel for i in ckpt.infos.values())
     config = dict(ckpt.hf_config or {"nmsparse_model": resolved.model.to_json() if resolved.model else None})
     config["quantization_config"] = {
@@ -200,5 +209,5 @@ def export_compressed_tensors(
             notes = copy_side_files(ckpt.folder, tmp, {INDEX_NAME, "config.json"})
         rewrite(ckpt, items_of, tmp / "model.safetensors", meta, force=True, progress=progress, single_file=True)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    notes += [f"kept dense (not 2:4 Linear): {len(dense)} layer(s)"] if dense else []
+    notes += [f"kept dense (not a 2:4-compatible Linear): {len(dense)} layer(s)"] if dense else []
     return ExportResult(out, "compressed-tensors", list(packable), dense, notes)

@@ -94,7 +94,7 @@ def export_onnx(
         meta = SparsityMetadata(
             pattern=plan.pattern,
             layers={
-                init: {"layout": layout.name, "k_axis": layout.k_axis, "pattern": str(plan.pattern), "source": src}
+                init: {"layout": layout.name, "k_axis": layout.k_axis, "pattern": str(plan.pattern_of(src)), "source": src}
                 for init, (src, layout) in matched.items()
             },
             skipped=plan.skipped,
@@ -108,7 +108,7 @@ def export_onnx(
         for proto in onnx_model.graph.initializer:
             if proto.name in matched:
                 src, layout = matched[proto.name]
-                for key, value in (("nmsparse.pattern", str(plan.pattern)), ("nmsparse.k_axis", str(layout.k_axis)),
+                for key, value in (("nmsparse.pattern", str(plan.pattern_of(src))), ("nmsparse.k_axis", str(layout.k_axis)),
                                    ("nmsparse.layout", layout.name), ("nmsparse.source", src)):
                     proto.metadata_props.add(key=key, value=value)
         size = sum(int(np.prod(p.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(p.data_type)).itemsize

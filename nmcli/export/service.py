@@ -13,6 +13,7 @@ from nmcli.export.formats import (
     export_compressed_tensors,
     export_dense,
     export_nm,
+    fits_two_four,
     sparsity_plan,
 )
 from nmcli.io.atomic import check_writable
@@ -41,12 +42,12 @@ def run_export(
     if prune and pattern is None:
         raise NMSparseError("--prune needs --pattern N:M: the pattern to prune to")
     plan = sparsity_plan(resolved, pattern, include, exclude)
-    if fmt == "compressed-tensors" and not (plan.pattern.n <= 2 and plan.pattern.m % 4 == 0):
+    if fmt == "compressed-tensors" and not any(fits_two_four(p) for p in plan.patterns()):
         raise NMSparseError(
-            f"compressed-tensors sparse-24-bitmask stores 2:4 (or sparser N:M that fits it); {plan.pattern} does not "
-            "fit: use --format nm"
+            f"compressed-tensors sparse-24-bitmask stores 2:4 (or sparser N:M that fits it); "
+            f"{', '.join(map(str, plan.patterns()))} does not fit: use --format nm"
         )
-    check_compliance(resolved, plan, plan.pattern, prune)
+    check_compliance(resolved, plan, prune)
     if fmt == "nm":
         if resolved.checkpoint.folder is None and out.suffix != ".safetensors":
             raise NMSparseError(f"--out {out}: the nm export of a single checkpoint is a .safetensors file")

@@ -39,6 +39,10 @@ class SolverSettings:
     pattern: NMPattern
     damp: float = 0.01
     block_size: int = 128
+    own: dict[str, NMPattern] = field(default_factory=dict)  # module -> its pattern where not `pattern` (--budget)
+
+    def pattern_for(self, module: str) -> NMPattern:
+        return self.own.get(module, self.pattern)
 
 
 @dataclass
@@ -50,6 +54,7 @@ class OneShotResult:
     activation_bytes: int = 0  # the calibration activations held between blocks
     seconds: float = 0.0
     permutation: dict | None = None  # prune --permute: what the channel reorder did (PermutationReport.to_dict)
+    budget: dict | None = None  # prune --budget: the patterns chosen (BudgetReport.to_dict)
 
 
 class _Captured(Exception):
@@ -184,7 +189,7 @@ def _sparsegpt_damped(weight: torch.Tensor, hessian: torch.Tensor, settings: Sol
     damp = settings.damp
     while True:
         try:
-            pruned = sparsegpt(weight, hessian, settings.pattern, damp=damp, block=settings.block_size, where=name)
+            pruned = sparsegpt(weight, hessian, settings.pattern_for(name), damp=damp, block=settings.block_size, where=name)
         except SingularHessian:
             if damp >= MAX_DAMP:
                 raise NMSparseError(
@@ -208,7 +213,7 @@ def solve_layer(module: nn.Module, name: str, layer: LayerInfo, hessian: torch.T
         )
     weight = weight_rows(module.weight.detach(), layer).float()
     if settings.method is OneShotMethod.WANDA:
-        pruned = weight * wanda(weight, hessian.diagonal(), settings.pattern)
+        pruned = weight * wanda(weight, hessian.diagonal(), settings.pattern_for(name))
     else:
         pruned = _sparsegpt_damped(weight, hessian, settings, name, result)
     result.errors[name] = reconstruction_error(weight, pruned, hessian)
@@ -216,13 +221,14 @@ def solve_layer(module: nn.Module, name: str, layer: LayerInfo, hessian: torch.T
     result.weights[name] = module.weight.detach()  # the model's own tensor: nothing changes it afterwards
 
 
-def prune_by_magnitude(model: nn.Module, layers: dict[str, LayerInfo], pattern: NMPattern, result: OneShotResult) -> None:
+def prune_by_magnitude(model: nn.Module, layers: dict[str, LayerInfo], settings: SolverSettings,
+                       result: OneShotResult) -> None:
     """Target layers calibration did not solve (no input reached them, or no row view): magnitude, listed."""
     modules = dict(model.named_modules())
     for name, layer in layers.items():
         if name not in result.weights:
             weight = modules[name].weight
-            weight.data.copy_(apply_nm(weight.detach(), pattern, layer.layout))
+            weight.data.copy_(apply_nm(weight.detach(), settings.pattern_for(name), layer.layout))
             result.weights[name] = weight.detach()
             result.by_magnitude.append(name)
 
@@ -280,7 +286,7 @@ def calibrate_and_prune(
         if index + 1 < len(blocks):
             inputs = _block_outputs(block, inputs)
         progress(index + 1, len(blocks))
-    prune_by_magnitude(model, layers, settings.pattern, result)
+    prune_by_magnitude(model, layers, settings, result)
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 
@@ -293,4 +299,5 @@ def describe(result: OneShotResult) -> dict[str, Any]:
         "activation_mib": round(result.activation_bytes / 2**20, 1),
         "seconds": result.seconds,
         **({"permutation": result.permutation} if result.permutation is not None else {}),
+        **({"budget": result.budget} if result.budget is not None else {}),
     }

@@ -73,6 +73,6 @@ def calibrate_in_one_pass(
     finally:
         for handle in handles:
             handle.remove()
-    prune_by_magnitude(model, layers, settings.pattern, result)
+    prune_by_magnitude(model, layers, settings, result)
     result.seconds = round(time.perf_counter() - started, 2)
     return result

@@ -34,6 +34,7 @@ from nmcli.oneshot.calibrate import (
     describe,
     prune_by_magnitude,
 )
+from nmcli.oneshot.budget import BudgetReport, BudgetSettings, budget_plan
 from nmcli.oneshot.onepass import calibrate_in_one_pass
 from nmcli.oneshot.permute import NORM_BATCHES, PermutationReport, input_column_norms, permute_channels
 from nmcli.prune import PrunePlan, PruneResult
@@ -105,7 +106,7 @@ def _calibrate(resolved: Resolved, model: torch.nn.Module, layers: dict, solver:
     images; transformers: block by block over text batches (`batches`, when --permute has drawn them already)."""
     if solver.method is OneShotMethod.MAGNITUDE:
         result = OneShotResult({}, {})
-        prune_by_magnitude(model, layers, solver.pattern, result)
+        prune_by_magnitude(model, layers, solver, result)
         result.by_magnitude = []  # the method itself, not a fallback
         return result
     if model_kind(resolved.model) is ModelKind.IMAGE_CLASSIFIER:
@@ -126,21 +127,50 @@ def _permute(resolved: Resolved, model: torch.nn.Module, layers: dict, solver: S
     return permute_channels(model, plan, layers, solver.pattern, norms), batches
 
 
+def _allocate(resolved: Resolved, model: torch.nn.Module, plan: PrunePlan, solver: SolverSettings,
+              calib: CalibrationSettings, budget: BudgetSettings,
+              batches: list[dict] | None) -> tuple[PrunePlan, SolverSettings, BudgetReport, list[dict]]:
+    """--budget: each layer's pattern by its measured sensitivity (Wanda's criterion for the calibrated methods,
+    magnitude's for magnitude); the solver then prunes each layer to its own pattern."""
+    batches = batches or calibration_batches(resolved, model, calib)
+    modules = {layer.module for layer in plan.targets.values()}
+    norms = None if solver.method is OneShotMethod.MAGNITUDE else input_column_norms(model, modules, batches[:NORM_BATCHES])
+    chosen, report = budget_plan(model, plan, budget, batches, norms)
+    own = {chosen.targets[name].module: chosen.pattern_of(name) for name in chosen.targets}
+    return chosen, replace(solver, pattern=chosen.pattern, own=own), report, batches
+
+
+def check_budget_input(resolved: Resolved) -> None:
+    if model_kind(resolved.model) is ModelKind.IMAGE_CLASSIFIER:
+        raise NMSparseError(
+            "--budget measures each layer's sensitivity on text through a Hugging Face transformer; for a timm image "
+            "model prune every layer to one --pattern"
+        )
+
+
 def oneshot_prune(
     resolved: Resolved, plan: PrunePlan, out: Path, solver: SolverSettings, calib: CalibrationSettings,
-    device: torch.device = torch.device("cpu"), *, permute: bool = False,
+    device: torch.device = torch.device("cpu"), *, permute: bool = False, budget: BudgetSettings | None = None,
     force: bool = False, progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[PruneResult, OneShotResult]:
     """Calibrate and prune on `device` (the model, its activations and Hessians); the file is written from the CPU.
-    With `permute`, the channels are reordered first (every reordered tensor is then written from memory)."""
+    With `permute`, the channels are reordered first (every reordered tensor is then written from memory); with
+    `budget`, each layer's pattern is chosen next."""
     check_oneshot_input(resolved, solver.method)
-    if solver.method is not OneShotMethod.MAGNITUDE:  # magnitude (after --permute) reads no data
+    if budget is not None:
+        check_budget_input(resolved)
+    if solver.method is not OneShotMethod.MAGNITUDE or budget is not None:  # magnitude alone reads no data
         calib = calib.for_model(model_kind(resolved.model))
     model = load_model(resolved).to(device).eval()  # no dropout in the probe, the norms or the calibration
     by_module = {layer.module: layer for layer in plan.targets.values()}
     permutation, batches = _permute(resolved, model, by_module, solver, calib) if permute else (None, None)
+    allocation = None
+    if budget is not None:
+        plan, solver, allocation, batches = _allocate(resolved, model, plan, solver, calib, budget, batches)
+        by_module = {layer.module: layer for layer in plan.targets.values()}
     result = _calibrate(resolved, model, by_module, solver, calib, progress, batches)
     result.permutation = permutation.to_dict() if permutation else None
+    result.budget = allocation.to_dict() if allocation else None
     tensors = {name: result.weights[layer.module] for name, layer in plan.targets.items()}
     if permutation is not None and permutation.groups:
         state = model.state_dict()
@@ -168,6 +198,8 @@ def oneshot_prune(
     notes += rewrite(ckpt, items, out, {**kept, **meta_obj.to_strings()}, force=force)
     if permutation is not None:
         notes.append(permutation.note())
+    if allocation is not None:
+        notes.append(allocation.note())
     if result.by_magnitude:
         notes.append(f"pruned by magnitude (no calibration input reached them, or they cannot be solved): "
                      f"{', '.join(result.by_magnitude)}")
