@@ -171,3 +171,40 @@ def test_budget_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, tiny_lla
     save_file({k: v.contiguous() for k, v in timm_state("test_vit").items()}, str(source))
     r = cli("prune", "test_vit", "--checkpoint", source, "--budget", "0.5", "--out", tmp_path / "v.safetensors")
     assert r.exit_code == 2 and "Hugging Face transformer" in r.output and not (tmp_path / "v.safetensors").exists()
+
+
+def test_finetune_from_a_budget_start_keeps_each_layer_at_its_own_pattern(cli, tmp_path, tiny_llama):
+    """A fixed-mask run from a mixed start: every layer leaves at the pattern the start gave it (a 1:4 layer is
+    not re-masked at the recipe's 2:4), the layers it left dense stay dense."""
+    start = tmp_path / "start"
+    chosen = _budget_prune(cli, tiny_llama, start, "--candidates", "2:4,1:4,dense")["calibration"]["budget"]["patterns"]
+    args = ("finetune", "--model", tiny_llama, "--start", start, "--recipe", "fixed-mask", "--data", "python-help",
+            "--seq-len", "32", "--limit", "16", "--batch-size", "4", "--epochs", "1")
+    r = cli(*args, "--out", tmp_path / "ft", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["all_layers_compliant"]
+    out, begun = load_file(str(tmp_path / "ft" / "model.safetensors")), load_file(str(start / "model.safetensors"))
+    with safe_open(str(tmp_path / "ft" / "model.safetensors"), "pt") as f:
+        declared = json.loads(f.metadata()["nmsparse.layers"])
+    for name, pattern in chosen.items():
+        if pattern == "dense":
+            assert name not in declared and int((out[name] == 0).sum()) == int((begun[name] == 0).sum()), name
+            continue
+        n, m = map(int, pattern.split(":"))
+        assert declared[name]["pattern"] == pattern and int(_groups_nonzero(out[name], m).max()) <= n, name
+    assert not torch.equal(out[name], begun[name])  # it trained
+
+
+def test_training_flops_count_each_layer_at_its_own_pattern():
+    """fixed-mask, no dense phase: two layers of 100 FLOPs in a model of 300, one at the recipe's 2:4 and one at
+    its own 1:4: (300 - 100 x 1/2 - 100 x 3/4) / 300, by hand."""
+    from nmcli.methods.plan import relative_training_flops
+    from nmcli.recipes import load_recipe
+    from nmcli.schedules import Phases
+
+    recipe = load_recipe("fixed-mask")
+    phases = Phases.from_fractions(10, 0.0, recipe.finetune_fraction)
+    layers = {"a": (100, 16), "b": (100, 16)}
+    assert relative_training_flops(recipe, P24, phases, layers, 300) == pytest.approx(200 / 300)
+    assert relative_training_flops(recipe, P24, phases, layers, 300, {"b": P14}) == pytest.approx(175 / 300)

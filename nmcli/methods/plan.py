@@ -93,10 +93,13 @@ def plan_step(recipe: Recipe, target: NMPattern, phases: Phases, step: int) -> S
     return StepPlan("decay", stages, index, alpha=a, sr_lambda=sr_lambda, backward=md.backward)
 
 
-def training_density(plan: StepPlan, reduction_length: int | None = None) -> float:
-    """Cost factor of a target layer at this step (methods.md §5): dense 1, MDGF while alpha > 0 dense, else N/M."""
+def training_density(plan: StepPlan, reduction_length: int | None = None, own: NMPattern | None = None) -> float:
+    """Cost factor of a target layer at this step (methods.md §5): dense 1, MDGF while alpha > 0 dense, else N/M
+    (`own`: the layer's own pattern in place of the last stage's)."""
     if plan.dense or plan.alpha > 0:
         return 1.0
+    if own is not None and plan.stage == len(plan.stages) - 1:
+        return own.density
     if reduction_length is None:
         return plan.pattern.density
     return pattern_for_layer(list(plan.stages), plan.stage, reduction_length).density
@@ -132,11 +135,13 @@ def uniform_spans(recipe: Recipe, target: NMPattern, phases: Phases) -> list[tup
 
 
 def relative_training_flops(
-    recipe: Recipe, target: NMPattern, phases: Phases, layers: dict[str, tuple[int, int | None]], total_flops: int
+    recipe: Recipe, target: NMPattern, phases: Phases, layers: dict[str, tuple[int, int | None]], total_flops: int,
+    own: dict[str, NMPattern] | None = None,
 ) -> float:
     """Training FLOPs of the recipe relative to dense training of the same steps (methods.md §5).
 
-    `layers`: target module -> (dense forward FLOPs, reduction length K, or None for the pattern's own density).
+    `layers`: target module -> (dense forward FLOPs, reduction length K, or None for the pattern's own density);
+    `own`: module -> its pattern where it is not the recipe's.
     Training costs ~3x the forward pass per step (forward, gradient of the inputs, gradient of the weights), with
     each target layer scaled by its density at that step; the factor 3 cancels in the ratio. A LoRA recipe
     computes no weight gradient but the adapters' (rank / K of a layer's, left out): 2 of the 3 passes.
@@ -145,6 +150,7 @@ def relative_training_flops(
         return 1.0
     spent = 0.0
     for start, end, plan in uniform_spans(recipe, target, phases):
-        spent += (end - start) * (total_flops - sum(f * (1 - training_density(plan, k)) for f, k in layers.values()))
+        spent += (end - start) * (total_flops - sum(
+            f * (1 - training_density(plan, k, (own or {}).get(module))) for module, (f, k) in layers.items()))
     passes = 2 / 3 if recipe.lora is not None else 1.0
     return passes * spent / (phases.total * total_flops)

@@ -38,11 +38,18 @@ class NMWeight(nn.Module):
         self.lora: LoraFactors | None = None
         self.lora_masks: dict[NMPattern, torch.Tensor] = {}  # the frozen base's mask at each pattern met
         self.lora_scale: torch.Tensor | None = None  # S of the last forward, for the split adapter term
+        self.own: NMPattern | None = None  # this layer's pattern in place of the recipe's last stage (--budget starts)
 
     def pattern(self) -> NMPattern | None:
         if self.plan is None or self.plan.dense:
             return None
+        if self.own is not None and self.plan.stage == len(self.plan.stages) - 1:
+            return self.own
         return pattern_for_layer(list(self.plan.stages), self.plan.stage, self.reduction_length)
+
+    def final_pattern(self, target: NMPattern | None) -> NMPattern | None:
+        """The pattern the run leaves this layer at: its own, else the recipe's (None: a dense recipe)."""
+        return None if target is None else self.own or target
 
     def keep_mask(self, weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
         """The binary mask E in use at `pattern` (this layer's `pattern()`): the frozen one, else from `weight`."""
@@ -92,11 +99,13 @@ class NMWeight(nn.Module):
 
 
 class Sparsifier:
-    """The target layers of one model and their parametrizations."""
+    """The target layers of one model and their parametrizations; `own`: module -> its pattern where it is not the
+    recipe's (a start pruned with per-layer patterns)."""
 
-    def __init__(self, model: nn.Module, targets: dict[str, LayerInfo]):
+    def __init__(self, model: nn.Module, targets: dict[str, LayerInfo], own: dict[str, NMPattern] | None = None):
         self.model = model
         self.targets = targets
+        self.own = own or {}
         self.params: dict[str, NMWeight] = {}
 
     def modules(self) -> Iterator[tuple[str, nn.Module]]:
@@ -111,6 +120,7 @@ class Sparsifier:
         for name, module in self.modules():
             layer = self.targets[f"{name}.weight"]
             param = NMWeight(layer.layout, module.weight.shape[layer.layout.k_axis])
+            param.own = self.own.get(name)
             if name in adapted:
                 param.lora = _factors(name, module, layer.layout, lora)
                 module.register_forward_hook(_split_adapter_hook(param))
@@ -147,15 +157,16 @@ class Sparsifier:
         for name, module in self.modules():
             param = self.params.pop(name)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-            if target is None:
+            pattern = param.final_pattern(target)
+            if pattern is None:
                 continue
             with torch.no_grad():  # in place where no adapter is merged: no second copy of a large weight
                 if param.lora is not None:
-                    module.weight.copy_(param.final_weight(module.weight, target, param.lora.delta()))
+                    module.weight.copy_(param.final_weight(module.weight, pattern, param.lora.delta()))
                 elif param.frozen is not None:
                     module.weight.masked_fill_(~param.frozen, 0)
                 else:
-                    apply_nm_(module.weight.data, target, param.layout)
+                    apply_nm_(module.weight.data, pattern, param.layout)
             param.lora, param.lora_scale = None, None  # merged: the hook adds nothing any more
 
     def finalized_state(self, state: dict[str, torch.Tensor], target: NMPattern | None) -> dict[str, torch.Tensor]:
@@ -168,7 +179,7 @@ class Sparsifier:
             if param.lora is not None:
                 factors = f"{name}.parametrizations.weight.0.lora.lora_"
                 delta = lora_delta(out.pop(factors + "A"), out.pop(factors + "B"), param.lora.fan_in_fan_out)
-            out[f"{name}.weight"] = param.final_weight(original, target, delta)
+            out[f"{name}.weight"] = param.final_weight(original, param.final_pattern(target), delta)
         return out
 
 

@@ -18,6 +18,9 @@ from nmcli.oneshot.sensitivity import layer_candidates, measure_sensitivity, pro
 from nmcli.prune import PrunePlan
 
 
+KEPT_DENSE = "kept dense by --budget"  # the skipped reason of a layer the budget left dense
+
+
 @dataclass(frozen=True)
 class BudgetSettings:
     sparsity: float  # zeros / weights over the target layers, at least
@@ -75,7 +78,7 @@ def budget_plan(model: nn.Module, plan: PrunePlan, settings: BudgetSettings, bat
         pattern = chosen.patterns[layer.module]
         if pattern.is_dense:
             least = min(c for p, c in measured.costs[layer.module].items() if not p.is_dense)
-            new.skipped[name] = f"kept dense by --budget (its cheapest N:M candidate costs {least:.3g})"
+            new.skipped[name] = f"{KEPT_DENSE} (its cheapest N:M candidate costs {least:.3g})"
         else:
             new.targets[name] = layer
             if pattern != main:

@@ -72,6 +72,7 @@ from nmcli.train.tasks import (
     distill_task,
     image_task,
     student_of,
+    training_plan,
 )
 
 MODEL_FILE, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE = "model.safetensors", "summary.json", "recipe.yaml", "metrics.jsonl"
@@ -299,8 +300,9 @@ def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
     recipe, target, device = config.recipe, config.recipe.target, env.device
     task, model, ref, resolved = _task(config, device)
     model.to(device)
-    plan = plan_prune(resolved, target, recipe.include, recipe.exclude)
-    sparsifier = Sparsifier(model, plan.targets).attach(recipe.lora)
+    plan = training_plan(resolved, target, recipe.include, recipe.exclude, config.start)
+    own = {plan.targets[name].module: pattern for name, pattern in plan.own.items()}
+    sparsifier = Sparsifier(model, plan.targets, own).attach(recipe.lora)
     if config.shard:
         shard_model(task.distiller.teacher)
         shard_model(model)
@@ -528,10 +530,12 @@ def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float],
     )
     sparse = recipe.method != "dense"
     compliant = {
-        name: compliance(weights[f"{layer.module}.weight"].detach(), target, layer.layout).compliant
+        name: compliance(weights[f"{layer.module}.weight"].detach(), run.plan.pattern_of(name), layer.layout).compliant
         for name, layer in layers.items()
     } if sparse else {}
-    sparse_flops = total_flops - sum(f * (1 - target.density) for f, _ in layer_costs.values()) if sparse else total_flops
+    own = {layer.module: run.plan.pattern_of(name) for name, layer in layers.items() if name in run.plan.own}
+    sparse_flops = total_flops - sum(
+        f * (1 - own.get(module, target).density) for module, (f, _) in layer_costs.items()) if sparse else total_flops
     return {
         "recipe": recipe.name,
         "method": recipe.method,
@@ -551,7 +555,7 @@ def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float],
         "skipped_layers": run.plan.skipped,
         "all_layers_compliant": all(compliant.values()) if sparse else None,
         "flops": {"unit": "FLOPs (2 x MACs), one forward at batch 1", "dense": total_flops, "sparse_theoretical": round(sparse_flops)},
-        "training_flops_relative_to_dense": relative_training_flops(recipe, target, run.phases, layer_costs, total_flops),
+        "training_flops_relative_to_dense": relative_training_flops(recipe, target, run.phases, layer_costs, total_flops, own),
         "wall_seconds": wall,
     }
 

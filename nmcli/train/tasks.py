@@ -33,7 +33,9 @@ from nmcli.models.architecture import ModelKind, ModelRef, data_config, model_ki
 from nmcli.models.channels import reorder_residual
 from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
 from nmcli.oneshot.service import CalibrationSettings, calibration_batches
-from nmcli.prune import PrunePlan, prune_model_
+from nmcli.nm import NMPattern
+from nmcli.oneshot.budget import KEPT_DENSE
+from nmcli.prune import PrunePlan, declared_plan, plan_prune, prune_model_
 from nmcli.train.distill import Distiller, resolve_spec
 from nmcli.train.distributed import DistEnv, shard
 
@@ -135,6 +137,27 @@ def student_of(dense: nn.Module, resolved: Resolved, start: str | None, plan: Pr
     student = load_model(started)
     _check_same_shapes(start, student, dense)
     return student
+
+
+def training_plan(resolved: Resolved, target: NMPattern, include: tuple[str, ...], exclude: tuple[str, ...],
+                  start: str | None) -> PrunePlan:
+    """The target layers of a run at the recipe's pattern; from a `--start` pruned with per-layer patterns (prune
+    --budget) each layer keeps the pattern the start declares for it, whatever the recipe's, and the layers it left
+    dense stay dense."""
+    plan = plan_prune(resolved, target, include, exclude)
+    if start is None or start in {m.value for m in OneShotMethod}:
+        return plan
+    declared = declared_plan(resolve(start))
+    budgeted = {n: why for n, why in (declared.skipped if declared else {}).items() if why.startswith(KEPT_DENSE)}
+    if declared is None or not (declared.own or budgeted):
+        return plan
+    for name in list(plan.targets):
+        if name in budgeted:
+            plan.skipped[name] = budgeted[name]
+            del plan.targets[name]
+        elif name in declared.targets and declared.pattern_of(name) != target:
+            plan.own[name] = declared.pattern_of(name)
+    return plan
 
 
 def align_teacher(teacher: nn.Module, start: str | None) -> None:
