@@ -1,5 +1,5 @@
-"""One-shot N:M quality, time and memory: magnitude vs Wanda vs SparseGPT, each without and with --permute, on the
-two real checkpoints, side by side in one run.
+"""One-shot N:M quality, time and memory: magnitude vs Wanda vs SparseGPT, each without and with --permute, uniform
+patterns and per-layer patterns under --budget, on the two real checkpoints, side by side in one run.
 
 Each prune and each evaluation is a fresh `nmsparse` process (peak RSS from the OS); calibration on prune's default
 text (the general-use mixture python-help:0.3,wiki:0.7) unless --calib says otherwise; quality with `nmsparse eval
@@ -8,6 +8,7 @@ cosine to dense, paragraphs / sentences; SmolLM2: perplexity as a ratio to dense
 
     python bench/oneshot.py minilm --patterns 2:4,4:8,1:4
     python bench/oneshot.py smollm2 --patterns 2:4 --methods wanda,sparsegpt
+    python bench/oneshot.py minilm --patterns 2:4 --budget 0.5 --candidates "2:4,1:4,dense;4:8,2:4,1:4,dense"
 
 Figures are printed, not asserted.
 """
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--calib", default=None, help="prune's --calib (default: prune's own default)")
     parser.add_argument("--calib-samples", default="128")
     parser.add_argument("--seq-len", default=None, help="calibration tokens per sample (default 128 MiniLM, 512 SmolLM2)")
+    parser.add_argument("--budget", default=None, help="also prune --budget at this overall sparsity")
+    parser.add_argument("--candidates", default="2:4,1:4,dense", help="--budget's candidate sets, ';' between sets")
     args = parser.parse_args()
     folder = minilm_folder() if args.model == "minilm" else smollm2_folder(ROOT / "bench" / ".models" / "smollm2-135m")
     seq_len = args.seq_len or ("128" if args.model == "minilm" else "512")
@@ -66,19 +69,32 @@ def main() -> None:
     print(f"| pattern | method | permute: groups, kept importance, search s | python-help held-out: {shown} | news: {shown} "
           "| prune wall s | prune peak RSS GiB |")
     print("|---|---|---|---|---|---|---|")
+    arms = [["--pattern", p] for p in args.patterns.split(",") if p]
+    if args.budget:
+        arms += [["--budget", args.budget, "--candidates", c] for c in args.candidates.split(";")]
     with tempfile.TemporaryDirectory() as scratch:
-        for pattern in args.patterns.split(","):
+        for index, arm in enumerate(arms):
             for method in args.methods.split(","):
                 for permute in args.permute.split(","):
-                    out = Path(scratch) / f"{method}-{pattern.replace(':', 'of')}-{permute}"
+                    out = Path(scratch) / f"{method}-{index}-{permute}"
                     extra = ["--permute"] if permute == "on" else []
-                    calibration = ["--calib-samples", args.calib_samples, "--seq-len", seq_len, *calib] if method != "magnitude" else []
-                    stdout, seconds, rss = _nmsparse("prune", str(folder), "--pattern", pattern, "--method", method,
+                    data = ["--calib-samples", args.calib_samples, "--seq-len", seq_len, *calib]
+                    calibration = data if method != "magnitude" or "--budget" in arm else []
+                    stdout, seconds, rss = _nmsparse("prune", str(folder), *arm, "--method", method,
                                                      *calibration, *extra, "--out", str(out), "--json")
-                    done = json.loads(stdout).get("calibration", {}).get("permutation")
-                    arm = f"{done['groups']}, {100 * done['kept_gain']:+.2f}%, {done['seconds']:.0f}" if done else "off"
-                    print(f"| {pattern} | {method} | {arm} | {_quality(str(out), folder, key)} | {seconds:.1f} | {rss:.2f} |",
-                          flush=True)
+                    info = json.loads(stdout).get("calibration", {})
+                    done = info.get("permutation")
+                    permuted = f"{done['groups']}, {100 * done['kept_gain']:+.2f}%, {done['seconds']:.0f}" if done else "off"
+                    print(f"| {_arm_label(arm, info.get('budget'))} | {method} | {permuted} | "
+                          f"{_quality(str(out), folder, key)} | {seconds:.1f} | {rss:.2f} |", flush=True)
+
+
+def _arm_label(arm: list[str], budget: dict | None) -> str:
+    """`2:4`, or `--budget 0.5 of 2:4,1:4,dense: 2:4 x 34, 1:4 x 2, dense x 1 (0.5000, 15 s)`."""
+    if budget is None:
+        return arm[1]
+    counts = ", ".join(f"{p} x {n}" for p, n in budget["counts"].items())
+    return f"budget {arm[1]} of {arm[3]}: {counts} ({budget['reached']:.4f}, {budget['seconds']:.0f} s)"
 
 
 if __name__ == "__main__":
