@@ -53,6 +53,8 @@ def prune(
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per calibration sample")] = 512,
     damp: Annotated[float, typer.Option("--damp", min=0.0, help="SparseGPT dampening, a fraction of mean(diag H)")] = 0.01,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="SparseGPT columns per lazy-update block")] = 128,
+    refine: Annotated[int, typer.Option("--refine", min=0, help="wanda/sparsegpt: conjugate-gradient steps that "
+                                        "re-fit the kept weights to the dense outputs, mask fixed (0: none)")] = 0,
     permute: Annotated[bool, typer.Option("--permute", help="reorder channels first (the model computes the same) so "
                                           "the pattern keeps more: Llama-like and BERT-like models")] = False,
     budget: Annotated[Optional[float], typer.Option(
@@ -73,6 +75,9 @@ def prune(
     with user_errors():
         nm, budgeted = _pattern_and_budget(pattern, budget, candidates)
         chosen = _oneshot_method(method, device)
+        if refine and chosen.value == "magnitude":
+            raise NMSparseError(f"--refine {refine}: re-fits the kept weights to calibration data; it goes with "
+                                "--method wanda or sparsegpt")
         compute = _check_output_and_device(out_path, force, device)
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         plan = plan_prune(resolved, nm, include or (), exclude or ())
@@ -85,7 +90,8 @@ def prune(
 
             result, oneshot = _calibrated_prune(
                 resolved, plan, out_path, CalibrationSettings(calib, calib_samples, seq_len, seed),
-                SolverSettings(chosen, plan.pattern, damp, block_size), compute, force, show, permute, budgeted,
+                SolverSettings(chosen, plan.pattern, damp, block_size, refine=refine), compute, force, show, permute,
+                budgeted,
             )
         seconds = time.perf_counter() - started
     payload = _payload(result, oneshot, method, seconds)

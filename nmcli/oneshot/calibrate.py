@@ -22,7 +22,7 @@ from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import CONV, HF_CONV1D, NMPattern, apply_nm
-from nmcli.oneshot.solvers import SingularHessian, reconstruction_error, sparsegpt, wanda
+from nmcli.oneshot.solvers import SingularHessian, reconstruction_error, refine_kept, sparsegpt, wanda
 
 MAX_DAMP = 1.0  # a singular Hessian gets 10x more damping per try, up to this
 
@@ -40,6 +40,7 @@ class SolverSettings:
     damp: float = 0.01
     block_size: int = 128
     own: dict[str, NMPattern] = field(default_factory=dict)  # module -> its pattern where not `pattern` (--budget)
+    refine: int = 0  # conjugate-gradient steps re-fitting the kept weights after the mask (0: none)
 
     def pattern_for(self, module: str) -> NMPattern:
         return self.own.get(module, self.pattern)
@@ -216,6 +217,8 @@ def solve_layer(module: nn.Module, name: str, layer: LayerInfo, hessian: torch.T
         pruned = weight * wanda(weight, hessian.diagonal(), settings.pattern_for(name))
     else:
         pruned = _sparsegpt_damped(weight, hessian, settings, name, result)
+    if settings.refine:
+        pruned = refine_kept(weight, pruned, hessian, settings.refine, damp=result.damped.get(name, settings.damp))
     result.errors[name] = reconstruction_error(weight, pruned, hessian)
     module.weight.data.copy_(from_weight_rows(pruned, module.weight, layer).to(module.weight.dtype))
     result.weights[name] = module.weight.detach()  # the model's own tensor: nothing changes it afterwards

@@ -192,7 +192,7 @@ def oneshot_prune(
     meta_obj = plan.metadata(resolved.model)
     meta_obj.oneshot = {"method": solver.method.value, **{k: v for k, v in describe(result).items() if k != "seconds"}}
     if solver.method is not OneShotMethod.MAGNITUDE:
-        meta_obj.oneshot |= {"damp": solver.damp, "block_size": solver.block_size, **asdict(calib)}
+        meta_obj.oneshot |= {"damp": solver.damp, "block_size": solver.block_size, "refine": solver.refine, **asdict(calib)}
     kept = {k: v for k, v in ckpt.metadata.items() if not k.startswith("nmsparse.")}
     notes = resolved.match.notes() if resolved.match is not None else []
     notes += rewrite(ckpt, items, out, {**kept, **meta_obj.to_strings()}, force=force)

@@ -83,3 +83,31 @@ def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: to
     w, delta, h = weight.double(), (weight - pruned).double(), hessian.double()
     total = float(((w @ h) * w).sum())
     return float(((delta @ h) * delta).sum()) / total if total > 0 else 0.0
+
+
+def refine_kept(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, iterations: int, *,
+                damp: float = 0.01) -> torch.Tensor:
+    """The kept weights of `pruned` re-fitted to the dense layer's outputs with the mask fixed (ALPS' last step,
+    Meng et al. 2024): minimise ‖(W − Ŵ)X‖² + λ‖W − Ŵ‖² over the kept entries, λ = damp · mean(diag H), by
+    `iterations` steps of conjugate gradients preconditioned by diag H, every row its own problem. Pruned entries
+    stay exact zeros; each step lowers the objective (a convex quadratic on the kept entries)."""
+    work = torch.float64 if weight.shape[1] <= 2048 else torch.float32
+    w, h = weight.detach().to(work), hessian.to(work)
+    h = h + damp * h.diagonal().mean() * torch.eye(len(h), dtype=work, device=h.device)
+    keep = pruned != 0
+    x = pruned.detach().to(work).clone()
+    diag = h.diagonal().clamp_min(torch.finfo(work).tiny)
+    residual = ((w - x) @ h) * keep
+    z = residual / diag
+    direction, rz = z, (residual * z).sum(1, keepdim=True)
+    for _ in range(iterations):
+        q = (direction @ h) * keep
+        curvature = (direction * q).sum(1, keepdim=True)
+        step = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(work).tiny), 0)
+        x += step * direction
+        residual -= step * q
+        z = residual / diag
+        rz_next = (residual * z).sum(1, keepdim=True)
+        direction = z + torch.where(rz > 0, rz_next / rz.clamp_min(torch.finfo(work).tiny), 0) * direction
+        rz = rz_next
+    return (x * keep).to(weight.dtype)
