@@ -208,3 +208,25 @@ def test_training_flops_count_each_layer_at_its_own_pattern():
     layers = {"a": (100, 16), "b": (100, 16)}
     assert relative_training_flops(recipe, P24, phases, layers, 300) == pytest.approx(200 / 300)
     assert relative_training_flops(recipe, P24, phases, layers, 300, {"b": P14}) == pytest.approx(175 / 300)
+
+
+def test_replaying_the_blocks_before_a_layer_gives_the_full_forward_pass_costs(tiny_llama):
+    """The second implementation: each cost recomputed with every block run (no replay) for one layer per block."""
+    from nmcli.nm import nm_mask
+    from nmcli.oneshot.sensitivity import base_output
+
+    resolved = resolve(str(tiny_llama))
+    model = load_model(resolved).eval()
+    layers = {layer.module: layer for layer in select_targets(resolved.layers).values()}
+    shapes = {name: model.get_submodule(name).weight.shape for name in layers}
+    measured = measure_sensitivity(model, layers, layer_candidates(shapes, layers, [P24, P14]), _batch(), None)
+    dense = base_output(model, _batch())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj"):
+        weight = model.get_submodule(name).weight
+        original = weight.detach().clone()
+        with torch.no_grad():
+            weight.mul_(nm_mask(original.abs(), P14, layers[name].layout))
+        full = float((base_output(model, _batch()) - dense).pow(2).sum() / dense.pow(2).sum())
+        with torch.no_grad():
+            weight.copy_(original)
+        assert measured.costs[name][P14] == pytest.approx(full, rel=1e-5), name
