@@ -128,8 +128,9 @@ def _layers_by_checkpoint_name(layers: dict[str, LayerInfo], match: StateMatch) 
     }
 
 
-def load_model(resolved: Resolved) -> nn.Module:
-    """The architecture on the CPU with the checkpoint's weights; a checkpoint that does not fit is an error.
+def load_model(resolved: Resolved, dtype: torch.dtype | None = None) -> nn.Module:
+    """The architecture on the CPU with the checkpoint's weights (cast to `dtype` on the way in, when given: no
+    float32 copy first); a checkpoint that does not fit is an error.
 
     A timm model must match exactly; a Hugging Face folder is matched as `from_pretrained` matches it
     (nmcli/state_match.py).
@@ -140,6 +141,8 @@ def load_model(resolved: Resolved) -> nn.Module:
             "(files written by prune/finetune and Hugging Face folders carry it)"
         )
     model = build_model(resolved.model, device="cpu")
+    if dtype is not None:
+        model.to(dtype)
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():  # one tensor at a time: peak memory is the model plus its largest tensor, not two models
         for name, key in resolved.match.to_model.items():

@@ -9,6 +9,7 @@ finalize (exact N:M) -> write model.safetensors (+ the Hugging Face folder's fil
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -210,12 +211,11 @@ def _task(config: FinetuneConfig, device: torch.device) -> tuple[Task, torch.nn.
     text = TextSettings(config.data or GENERAL_USE, config.seq_len, config.limit, config.seed, config.prompts, config.out,
                         (NEWS, *config.eval_data))
     check_text_settings(resolved, text)
-    teacher = load_model(resolved).to(device)
-    if config.use_bf16:
-        teacher = teacher.to(torch.bfloat16)
+    teacher = load_model(resolved, torch.bfloat16 if config.use_bf16 else None).to(device)
     plan = plan_prune(resolved, config.recipe.target, config.recipe.include, config.recipe.exclude)
-    dense = load_model(resolved).to(device) if config.use_bf16 else teacher
-    student = student_of(dense, resolved, config.start, plan, text)
+    # the student's own fp32 copy, made only when it starts from the dense model (a --start PATH loads its own)
+    fresh = (lambda: load_model(resolved).to(device)) if config.use_bf16 else (lambda: copy.deepcopy(teacher))
+    student = student_of(fresh, resolved, config.start, plan, text)
     align_teacher(teacher, config.start)
     task = distill_task(resolved, teacher, config.recipe.distill, text)
     student.train(task.distiller.spec.dropout)  # eval mode switches every kind of dropout off (distill.dropout)

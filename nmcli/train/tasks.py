@@ -8,7 +8,6 @@ The engine only calls `loss`, `evaluate` and the data attributes, so one loop se
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from nmcli.data.writer import PROMPTS as WRITER_PROMPTS
 from nmcli.data.writer import WriterSpec, decoded_documents, writer_spec
 from nmcli.errors import NMSparseError
 from nmcli.eval import QualitySuite, accuracy, check_seq_len, text_data, training_samples
-from nmcli.models.architecture import ModelKind, ModelRef, data_config, model_kind
+from nmcli.models.architecture import ModelKind, ModelRef, build_model, data_config, model_kind
 from nmcli.models.channels import reorder_residual
 from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
 from nmcli.oneshot.service import CalibrationSettings, calibration_batches
@@ -111,12 +110,14 @@ def image_task(resolved: Resolved, ref: ModelRef, model: nn.Module, data: str, l
     return ImageTask(train, val, splits.description + limited)
 
 
-def student_of(dense: nn.Module, resolved: Resolved, start: str | None, plan: PrunePlan, text: TextSettings) -> nn.Module:
-    """The student's starting weights: a copy of the dense model; pruned one-shot by `--start magnitude|wanda|
-    sparsegpt` (calibrated on the training text); or an N:M checkpoint of the same architecture (`--start PATH`)."""
+def student_of(fresh: Callable[[], nn.Module], resolved: Resolved, start: str | None, plan: PrunePlan,
+               text: TextSettings) -> nn.Module:
+    """The student's starting weights: `fresh()`, a dense copy of its own; pruned one-shot by `--start magnitude|
+    wanda|sparsegpt` (calibrated on the training text); or an N:M checkpoint of the same architecture (`--start
+    PATH`, loaded alone: no dense copy is made for it)."""
     methods = {m.value: m for m in OneShotMethod}
     if start is None or start in methods:
-        student = copy.deepcopy(dense)
+        student = fresh()
         if start == OneShotMethod.MAGNITUDE.value:
             prune_model_(student, plan)
         elif start is not None:
@@ -135,7 +136,7 @@ def student_of(dense: nn.Module, resolved: Resolved, start: str | None, plan: Pr
             f"{started.model.name if started.model else 'an unknown architecture'})"
         )
     student = load_model(started)
-    _check_same_shapes(start, student, dense)
+    _check_same_shapes(start, student, resolved)
     return student
 
 
@@ -171,10 +172,11 @@ def align_teacher(teacher: nn.Module, start: str | None) -> None:
         reorder_residual(teacher, order)
 
 
-def _check_same_shapes(start: str, student: nn.Module, dense: nn.Module) -> None:
-    """A start of the same class but another size (layers, widths) is refused, naming the first difference."""
+def _check_same_shapes(start: str, student: nn.Module, resolved: Resolved) -> None:
+    """A start of the same class but another size (layers, widths) is refused, naming the first difference; the
+    model's shapes come from its architecture on the meta device (no weights)."""
     shapes = {name: tuple(t.shape) for name, t in student.state_dict().items()}
-    for name, tensor in dense.state_dict().items():
+    for name, tensor in build_model(resolved.model, device="meta").state_dict().items():
         if shapes.get(name) != tuple(tensor.shape):
             found = "missing" if name not in shapes else f"of shape {list(shapes[name])}"
             raise NMSparseError(f"--start {start}: {name} is {found}, the model's is {list(tensor.shape)}; the start must "
