@@ -1,5 +1,6 @@
-"""One-shot N:M quality, time and memory: magnitude vs Wanda vs SparseGPT, each without and with --permute, uniform
-patterns and per-layer patterns under --budget, on the two real checkpoints, side by side in one run.
+"""One-shot N:M quality, time and memory: magnitude vs Wanda vs SparseGPT, each without and with --permute and
+--refine, uniform patterns and per-layer patterns under --budget, on the two real checkpoints, side by side in one
+run.
 
 Each prune and each evaluation is a fresh `nmsparse` process (peak RSS from the OS); calibration on prune's default
 text (the general-use mixture python-help:0.3,wiki:0.7) unless --calib says otherwise; quality with `nmsparse eval
@@ -9,6 +10,7 @@ cosine to dense, paragraphs / sentences; SmolLM2: perplexity as a ratio to dense
     python bench/oneshot.py minilm --patterns 2:4,4:8,1:4
     python bench/oneshot.py smollm2 --patterns 2:4 --methods wanda,sparsegpt
     python bench/oneshot.py minilm --patterns 2:4 --budget 0.5 --candidates "2:4,1:4,dense;4:8,2:4,1:4,dense"
+    python bench/oneshot.py minilm --patterns 2:4 --methods sparsegpt,wanda --refine 0,20 --permute off --budget 0.5
 
 Figures are printed, not asserted.
 """
@@ -16,6 +18,7 @@ Figures are printed, not asserted.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--seq-len", default=None, help="calibration tokens per sample (default 128 MiniLM, 512 SmolLM2)")
     parser.add_argument("--budget", default=None, help="also prune --budget at this overall sparsity")
     parser.add_argument("--candidates", default="2:4,1:4,dense", help="--budget's candidate sets, ';' between sets")
+    parser.add_argument("--refine", default="0", help="prune --refine steps per arm, e.g. 0,20 (wanda/sparsegpt)")
     args = parser.parse_args()
     folder = minilm_folder() if args.model == "minilm" else smollm2_folder(ROOT / "bench" / ".models" / "smollm2-135m")
     seq_len = args.seq_len or ("128" if args.model == "minilm" else "512")
@@ -66,27 +70,30 @@ def main() -> None:
     print(f"# {args.model}: calibration {args.calib_samples} x {seq_len} tokens of {args.calib or 'prune default'}; "
           f"CPU threads {os.cpu_count()}")
     shown = "cosine to dense, paragraphs / sentences" if key == "cosine" else "perplexity / dense (perplexity)"
-    print(f"| pattern | method | permute: groups, kept importance, search s | python-help held-out: {shown} | news: {shown} "
-          "| prune wall s | prune peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| pattern | method | refine | permute: groups, kept importance, search s | python-help held-out: {shown} | "
+          f"news: {shown} | prune wall s | prune peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     arms = [["--pattern", p] for p in args.patterns.split(",") if p]
     if args.budget:
         arms += [["--budget", args.budget, "--candidates", c] for c in args.candidates.split(";")]
     with tempfile.TemporaryDirectory() as scratch:
         for index, arm in enumerate(arms):
-            for method in args.methods.split(","):
-                for permute in args.permute.split(","):
-                    out = Path(scratch) / f"{method}-{index}-{permute}"
-                    extra = ["--permute"] if permute == "on" else []
-                    data = ["--calib-samples", args.calib_samples, "--seq-len", seq_len, *calib]
-                    calibration = data if method != "magnitude" or "--budget" in arm else []
-                    stdout, seconds, rss = _nmsparse("prune", str(folder), *arm, "--method", method,
-                                                     *calibration, *extra, "--out", str(out), "--json")
-                    info = json.loads(stdout).get("calibration", {})
-                    done = info.get("permutation")
-                    permuted = f"{done['groups']}, {100 * done['kept_gain']:+.2f}%, {done['seconds']:.0f}" if done else "off"
-                    print(f"| {_arm_label(arm, info.get('budget'))} | {method} | {permuted} | "
-                          f"{_quality(str(out), folder, key)} | {seconds:.1f} | {rss:.2f} |", flush=True)
+            for method, refine, permute in itertools.product(args.methods.split(","), args.refine.split(","),
+                                                             args.permute.split(",")):
+                if method == "magnitude" and refine != "0":
+                    continue  # --refine re-fits to calibration data: wanda and sparsegpt only
+                out = Path(scratch) / f"{method}-{index}-{refine}-{permute}"
+                extra = ["--permute"] if permute == "on" else []
+                extra += ["--refine", refine] if refine != "0" else []
+                data = ["--calib-samples", args.calib_samples, "--seq-len", seq_len, *calib]
+                calibration = data if method != "magnitude" or "--budget" in arm else []
+                stdout, seconds, rss = _nmsparse("prune", str(folder), *arm, "--method", method,
+                                                 *calibration, *extra, "--out", str(out), "--json")
+                info = json.loads(stdout).get("calibration", {})
+                done = info.get("permutation")
+                permuted = f"{done['groups']}, {100 * done['kept_gain']:+.2f}%, {done['seconds']:.0f}" if done else "off"
+                print(f"| {_arm_label(arm, info.get('budget'))} | {method} | {refine} | {permuted} | "
+                      f"{_quality(str(out), folder, key)} | {seconds:.1f} | {rss:.2f} |", flush=True)
 
 
 def _arm_label(arm: list[str], budget: dict | None) -> str:
