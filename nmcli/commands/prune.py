@@ -108,7 +108,7 @@ def _pattern_and_budget(pattern: str | None, budget: float | None, candidates: s
     from nmcli.oneshot.budget import BudgetSettings
 
     if budget is None:
-        return parse_pattern(pattern or "2:4"), None
+        return parse_pattern("2:4" if pattern is None else pattern), None
     if pattern is not None:
         raise NMSparseError(f"--pattern {pattern} and --budget {budget:g}: choose one (--budget picks each layer's "
                             "pattern from --candidates)")
