@@ -156,7 +156,7 @@ def _calibrated_prune(resolved, plan, out_path, calib, solver, device, force, sh
     from nmcli.oneshot.service import oneshot_prune
 
     steps = "".join(("permuting, " if permute else "", "measuring sensitivity, " if budget else ""))
-    with progress_bar(show, unit="blocks") as bar:
+    with progress_bar(show, unit="probes, then blocks" if budget else "blocks") as bar:
         task = bar.add_task(f"{solver.method.value} ({steps}calibrating)", total=None, item="")
         return oneshot_prune(
             resolved, plan, out_path, solver, calib, device, permute=permute, budget=budget, force=force,

@@ -7,6 +7,7 @@ the output's metadata.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,14 +55,15 @@ def _label(pattern: NMPattern) -> str:
 
 
 def budget_plan(model: nn.Module, plan: PrunePlan, settings: BudgetSettings, batches: list[dict],
-                norms: dict[str, torch.Tensor] | None) -> tuple[PrunePlan, BudgetReport]:
+                norms: dict[str, torch.Tensor] | None,
+                progress: Callable[[int, int], None] = lambda done, total: None) -> tuple[PrunePlan, BudgetReport]:
     """The plan with each target's pattern chosen (dense ones skipped); `norms` (module -> ‖x_j‖) make the
     sensitivity probe mask by Wanda's criterion, None by magnitude."""
     by_module = {layer.module: layer for layer in plan.targets.values()}
     modules = dict(model.named_modules())
     shapes = {name: modules[name].weight.shape for name in by_module}
     candidates = layer_candidates(shapes, by_module, list(settings.candidates))
-    measured = measure_sensitivity(model, by_module, candidates, probe_batch(batches), norms)
+    measured = measure_sensitivity(model, by_module, candidates, probe_batch(batches), norms, progress)
     sizes = {name: shapes[name].numel() for name in by_module}
     chosen = allocate(measured.costs, sizes, settings.sparsity)
     report = BudgetReport(settings.sparsity, chosen.sparsity, seconds=measured.seconds)

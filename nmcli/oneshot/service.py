@@ -128,14 +128,14 @@ def _permute(resolved: Resolved, model: torch.nn.Module, layers: dict, solver: S
 
 
 def _allocate(resolved: Resolved, model: torch.nn.Module, plan: PrunePlan, solver: SolverSettings,
-              calib: CalibrationSettings, budget: BudgetSettings,
-              batches: list[dict] | None) -> tuple[PrunePlan, SolverSettings, BudgetReport, list[dict]]:
+              calib: CalibrationSettings, budget: BudgetSettings, batches: list[dict] | None,
+              progress: Callable[[int, int], None]) -> tuple[PrunePlan, SolverSettings, BudgetReport, list[dict]]:
     """--budget: each layer's pattern by its measured sensitivity (Wanda's criterion for the calibrated methods,
     magnitude's for magnitude); the solver then prunes each layer to its own pattern."""
     batches = batches or calibration_batches(resolved, model, calib)
     modules = {layer.module for layer in plan.targets.values()}
     norms = None if solver.method is OneShotMethod.MAGNITUDE else input_column_norms(model, modules, batches[:NORM_BATCHES])
-    chosen, report = budget_plan(model, plan, budget, batches, norms)
+    chosen, report = budget_plan(model, plan, budget, batches, norms, progress)
     own = {chosen.targets[name].module: chosen.pattern_of(name) for name in chosen.targets}
     return chosen, replace(solver, pattern=chosen.pattern, own=own), report, batches
 
@@ -166,7 +166,7 @@ def oneshot_prune(
     permutation, batches = _permute(resolved, model, by_module, solver, calib) if permute else (None, None)
     allocation = None
     if budget is not None:
-        plan, solver, allocation, batches = _allocate(resolved, model, plan, solver, calib, budget, batches)
+        plan, solver, allocation, batches = _allocate(resolved, model, plan, solver, calib, budget, batches, progress)
         by_module = {layer.module: layer for layer in plan.targets.values()}
     result = _calibrate(resolved, model, by_module, solver, calib, progress, batches)
     result.permutation = permutation.to_dict() if permutation else None
