@@ -34,6 +34,10 @@ class PrunePlan:
         """Target `name`'s pattern."""
         return self.own.get(name, self.pattern)
 
+    def module_patterns(self) -> dict[str, NMPattern]:
+        """`own` keyed by module name (what a loaded model's layers are called)."""
+        return {self.targets[name].module: pattern for name, pattern in self.own.items()}
+
     def patterns(self) -> list[NMPattern]:
         """The patterns the targets hold, densest first."""
         return sorted({self.pattern_of(name) for name in self.targets}, key=lambda p: (-p.density, p.m))

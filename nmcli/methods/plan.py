@@ -38,6 +38,11 @@ class StepPlan:
     def pattern(self) -> NMPattern:
         return self.stages[self.stage]
 
+    @property
+    def at_last_stage(self) -> bool:
+        """At the recipe's target pattern, where a layer's own pattern (a --budget start) takes its place."""
+        return self.stage == len(self.stages) - 1
+
     def label(self) -> str:
         if self.dense:
             return "dense"
@@ -98,7 +103,7 @@ def training_density(plan: StepPlan, reduction_length: int | None = None, own: N
     (`own`: the layer's own pattern in place of the last stage's)."""
     if plan.dense or plan.alpha > 0:
         return 1.0
-    if own is not None and plan.stage == len(plan.stages) - 1:
+    if own is not None and plan.at_last_stage:
         return own.density
     if reduction_length is None:
         return plan.pattern.density

@@ -43,7 +43,7 @@ class NMWeight(nn.Module):
     def pattern(self) -> NMPattern | None:
         if self.plan is None or self.plan.dense:
             return None
-        if self.own is not None and self.plan.stage == len(self.plan.stages) - 1:
+        if self.own is not None and self.plan.at_last_stage:
             return self.own
         return pattern_for_layer(list(self.plan.stages), self.plan.stage, self.reduction_length)
 

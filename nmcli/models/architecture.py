@@ -106,6 +106,12 @@ def _build_hf(ref: ModelRef) -> nn.Module:
         raise NMSparseError(f"config.json: transformers cannot build {arch or model_type} from it ({first})") from None
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """A Hugging Face model's body without its task head (an LM head's logits are the largest tensor of a small
+    LM); the model itself when it has none."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
+
+
 def data_config(model: nn.Module, ref: ModelRef) -> dict:
     """timm's data config (input size, mean/std, interpolation), corrected for `img_size` / `in_chans` kwargs,
     which timm's pretrained config does not reflect."""

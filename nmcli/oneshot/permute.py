@@ -17,6 +17,7 @@ from torch import nn
 
 from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
+from nmcli.models.architecture import base_model
 from nmcli.models.channels import RESIDUAL, ChannelGroup, ChannelPlan, apply_order
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import NMPattern
@@ -68,7 +69,7 @@ def input_column_norms(model: nn.Module, modules: set[str], batches: list[dict])
         sums[name] = sums.get(name, 0) + rows.pow(2).sum(0)
 
     handles = [m.register_forward_pre_hook(lambda _m, args, name=name: hook(name, args[0])) for name, m in found.items()]
-    body = getattr(model, getattr(model, "base_model_prefix", ""), model)  # no LM head: its logits would set the peak
+    body = base_model(model)  # no LM head: its logits would set the peak
     try:
         with torch.no_grad():
             for batch in batches:

@@ -21,6 +21,7 @@ from torch import nn
 
 from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
+from nmcli.models.architecture import base_model
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import NMPattern, nm_mask, reduction_length
 from nmcli.oneshot.calibrate import find_blocks
@@ -43,9 +44,8 @@ def probe_batch(batches: list[dict]) -> dict[str, torch.Tensor]:
 def base_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The base model's last hidden state on the batch's real tokens [tokens, hidden] (no LM head: its logits are
     the largest tensor of a small LM and add nothing a ranking of layers needs)."""
-    body = getattr(model, getattr(model, "base_model_prefix", ""), model)
     with torch.no_grad():
-        hidden = body(**place(batch, model_device(model))).last_hidden_state
+        hidden = base_model(model)(**place(batch, model_device(model))).last_hidden_state
     mask = batch.get("attention_mask")
     return hidden[mask.bool().to(hidden.device)] if mask is not None else hidden.reshape(-1, hidden.shape[-1])
 

@@ -136,8 +136,7 @@ def _allocate(resolved: Resolved, model: torch.nn.Module, plan: PrunePlan, solve
     modules = {layer.module for layer in plan.targets.values()}
     norms = None if solver.method is OneShotMethod.MAGNITUDE else input_column_norms(model, modules, batches[:NORM_BATCHES])
     chosen, report = budget_plan(model, plan, budget, batches, norms, progress)
-    own = {chosen.targets[name].module: chosen.pattern_of(name) for name in chosen.targets}
-    return chosen, replace(solver, pattern=chosen.pattern, own=own), report, batches
+    return chosen, replace(solver, pattern=chosen.pattern, own=chosen.module_patterns()), report, batches
 
 
 def check_budget_input(resolved: Resolved) -> None:

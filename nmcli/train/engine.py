@@ -301,8 +301,7 @@ def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
     task, model, ref, resolved = _task(config, device)
     model.to(device)
     plan = training_plan(resolved, target, recipe.include, recipe.exclude, config.start)
-    own = {plan.targets[name].module: pattern for name, pattern in plan.own.items()}
-    sparsifier = Sparsifier(model, plan.targets, own).attach(recipe.lora)
+    sparsifier = Sparsifier(model, plan.targets, plan.module_patterns()).attach(recipe.lora)
     if config.shard:
         shard_model(task.distiller.teacher)
         shard_model(model)
@@ -533,7 +532,7 @@ def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float],
         name: compliance(weights[f"{layer.module}.weight"].detach(), run.plan.pattern_of(name), layer.layout).compliant
         for name, layer in layers.items()
     } if sparse else {}
-    own = {layer.module: run.plan.pattern_of(name) for name, layer in layers.items() if name in run.plan.own}
+    own = run.plan.module_patterns()
     sparse_flops = total_flops - sum(
         f * (1 - own.get(module, target).density) for module, (f, _) in layer_costs.items()) if sparse else total_flops
     return {
