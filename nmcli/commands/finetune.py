@@ -67,6 +67,9 @@ def finetune(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="continue the run in this folder")] = None,
     shard: Annotated[bool, typer.Option(
         "--shard", help="under torchrun: shard student and teacher over the processes (FSDP2) instead of copying them")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", help="recompute each block's activations in the backward pass: less memory, "
+        "about one more forward pass of time")] = False,
     keep_adapter: Annotated[bool, typer.Option(
         "--keep-adapter", help="a recipe with lora: also write the adapter in peft's layout (OUT/adapter)")] = False,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", min=1, help="stop after N epochs of this run")] = None,
@@ -90,6 +93,7 @@ def finetune(
                 "--grad-log-every": grad_log_every or None, "--eval-every": eval_every or None,
                 "--device": None if device == "cpu" else device, "--eval-data": eval_data,
                 "--keep-adapter": keep_adapter or None, "--shard": shard or None,
+                "--gradient-checkpointing": gradient_checkpointing or None,
             })
             result = _run_example(example or "minilm", recipe, pattern, epochs, lr, out_dir, seed, limit, force, reporter)
         else:
@@ -100,6 +104,7 @@ def finetune(
                 model_kwargs=model_kwargs, data=data, checkpoint=checkpoint, seed=seed,
                 num_classes=num_classes, bf16=bf16, seq_len=seq_len, start=start, prompts=prompts,
                 eval_data=tuple(eval_data or ()), keep_adapter=keep_adapter, shard=shard,
+                gradient_checkpointing=gradient_checkpointing,
                 grad_log_every=grad_log_every, eval_every=eval_every, stop_after=stop_after, limit=limit, force=force,
                 device=device,
             )

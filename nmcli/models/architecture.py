@@ -112,6 +112,13 @@ def base_model(model: nn.Module) -> nn.Module:
     return getattr(model, getattr(model, "base_model_prefix", ""), model)
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """A Hugging Face model's repeated blocks: the modules of the classes it lists in `_no_split_modules` (the units
+    transformers itself keeps whole when it splits a model over devices)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if module is not model and type(module).__name__ in names]
+
+
 def data_config(model: nn.Module, ref: ModelRef) -> dict:
     """timm's data config (input size, mean/std, interpolation), corrected for `img_size` / `in_chans` kwargs,
     which timm's pretrained config does not reflect."""

@@ -64,6 +64,7 @@ from nmcli.train.sharding import (
     scatter_state,
     shard_model,
 )
+from nmcli.train.recompute import recompute_activations
 from nmcli.train.metrics import GradientFlowProbe, MetricsLog
 from nmcli.train.tasks import (
     Task,
@@ -105,6 +106,7 @@ class FinetuneConfig:
     measure_start: bool = True  # evaluate the start and one-shot quality (the study measures each start once)
     keep_adapter: bool = False  # with a recipe's lora: also write the adapter in peft's layout (OUT/adapter)
     shard: bool = False  # under torchrun: FSDP2 for student and teacher instead of DistributedDataParallel
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
 
     @property
     def use_bf16(self) -> bool:
@@ -302,6 +304,8 @@ def _prepare(config: FinetuneConfig, env: DistEnv) -> _Run:
     model.to(device)
     plan = training_plan(resolved, target, recipe.include, recipe.exclude, config.start)
     sparsifier = Sparsifier(model, plan.targets, plan.module_patterns()).attach(recipe.lora)
+    if config.gradient_checkpointing:
+        recompute_activations(model, config.model)
     if config.shard:
         shard_model(task.distiller.teacher)
         shard_model(model)
@@ -471,7 +475,8 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv) -> FinetuneRe
     started = time.perf_counter()
     _check_out(config)
     check_lora_settings(config.recipe.name, config.recipe.lora, keep_adapter=config.keep_adapter,
-                        grad_log_every=config.grad_log_every, start=config.start)
+                        grad_log_every=config.grad_log_every, start=config.start, autocast=config.use_bf16,
+                        shard=config.shard)
     if config.shard:
         check_shard(env.world, config.grad_log_every)
     _seed_everything(config.seed)

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 
 from nmcli.errors import NMSparseError
+from nmcli.models.architecture import transformer_blocks
 from nmcli.methods.plan import StepPlan
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.nm import NMPattern
@@ -45,10 +46,8 @@ def check_shard(world: int, grad_log_every: int) -> None:
 
 def shard_model(model: nn.Module) -> nn.Module:
     """Apply fully_shard to every transformer block, then to the root (embeddings, final norm, head, tied weights)."""
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    for module in list(model.modules()):
-        if module is not model and type(module).__name__ in blocks:
-            fully_shard(module)
+    for block in transformer_blocks(model):
+        fully_shard(block)
     fully_shard(model)
     return model
 
