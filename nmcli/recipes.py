@@ -67,6 +67,7 @@ class DistillSpec:
 
 
 LORA_METHODS = ("fixed-mask", "ste", "mdgf", "sdgf", "mdgf+sdgf")  # the mask comes from the frozen base weights
+LORA_BASE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class LoraSpec:
     targets: tuple[str, ...] = ("*",)  # globs over the target layers' module names
     dropout: float = 0.0  # on the adapter's input, in training steps
     train_norms: bool = False  # also train the norms' weights and every bias
+    base_dtype: str = "float32"  # the frozen target weights' dtype in training (bfloat16: half their memory; --bf16)
 
     @property
     def scale(self) -> float:
@@ -141,7 +143,7 @@ _SECTION_KEYS = {
     "scheduler": {"name", "warmup_fraction", "min_lr"},
     "training": {"epochs", "batch_size", "clip_grad", "bf16"},
     "distill": {"kl", "ce", "squarehead", "embedding", "temperature", "embedding_loss", "dropout"},
-    "lora": {"rank", "alpha", "targets", "dropout", "train_norms"},
+    "lora": {"rank", "alpha", "targets", "dropout", "train_norms", "base_dtype"},
 }
 
 
@@ -368,7 +370,8 @@ def _lora(c: _Checker, data: dict, method: str) -> LoraSpec:
         raise c.fail("lora.targets", "an empty list trains nothing; give globs such as ['*'] or ['*.mlp.*']")
     dropout = c.number(section.get("dropout", default.dropout), "lora.dropout", 0, 0.99)
     train_norms = c.flag(section.get("train_norms", default.train_norms), "lora.train_norms")
-    return LoraSpec(rank, float(alpha), targets, float(dropout), train_norms)
+    base_dtype = c.choice(section.get("base_dtype", default.base_dtype), "lora.base_dtype", LORA_BASE_DTYPES)
+    return LoraSpec(rank, float(alpha), targets, float(dropout), train_norms, base_dtype)
 
 
 def _optimizer(c: _Checker, data: dict) -> dict[str, Any]:

@@ -110,6 +110,26 @@ def test_mdgf_decay_scales_the_pruned_part_of_base_plus_update():
     assert torch.equal(lora_weight(base, keep.bool(), torch.zeros_like(base), 1.5), keep * base)
 
 
+def test_hand_written_backward_equals_autodiff_of_the_masked_sum_for_both_layouts_and_mdgf():
+    """LoraFactors.masked_weight keeps only the mask for backward; its gradients must be autodiff's of
+    `lora_weight` (a second implementation) for A, B and (were it trained) W, under MDGF's scale too."""
+    for layout, alpha in ((LINEAR, 0.0), (LINEAR, 0.25), (HF_CONV1D, 0.0), (HF_CONV1D, 0.25)):
+        _, sparsifier, factors = _adapted(layout=layout)
+        base = sparsifier.original("0").detach().clone()
+        keep = brute_force_mask(base, 2, 4, layout.k_axis).bool()
+        probe = torch.randn_like(base)
+        grads = []
+        for by_hand in (True, False):
+            weight = base.clone().requires_grad_(True)
+            factors.zero_grad()
+            out = (factors.masked_weight(weight, keep, alpha) if by_hand
+                   else lora_weight(weight, keep, factors.delta(), factors.scale, alpha))
+            (out * probe).sum().backward()
+            grads.append([weight.grad, factors.lora_A.grad.clone(), factors.lora_B.grad.clone()])
+        for mine, autodiff in zip(*grads, strict=True):
+            assert torch.allclose(mine, autodiff, atol=1e-5), (layout, alpha)
+
+
 def test_recipe_lora_section_round_trips_and_bad_values_name_the_key():
     recipe = from_dict({"name": "l", "method": "fixed-mask", "lora": {"rank": 4, "targets": ["*.mlp.*"]}}, "r.yaml")
     assert recipe.lora == LoraSpec(rank=4, alpha=8.0, targets=("*.mlp.*",))  # alpha defaults to 2 x rank
@@ -121,6 +141,7 @@ def test_recipe_lora_section_round_trips_and_bad_values_name_the_key():
         "unknown": ({"ranks": 4}, "fixed-mask", "lora.ranks: unknown key"),
         "dense": ({}, "dense", "lora: method dense cannot train adapters"),
         "sr-ste": ({}, "sr-ste", "lora: method sr-ste cannot train adapters"),
+        "base dtype": ({"base_dtype": "float16"}, "fixed-mask", "lora.base_dtype: 'float16' is not one of float32, bfloat16"),
     }
     for section, method, message in bad.values():
         with pytest.raises(NMSparseError, match=re.escape(f"r.yaml: {message}")):
@@ -176,6 +197,34 @@ def test_kept_adapter_loads_in_peft_and_rebuilds_the_merged_model(cli, tmp_path,
         assert torch.allclose(weight, expected, atol=1e-6), name
         if ".mlp." in name and name.endswith("weight"):
             assert not torch.equal(weight, start[name]) and compliance(weight, TWO_FOUR, LINEAR).compliant, name
+
+
+def test_bf16_base_halves_the_frozen_weights_keeps_ties_and_merges_exactly_nm(cli, tmp_path, tiny_llama):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    targets = {f"{n}.weight": LayerInfo(f"{n}.weight", n, LINEAR) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith("model.layers")}
+    Sparsifier(model, targets).attach(LoraSpec(rank=2, alpha=4.0, base_dtype="bfloat16"))
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if n.endswith(".original")} == {torch.bfloat16}  # the frozen targets
+    assert {d for n, d in dtypes.items() if not n.endswith(".original")} == {torch.float32}  # factors, embeddings, norms
+    recipe = _recipe(tmp_path, base_dtype="bfloat16")
+    args = ("finetune", "--model", tiny_llama, "--start", "magnitude", "--epochs", "2", *COMMON)
+    r = cli(*args, "--recipe", recipe, "--out", tmp_path / "no-autocast")
+    assert r.exit_code == 2 and "lora.base_dtype: bfloat16" in r.output and "pass --bf16" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "no-autocast").exists()
+    r = cli(*args, "--recipe", recipe, "--bf16", "--out", tmp_path / "bf16-base", "--json")
+    assert r.exit_code == 0, r.output
+    assert cli(*args, "--recipe", _recipe(tmp_path), "--bf16", "--out", tmp_path / "fp32-base", "--quiet").exit_code == 0
+
+    def losses(run):
+        return [e["loss"] for e in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+
+    assert losses("bf16-base") and losses("bf16-base") == pytest.approx(losses("fp32-base"), rel=1e-6)  # autocast rounds alike
+    merged = load_file(str(tmp_path / "bf16-base" / "model.safetensors"))
+    weight = merged["model.layers.0.mlp.up_proj.weight"]
+    assert {t.dtype for t in merged.values()} == {torch.float32}  # merged in the adapters' precision, as the source
+    assert compliance(weight, TWO_FOUR, LINEAR).compliant
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16-base")
 
 
 def test_lora_resume_is_bit_identical(cli, tmp_path, tiny_bert):

@@ -67,7 +67,8 @@ def recipe_show(
     if chosen.lora is not None:
         lora = chosen.lora
         out.print(f"  lora: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.scale:g}), layers {', '.join(lora.targets)}; "
-                  f"trains the adapters{' and norms / biases' if lora.train_norms else ''} only, merged under the mask")
+                  f"trains the adapters{' and norms / biases' if lora.train_norms else ''} only, merged under the mask"
+                  + (f"; frozen weights held in {lora.base_dtype}" if lora.base_dtype != "float32" else ""))
     out.print(
         f"  training FLOPs relative to dense: {described['training_flops_relative_to_dense']:.3f}x "
         f"({described['training_flops_scope']})"

@@ -63,12 +63,13 @@ class NMWeight(nn.Module):
 
     def final_weight(self, original: torch.Tensor, target: NMPattern, delta: torch.Tensor | None = None) -> torch.Tensor:
         """The exactly N:M weight a run leaves: the base under its frozen mask, else its magnitude mask at `target`;
-        with LoRA, E * (W + s delta) (`delta` = B A laid out as W). No target (a dense recipe): the weight itself."""
+        with LoRA, E * (W + s delta) (`delta` = B A laid out as W) in the adapters' dtype (a base kept in bf16 for
+        training gets back the adapters' precision). No target (a dense recipe): the weight itself."""
         if target is None:
             return original
         keep = (self.frozen if self.frozen is not None else nm_mask(original, target, self.layout)).to(original.device)
         if delta is not None:
-            return lora_weight(original, keep, delta.to(original.device), self.lora.scale).to(original.dtype)
+            return lora_weight(original, keep, delta.to(original.device), self.lora.scale)
         return original.masked_fill(~keep, 0)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,7 @@ class NMWeight(nn.Module):
         if lora.split:
             self.lora_scale = mask_scale(keep, alpha, lora.lora_A.dtype)
             return self.lora_scale.to(weight.dtype) * weight
-        return lora_weight(weight, keep, lora.delta(), lora.scale, alpha)
+        return lora.masked_weight(weight, keep, alpha)
 
 
 class Sparsifier:
@@ -127,7 +128,7 @@ class Sparsifier:
             parametrize.register_parametrization(module, "weight", param, unsafe=True)
             self.params[name] = param
         if lora is not None:
-            freeze_all_but_adapters(self.model, lora.train_norms)
+            freeze_all_but_adapters(self.model, lora.train_norms, getattr(torch, lora.base_dtype))
         return self
 
     def adapters(self) -> dict[str, LoraFactors]:
@@ -162,7 +163,7 @@ class Sparsifier:
                 continue
             with torch.no_grad():  # in place where no adapter is merged: no second copy of a large weight
                 if param.lora is not None:
-                    module.weight.copy_(param.final_weight(module.weight, pattern, param.lora.delta()))
+                    module.weight.data = param.final_weight(module.weight, pattern, param.lora.delta())
                 elif param.frozen is not None:
                     module.weight.masked_fill_(~param.frozen, 0)
                 else:
@@ -219,12 +220,16 @@ def _split_adapter_hook(param: NMWeight) -> Callable:
     return hook
 
 
-def freeze_all_but_adapters(model: nn.Module, train_norms: bool) -> None:
+def freeze_all_but_adapters(model: nn.Module, train_norms: bool, base_dtype: torch.dtype = torch.float32) -> None:
     """Only adapter factors train (and, with `train_norms`, norm weights and biases): the optimizer holds no
-    state for anything else."""
+    state for anything else. The frozen target weights are kept in `base_dtype` when it is narrower: under bf16
+    autocast they enter the masked sum in bf16 anyway, so training computes the same; embeddings and norms keep
+    their dtype, and with them the residual stream's precision."""
     norm_modules = {name for name, m in model.named_modules() if type(m).__name__.lower().endswith("norm")}
     for name, param in model.named_parameters():
         owner = name.rsplit(".", 1)[0]
         is_factor = name.endswith(("lora_A", "lora_B"))
         is_norm_or_bias = name.endswith(".bias") or owner in norm_modules
         param.requires_grad_(is_factor or (train_norms and is_norm_or_bias))
+        if name.endswith(".parametrizations.weight.original") and param.element_size() > base_dtype.itemsize:
+            param.data = param.data.to(base_dtype)

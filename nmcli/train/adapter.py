@@ -25,7 +25,7 @@ TASK_TYPES = {ModelKind.CAUSAL_LM: "CAUSAL_LM", ModelKind.ENCODER: "FEATURE_EXTR
 
 
 def check_lora_settings(recipe_name: str, lora: LoraSpec | None, *, keep_adapter: bool, grad_log_every: int,
-                        start: str | None) -> None:
+                        start: str | None, autocast: bool, shard: bool) -> None:
     """Combinations that cannot work, refused before any model or data is loaded."""
     if lora is None:
         if keep_adapter:
@@ -35,6 +35,12 @@ def check_lora_settings(recipe_name: str, lora: LoraSpec | None, *, keep_adapter
     if grad_log_every:
         raise NMSparseError("--grad-log-every measures the weights' gradients; a LoRA recipe freezes the weights "
                             "(drop --grad-log-every)")
+    if lora.base_dtype != "float32" and not autocast:
+        raise NMSparseError(f"lora.base_dtype: {lora.base_dtype} keeps the frozen weights in {lora.base_dtype}, which "
+                            "compute under bf16 autocast only: pass --bf16 (or set training.bf16), or drop base_dtype")
+    if lora.base_dtype != "float32" and shard:
+        raise NMSparseError(f"lora.base_dtype: {lora.base_dtype} with --shard: FSDP2 shards one dtype per block and the "
+                            "adapters train in float32; drop one of the two")
     if not keep_adapter:
         return
     if lora.train_norms:
