@@ -13,6 +13,7 @@
 
     python bench/lora.py                      # 2:4, 60 steps of batch 4 x 256 tokens, bf16 autocast
     python bench/lora.py --skip-quality       # the memory and speed table alone (about 10 minutes)
+    python bench/lora.py --skip-memory        # full fine-tuning against lean LoRA, quality alone (about 30 minutes)
 
 Figures are printed, not asserted. Long (about 40 minutes on 2 CPU cores): run it in the background.
 """
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--memory-steps", type=int, default=8)
     parser.add_argument("--skip-quality", action="store_true", help="measure memory and speed only")
+    parser.add_argument("--skip-memory", action="store_true", help="measure quality only")
     parser.add_argument("--folder", type=Path, default=None, help="SmolLM2's folder (default: converted from its GGUF)")
     parser.add_argument("--runs", type=Path, default=ROOT / "bench" / ".runs")
     parser.add_argument("--memory-child", choices=sorted(ARMS), help=argparse.SUPPRESS)
@@ -166,7 +168,8 @@ def main() -> None:
         return
     print(f"# SmolLM2-135M 2:4 from SparseGPT ({base}): LoRA (rank 16, alpha 32, every target layer) against full "
           "fine-tuning (recipe fixed-mask); data: finetune's default mixture")
-    _memory(folder, args.runs, args.memory_steps)
+    if not args.skip_memory:
+        _memory(folder, args.runs, args.memory_steps)
     if not args.skip_quality:
         arms = ("full", args.lora_arm)
         _compare(_quality(folder, base, args.runs, arms, args.steps, args.lora_factor, args.eval_every), arms, args.steps)
