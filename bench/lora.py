@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.child import run_child  # noqa: E402
 from bench.recovery import _curve  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Arm:

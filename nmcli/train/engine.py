@@ -64,8 +64,8 @@ from nmcli.train.sharding import (
     scatter_state,
     shard_model,
 )
-from nmcli.train.recompute import recompute_activations
 from nmcli.train.metrics import GradientFlowProbe, MetricsLog
+from nmcli.train.recompute import recompute_activations
 from nmcli.train.tasks import (
     Task,
     TextSettings,

@@ -25,9 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 
 from nmcli.errors import NMSparseError
-from nmcli.models.architecture import transformer_blocks
 from nmcli.methods.plan import StepPlan
 from nmcli.methods.sparsifier import Sparsifier
+from nmcli.models.architecture import transformer_blocks
 from nmcli.nm import NMPattern
 from nmcli.train.distributed import DistEnv, sum_over_ranks
 
