@@ -5,6 +5,7 @@ Nothing here touches tensors or models, so every schedule is unit-testable again
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -13,6 +14,17 @@ from nmcli.nm import NMPattern
 
 GEOMETRIC_STAGES = 4
 EXPONENTIAL_FLOOR = 0.01  # "reach_at" for the exponential schedule means alpha = 0.01 there
+
+
+class Phase(str, enum.Enum):
+    """The three training phases of methods.md §2 (a str: metrics and JSON hold the value itself)."""
+
+    DENSE = "dense"
+    DECAY = "decay"  # methods.md's "sparse / decay": the method acts (a fixed mask or SR-STE decays nothing)
+    FINETUNE = "finetune"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -39,10 +51,10 @@ class Phases:
     def decay_length(self) -> int:
         return self.finetune_start - self.dense_end
 
-    def phase(self, step: int) -> str:
+    def phase(self, step: int) -> Phase:
         if step < self.dense_end:
-            return "dense"
-        return "decay" if step < self.finetune_start else "finetune"
+            return Phase.DENSE
+        return Phase.DECAY if step < self.finetune_start else Phase.FINETUNE
 
     def clock(self, step: int) -> int:
         """t: steps since the decay phase began (t = 0 at its first step)."""

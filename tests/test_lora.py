@@ -17,10 +17,11 @@ from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import HF_CONV1D, LINEAR, NMPattern, compliance
 from nmcli.recipes import LoraSpec, from_dict, to_dict
+from nmcli.schedules import Phase
 from tests.reference import brute_force_mask
 
 TWO_FOUR = NMPattern(2, 4)
-FIXED = StepPlan("finetune", (TWO_FOUR,), 0, backward="scaled", freeze=True)
+FIXED = StepPlan(Phase.FINETUNE, (TWO_FOUR,), 0, backward="scaled", freeze=True)
 
 
 def _adapted(lora=None, layout=LINEAR, shape=(8, 16)):
@@ -103,7 +104,7 @@ def test_adapter_dropout_drops_the_adapter_input_only_in_training_steps():
 def test_mdgf_decay_scales_the_pruned_part_of_base_plus_update():
     model, sparsifier, factors = _adapted()
     base = sparsifier.original("0").detach()
-    sparsifier.set_plan(StepPlan("decay", (TWO_FOUR,), 0, alpha=0.25))
+    sparsifier.set_plan(StepPlan(Phase.DECAY, (TWO_FOUR,), 0, alpha=0.25))
     keep = brute_force_mask(base, 2, 4, 1).float()
     scale = keep + 0.25 * (1 - keep)
     assert torch.allclose(model[0].weight, scale * (base + 1.5 * factors.lora_B.detach() @ factors.lora_A.detach()), atol=1e-6)

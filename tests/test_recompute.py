@@ -16,10 +16,11 @@ from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import LINEAR, NMPattern
 from nmcli.recipes import LoraSpec
+from nmcli.schedules import Phase
 from nmcli.train.recompute import recompute_activations
 from tests.conftest import save_tiny_hf
 
-FIXED = StepPlan("finetune", (NMPattern(2, 4),), 0, backward="scaled", freeze=True)
+FIXED = StepPlan(Phase.FINETUNE, (NMPattern(2, 4),), 0, backward="scaled", freeze=True)
 
 
 def _saved_bytes_and_grads(model, loss_of):

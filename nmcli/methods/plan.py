@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from nmcli.nm import NMPattern, parse_pattern
 from nmcli.recipes import MaskDecay, Recipe
 from nmcli.schedules import (
+    Phase,
     Phases,
     alpha,
     decay_rate,
@@ -22,7 +23,7 @@ from nmcli.schedules import (
 class StepPlan:
     """How every target layer forms its effective weight at one step."""
 
-    phase: str  # "dense" | "decay" | "finetune"
+    phase: Phase
     stages: tuple[NMPattern, ...]  # the structure sequence (one entry unless SDGF)
     stage: int  # index into `stages` (layers that cannot take it hold at a later one)
     alpha: float = 0.0  # mask value of pruned weights (MDGF)
@@ -32,7 +33,7 @@ class StepPlan:
 
     @property
     def dense(self) -> bool:
-        return self.phase == "dense"
+        return self.phase is Phase.DENSE
 
     @property
     def pattern(self) -> NMPattern:
@@ -72,10 +73,10 @@ def plan_step(recipe: Recipe, target: NMPattern, phases: Phases, step: int) -> S
     stages = structure_stages(recipe, target)
     last = len(stages) - 1
     phase = phases.phase(step)
-    if recipe.method == "dense" or phase == "dense":
-        return StepPlan("dense", stages, last)
+    if recipe.method == "dense" or phase is Phase.DENSE:
+        return StepPlan(Phase.DENSE, stages, last)
     sr_lambda = recipe.sr_ste_lambda or 0.0
-    if phase == "finetune" or recipe.method in ("ste", "sr-ste", "fixed-mask"):
+    if phase is Phase.FINETUNE or recipe.method in ("ste", "sr-ste", "fixed-mask"):
         fixed = recipe.method == "fixed-mask"
         return StepPlan(
             phase,
@@ -83,19 +84,19 @@ def plan_step(recipe: Recipe, target: NMPattern, phases: Phases, step: int) -> S
             last,
             sr_lambda=sr_lambda,
             backward="scaled" if fixed else "ste",  # fixed mask: gradient of pruned weights zeroed
-            freeze=fixed or (phase == "finetune" and recipe.finetune_mask == "frozen"),
+            freeze=fixed or (phase is Phase.FINETUNE and recipe.finetune_mask == "frozen"),
         )
     t, length = phases.clock(step), phases.decay_length
     index = stage_index(t, length, len(stages)) if "sdgf" in recipe.method else last
     md = recipe.mask_decay  # present exactly for the MDGF methods (recipe validation)
     if md is None:
-        return StepPlan("decay", stages, index, sr_lambda=sr_lambda)
+        return StepPlan(Phase.DECAY, stages, index, sr_lambda=sr_lambda)
     if "sdgf" in recipe.method:  # mdgf+sdgf: alpha restarts and decays within each structure stage
         start, end = stage_bounds(index, length, len(stages))
         a = _alpha(md, t - start, end - start)
     else:
         a = _alpha(md, t, length)
-    return StepPlan("decay", stages, index, alpha=a, sr_lambda=sr_lambda, backward=md.backward)
+    return StepPlan(Phase.DECAY, stages, index, alpha=a, sr_lambda=sr_lambda, backward=md.backward)
 
 
 def training_density(plan: StepPlan, reduction_length: int | None = None, own: NMPattern | None = None) -> float:

@@ -29,6 +29,7 @@ from nmcli.methods.plan import StepPlan
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.architecture import transformer_blocks
 from nmcli.nm import NMPattern
+from nmcli.schedules import Phase
 from nmcli.train.distributed import DistEnv, sum_over_ranks
 
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
@@ -85,6 +86,6 @@ def finish_sharded(model: nn.Module, sparsifier: Sparsifier, target: NMPattern |
     weights `Sparsifier.finalized_state` writes), and the gathered state (rank 0; {} elsewhere)."""
     _check_finite_shards(model, env)
     if target is not None:  # freeze: a frozen mask stays (set_plan drops it otherwise), a missing one is the magnitude's
-        sparsifier.set_plan(StepPlan("finetune", (target,), 0, freeze=True))
+        sparsifier.set_plan(StepPlan(Phase.FINETUNE, (target,), 0, freeze=True))
     final = evaluate()
     return final, gathered_model_state(model)
