@@ -8,14 +8,16 @@
    steps after the first.
 3. Quality: `nmsparse finetune` for `--steps` steps with full fine-tuning and for `--lora-factor` times as many with
    the `--lora-arm` LoRA arm, evaluated every `--eval-every` steps on the held-out Python help and the
-   general-domain news; LoRA is compared at equal steps and at equal training time (its last evaluation no later
-   than full fine-tuning's end).
+   general-domain news (the LoRA arm every `--lora-eval-every` steps, to find the equal-time point closely); LoRA is
+   compared at equal steps and at equal training time: seconds spent in training steps (metrics.jsonl's `train_s`,
+   evaluations left out: their number is the bench's choice, not a cost of either method), its last evaluation no
+   later than full fine-tuning's end.
 
     python bench/lora.py                      # 2:4, 60 steps of batch 4 x 256 tokens, bf16 autocast
     python bench/lora.py --skip-quality       # the memory and speed table alone (about 10 minutes)
-    python bench/lora.py --skip-memory        # full fine-tuning against lean LoRA, quality alone (about 30 minutes)
+    python bench/lora.py --skip-memory        # full fine-tuning against lean LoRA, quality alone (about 40 minutes)
 
-Figures are printed, not asserted. Long (about 40 minutes on 2 CPU cores): run it in the background.
+Figures are printed, not asserted. Long (about 50 minutes on 2 CPU cores): run it in the background.
 """
 
 from __future__ import annotations
@@ -110,25 +112,25 @@ def _memory(folder: Path, runs: Path, steps: int) -> None:
 
 
 def _quality(folder: Path, base: Path, runs: Path, arms: tuple[str, str], steps: int, factor: float,
-             every: int) -> dict[str, list]:
+             every: tuple[int, int]) -> dict[str, list]:
     curves = {}
-    for name in arms:
+    for name, arm_every in zip(arms, every):
         arm = ARMS[name]
         arm_steps = steps if name.startswith("full") else round(steps * factor)
         out = runs / f"lora-bench-{name}"
         cmd = [sys.executable, "-m", "nmcli", "finetune", "--model", str(folder), "--start", str(base), "--recipe", arm.recipe,
-               "--epochs", "1", "--limit", str(4 * arm_steps), "--eval-every", str(every), "--lr", arm.lr, *TRAIN,
+               "--epochs", "1", "--limit", str(4 * arm_steps), "--eval-every", str(arm_every), "--lr", arm.lr, *TRAIN,
                "--out", str(out), "--force", "--quiet"] + (["--gradient-checkpointing"] if arm.checkpointing else [])
         code, _, seconds, rss = run_child(cmd)
         if code:
             print(f"{name}: failed (exit {code})")
             continue
-        curves[name] = _curve(out, KEYS)
+        curves[name] = _curve(out, KEYS, clock="train_s")
         print(f"\n## {name} ({Path(arm.recipe).stem}, lr {arm.lr}): {arm_steps} steps, {seconds / 60:.1f} min in all, "
               f"peak RSS {rss:.2f} GiB (evaluation included)")
-        print("  step   min  " + "  ".join(KEYS))
-        for elapsed, event in curves[name]:
-            print(f"  {event['step']:>4} {elapsed / 60:5.1f}  " + "  ".join(f"{event[k]:.4f}" for k in KEYS))
+        print("  step  train min  " + "  ".join(KEYS))
+        for trained, event in curves[name]:
+            print(f"  {event['step']:>4} {trained / 60:10.1f}  " + "  ".join(f"{event[k]:.4f}" for k in KEYS))
     return curves
 
 
@@ -139,7 +141,7 @@ def _compare(curves: dict[str, list], arms: tuple[str, str], steps: int) -> None
     full_end, full = curves[full_arm][-1]
     at_steps = next((e for _, e in curves[lora_arm] if e["step"] == steps), None)
     at_time = [e for t, e in curves[lora_arm] if t <= full_end][-1]
-    print(f"\n## {lora_arm} against {full_arm} ({full['step']} steps, {full_end / 60:.1f} min of training)")
+    print(f"\n## {lora_arm} against {full_arm} ({full['step']} steps, {full_end / 60:.1f} min in training steps)")
     for label, event in (("equal steps", at_steps), (f"equal time ({lora_arm} step {at_time['step']})", at_time)):
         if event is not None:
             print(f"  {label}: " + ", ".join(f"{k} {event[k]:.4f} vs {full[k]:.4f} ({event[k] / full[k] - 1:+.1%})"
@@ -152,7 +154,8 @@ def main() -> None:
     parser.add_argument("--lora-factor", type=float, default=1.5, help="LoRA trains this many times --steps")
     parser.add_argument("--lora-arm", choices=[a for a in ARMS if a.startswith("lora")], default="lora-lean",
                         help="the LoRA arm whose quality is measured against full fine-tuning")
-    parser.add_argument("--eval-every", type=int, default=30)
+    parser.add_argument("--eval-every", type=int, default=30, help="full fine-tuning's evaluations")
+    parser.add_argument("--lora-eval-every", type=int, default=10, help="the LoRA arm's evaluations")
     parser.add_argument("--memory-steps", type=int, default=8)
     parser.add_argument("--skip-quality", action="store_true", help="measure memory and speed only")
     parser.add_argument("--skip-memory", action="store_true", help="measure quality only")
@@ -173,7 +176,8 @@ def main() -> None:
         _memory(folder, args.runs, args.memory_steps)
     if not args.skip_quality:
         arms = ("full", args.lora_arm)
-        _compare(_quality(folder, base, args.runs, arms, args.steps, args.lora_factor, args.eval_every), arms, args.steps)
+        _compare(_quality(folder, base, args.runs, arms, args.steps, args.lora_factor,
+                          (args.eval_every, args.lora_eval_every)), arms, args.steps)
 
 
 if __name__ == "__main__":

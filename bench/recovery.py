@@ -36,13 +36,14 @@ MODELS = {
 }
 
 
-def _curve(out: Path, keys: tuple[str, ...]) -> list[tuple[float, dict]]:
-    """(seconds since the start of training, event) of each evaluation; the final one carries no time of its own
-    and gets the end of training (the last event that has one)."""
+def _curve(out: Path, keys: tuple[str, ...], clock: str = "elapsed_s") -> list[tuple[float, dict]]:
+    """(seconds by `clock`, event) of each evaluation: `elapsed_s` since the run was prepared, evaluations included,
+    or `train_s` in training steps alone. The final evaluation carries no time of its own and gets the end of
+    training (the last event that has one)."""
     curve, elapsed = [], 0.0
     for line in (out / "metrics.jsonl").read_text().splitlines():
         event = json.loads(line)
-        elapsed = event.get("elapsed_s", elapsed)
+        elapsed = event.get(clock, elapsed)
         if event.get("event") in ("start", "eval", "epoch", "final") and keys[0] in event:
             curve.append((elapsed, event))
     return curve

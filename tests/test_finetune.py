@@ -69,6 +69,25 @@ def test_resume_reaches_the_same_final_weights(cli, tmp_path):
     assert all(torch.equal(straight[k], split[k]) for k in straight)
 
 
+def test_training_time_in_metrics_leaves_evaluations_out(cli, tmp_path, monkeypatch):
+    """train_s counts the training steps only: each evaluation made 0.3 s slower leaves it unchanged, elapsed_s not."""
+    import time
+
+    from nmcli.train import engine
+
+    evaluate = engine._Run.evaluate
+    monkeypatch.setattr(engine._Run, "evaluate", lambda run: (time.sleep(0.3), evaluate(run))[1])
+    assert _finetune(cli, tmp_path / "run", "--recipe", "ste", "--epochs", "2", "--eval-every", "1").exit_code == 0
+    events = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    timed = [e for e in events if e.get("event") in ("eval", "epoch")]
+    assert [e["step"] for e in timed] == [1, 2, 3, 4, 5, 6, 7, 8]  # 4 steps an epoch: evaluated once after each
+    trained = [e["train_s"] for e in timed]
+    assert trained == sorted(trained) and trained[0] > 0
+    # 2 start evaluations and 6 mid-epoch / epoch ones before the last event (the final epoch's is skipped), 0.3 s
+    # each, are in elapsed_s only
+    assert timed[-1]["elapsed_s"] - trained[-1] > 8 * 0.3
+
+
 def test_resume_refuses_another_recipe(cli, tmp_path):
     assert _finetune(cli, tmp_path / "run", "--recipe", "ste", "--epochs", "2", "--stop-after", "1").exit_code == 0
     r = cli(*BASE, "--resume", tmp_path / "run", "--recipe", "sr-ste", "--epochs", "2")

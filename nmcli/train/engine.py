@@ -24,14 +24,13 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.data.batches import LengthGroupedBatches
 from nmcli.data.images import MNIST5K
 from nmcli.data.mixture import GENERAL_USE
 from nmcli.data.text import NEWS
-from nmcli.eval import by_domain, metric_words
 from nmcli.device import place
 from nmcli.errors import NMSparseError
+from nmcli.eval import by_domain, metric_words
 from nmcli.io.atomic import atomic_output
 from nmcli.io.metadata import MODEL
 from nmcli.io.peft_adapter import ADAPTER_DIR, write_adapter
@@ -40,12 +39,13 @@ from nmcli.io.sources import INDEX_NAME
 from nmcli.methods.plan import StepPlan, plan_step, relative_training_flops
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.architecture import ModelKind, ModelRef, model_kind
+from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.nm import compliance, count_nonfinite
 from nmcli.oneshot.calibrate import OneShotMethod
 from nmcli.prune import PrunePlan, plan_prune
 from nmcli.recipes import Recipe, to_dict
 from nmcli.report.flops import target_costs
-from nmcli.schedules import Phases
+from nmcli.schedules import Phase, Phases
 from nmcli.train.adapter import check_lora_settings, kept_adapter
 from nmcli.train.checkpointing import (
     CHECKPOINT_DIR,
@@ -56,6 +56,8 @@ from nmcli.train.checkpointing import (
     save_training_checkpoint,
 )
 from nmcli.train.distributed import DistEnv, all_equal, init_distributed, mean_over_ranks, shutdown
+from nmcli.train.metrics import GradientFlowProbe, MetricsLog
+from nmcli.train.recompute import recompute_activations
 from nmcli.train.sharding import (
     check_shard,
     finish_sharded,
@@ -64,8 +66,6 @@ from nmcli.train.sharding import (
     scatter_state,
     shard_model,
 )
-from nmcli.train.metrics import GradientFlowProbe, MetricsLog
-from nmcli.train.recompute import recompute_activations
 from nmcli.train.tasks import (
     Task,
     TextSettings,
@@ -257,6 +257,7 @@ class _Run:
     log: MetricsLog | None = None
     one_shot: dict[str, float] | None = None  # quality with the target's magnitude mask, before training
     prepared_at: float = field(default_factory=time.perf_counter)
+    train_s: float = 0.0  # seconds spent in training steps (data loading included, evaluations and checkpoints not)
 
     def evaluate(self) -> dict[str, float]:
         return self.task.evaluate(self.model, self.env, self.autocast)
@@ -360,13 +361,13 @@ def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int,
     if not config.measure_start:
         return 0, 0, None
     target = config.recipe.target
-    run.sparsifier.set_plan(StepPlan("dense", (target,), 0))
+    run.sparsifier.set_plan(StepPlan(Phase.DENSE, (target,), 0))
     quality = run.evaluate()
     reporter.message(f"start: {quality_text(quality, run.task.held_out)} ({run.task.description})")
     if config.recipe.method != "dense":
-        run.sparsifier.set_plan(StepPlan("finetune", (target,), 0))  # every target layer at its magnitude N:M mask
+        run.sparsifier.set_plan(StepPlan(Phase.FINETUNE, (target,), 0))  # every target layer at its magnitude N:M mask
         run.one_shot = run.evaluate()
-        run.sparsifier.set_plan(StepPlan("dense", (target,), 0))
+        run.sparsifier.set_plan(StepPlan(Phase.DENSE, (target,), 0))
         reporter.message(f"one-shot {_start_label(config.start)} {target}: {quality_text(run.one_shot, run.task.held_out)} (no training)")
     run.log.write({"event": "start", **quality, **{f"one_shot_{k}": v for k, v in (run.one_shot or {}).items()}, "step": 0})
     return 0, 0, quality
@@ -384,6 +385,7 @@ def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[
     config, recipe = run.config, run.config.recipe
     run.sampler.set_epoch(epoch)
     running, plan = 0.0, None
+    tick = time.perf_counter()
     for batch in run.train_loader:
         batch = place(batch, run.device)
         plan = plan_step(recipe, recipe.target, run.phases, step)
@@ -406,8 +408,10 @@ def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[
             run.log.write({"step": step, "lr": run.optimizer.param_groups[0]["lr"], **values, **record})
         reporter.step(step, values)
         step += 1
-        if config.eval_every and step % config.eval_every == 0 and step < run.phases.total:
+        run.train_s += time.perf_counter() - tick
+        if config.eval_every and step % config.eval_every == 0 and step % len(run.train_loader):  # the epoch's end evaluates anyway
             _evaluate_mid_epoch(run, step, plan, reporter)
+        tick = time.perf_counter()
     return step, plan
 
 
@@ -415,7 +419,7 @@ def _evaluate_mid_epoch(run: _Run, step: int, plan: StepPlan, reporter: Reporter
     """--eval-every: held-out quality of the weights as the recipe uses them at this step, with the time so far."""
     quality = run.evaluate()
     elapsed = round(time.perf_counter() - run.prepared_at, 1)
-    run.log.write({"event": "eval", "step": step, **quality, "elapsed_s": elapsed})
+    run.log.write({"event": "eval", "step": step, **quality, "elapsed_s": elapsed, "train_s": round(run.train_s, 3)})
     reporter.message(f"step {step}: {quality_text(quality, run.task.held_out)} ({plan.label()}, {elapsed} s)")
 
 
@@ -428,7 +432,7 @@ def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter
     agree = _masks_agree(run.sparsifier, run.env, config.shard)
     elapsed = round(time.perf_counter() - run.prepared_at, 1)
     run.log.write({"event": "epoch", "epoch": epoch, "step": step, **quality, "elapsed_s": elapsed,
-                   "masks_identical_across_ranks": agree})
+                   "train_s": round(run.train_s, 3), "masks_identical_across_ranks": agree})
     done = "trained, evaluating the final weights" if last else quality_text(quality, run.task.held_out)
     reporter.message(f"epoch {epoch + 1}/{config.epochs}: {done} ({plan.label() if plan else ''})")
     if config.shard:  # every rank takes part in gathering the shards
