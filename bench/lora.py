@@ -15,9 +15,9 @@
 
     python bench/lora.py                      # 2:4, 60 steps of batch 4 x 256 tokens, bf16 autocast
     python bench/lora.py --skip-quality       # the memory and speed table alone (about 10 minutes)
-    python bench/lora.py --skip-memory        # full fine-tuning against lean LoRA, quality alone (about 40 minutes)
+    python bench/lora.py --skip-memory        # full fine-tuning against lean LoRA, quality alone (about 30 minutes)
 
-Figures are printed, not asserted. Long (about 50 minutes on 2 CPU cores): run it in the background.
+Figures are printed, not asserted. Long (about 40 minutes on 2 CPU cores): run it in the background.
 """
 
 from __future__ import annotations
