@@ -89,10 +89,12 @@ def main() -> None:
             print(f"data: {summary['data']}")
             print("  " + " | ".join(f"{k}: start {summary[f'start_{k}']:.4f}, one-shot mask of the start "
                                      f"{summary[f'one_shot_{k}']:.4f}, recovered {summary[f'final_{k}']:.4f}" for k in keys))
-            print("  curve (minutes since start of training: " + ", ".join(keys) + "; the final evaluation at the "
-                  f"end of training; finetune's own wall time {summary['wall_seconds'] / 60:.1f} min)")
-            for elapsed, event in _curve(out, keys):
-                print(f"    step {event['step']:>5} {elapsed / 60:6.1f} min  " + "  ".join(f"{event[k]:.4f}" for k in keys))
+            print("  curve (minutes in training steps, then since the run was prepared with evaluations included: "
+                  + ", ".join(keys) + "; the final evaluation at the end of training; finetune's own wall time "
+                  f"{summary['wall_seconds'] / 60:.1f} min)")
+            for (trained, event), (elapsed, _) in zip(_curve(out, keys, clock="train_s"), _curve(out, keys)):
+                print(f"    step {event['step']:>5} {trained / 60:6.1f} {elapsed / 60:6.1f} min  "
+                      + "  ".join(f"{event[k]:.4f}" for k in keys))
 
 
 if __name__ == "__main__":
