@@ -125,12 +125,12 @@ def _quality(folder: Path, base: Path, runs: Path, arms: tuple[str, str], steps:
         if code:
             print(f"{name}: failed (exit {code})")
             continue
-        curves[name] = _curve(out, KEYS, clock="train_s")
+        curves[name] = _curve(out, KEYS)
         print(f"\n## {name} ({Path(arm.recipe).stem}, lr {arm.lr}): {arm_steps} steps, {seconds / 60:.1f} min in all, "
               f"peak RSS {rss:.2f} GiB (evaluation included)")
         print("  step  train min  " + "  ".join(KEYS))
-        for trained, event in curves[name]:
-            print(f"  {event['step']:>4} {trained / 60:10.1f}  " + "  ".join(f"{event[k]:.4f}" for k in KEYS))
+        for event in curves[name]:
+            print(f"  {event['step']:>4} {event['train_s'] / 60:10.1f}  " + "  ".join(f"{event[k]:.4f}" for k in KEYS))
     return curves
 
 
@@ -138,9 +138,10 @@ def _compare(curves: dict[str, list], arms: tuple[str, str], steps: int) -> None
     full_arm, lora_arm = arms
     if set(curves) != set(arms):
         return
-    full_end, full = curves[full_arm][-1]
-    at_steps = next((e for _, e in curves[lora_arm] if e["step"] == steps), None)
-    at_time = [e for t, e in curves[lora_arm] if t <= full_end][-1]
+    full = curves[full_arm][-1]
+    full_end = full["train_s"]
+    at_steps = next((e for e in curves[lora_arm] if e["step"] == steps), None)
+    at_time = [e for e in curves[lora_arm] if e["train_s"] <= full_end][-1]
     print(f"\n## {lora_arm} against {full_arm} ({full['step']} steps, {full_end / 60:.1f} min in training steps)")
     for label, event in (("equal steps", at_steps), (f"equal time ({lora_arm} step {at_time['step']})", at_time)):
         if event is not None:

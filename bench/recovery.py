@@ -36,16 +36,18 @@ MODELS = {
 }
 
 
-def _curve(out: Path, keys: tuple[str, ...], clock: str = "elapsed_s") -> list[tuple[float, dict]]:
-    """(seconds by `clock`, event) of each evaluation: `elapsed_s` since the run was prepared, evaluations included,
-    or `train_s` in training steps alone. The final evaluation carries no time of its own and gets the end of
-    training (the last event that has one)."""
-    curve, elapsed = [], 0.0
+CLOCKS = ("elapsed_s", "train_s")  # seconds since the run was prepared (evaluations included); in training steps alone
+
+
+def _curve(out: Path, keys: tuple[str, ...]) -> list[dict]:
+    """Each evaluation's event with both CLOCKS: the start at 0, the final evaluation (which carries no time of its
+    own) at the end of training, every other at the last time logged up to it."""
+    curve, clocks = [], dict.fromkeys(CLOCKS, 0.0)
     for line in (out / "metrics.jsonl").read_text().splitlines():
         event = json.loads(line)
-        elapsed = event.get(clock, elapsed)
+        clocks.update({clock: event[clock] for clock in CLOCKS if clock in event})
         if event.get("event") in ("start", "eval", "epoch", "final") and keys[0] in event:
-            curve.append((elapsed, event))
+            curve.append({**event, **clocks})
     return curve
 
 
@@ -92,8 +94,8 @@ def main() -> None:
             print("  curve (minutes in training steps, then since the run was prepared with evaluations included: "
                   + ", ".join(keys) + "; the final evaluation at the end of training; finetune's own wall time "
                   f"{summary['wall_seconds'] / 60:.1f} min)")
-            for (trained, event), (elapsed, _) in zip(_curve(out, keys, clock="train_s"), _curve(out, keys)):
-                print(f"    step {event['step']:>5} {trained / 60:6.1f} {elapsed / 60:6.1f} min  "
+            for event in _curve(out, keys):
+                print(f"    step {event['step']:>5} {event['train_s'] / 60:6.1f} {event['elapsed_s'] / 60:6.1f} min  "
                       + "  ".join(f"{event[k]:.4f}" for k in keys))
 
 
