@@ -271,3 +271,36 @@ def test_hessians_are_accumulated_on_the_device_of_their_inputs():
     hessians.hook("fc", module, torch.randn(2, 5, 8, device="meta"))
     assert hessians.of["fc"].h.is_meta and hessians.of["fc"].n == 10
     assert _hessian_of(module, layer, torch.randn(3, 8, device="meta")).is_meta
+
+
+def test_padding_tokens_stay_out_of_the_calibration():
+    """A padded batch calibrates exactly as its samples do unpadded, one per batch: the rows of padding tokens are
+    left out of every Hessian and input norm (they were counted once, which tilted encoders' masks towards
+    padding)."""
+    import copy
+
+    import transformers
+
+    from nmcli.oneshot.permute import input_column_norms
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BertModel(config).eval()
+    layers = {name: LayerInfo(f"{name}.weight", name, LINEAR) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and name.startswith("encoder.")}
+    short, long = torch.randint(1, 128, (5,)), torch.randint(1, 128, (9,))
+    padded = {"input_ids": torch.zeros(2, 9, dtype=torch.long), "attention_mask": torch.zeros(2, 9, dtype=torch.long)}
+    for row, ids in enumerate((short, long)):
+        padded["input_ids"][row, : len(ids)], padded["attention_mask"][row, : len(ids)] = ids, 1
+    alone = [{"input_ids": ids[None], "attention_mask": torch.ones(1, len(ids), dtype=torch.long)} for ids in (short, long)]
+    settings = SolverSettings(OneShotMethod.SPARSEGPT, parse_pattern("2:4"))
+    norms = [input_column_norms(model, set(layers), batches) for batches in ([padded], alone)]
+    assert set(norms[0]) == set(layers)
+    for name in layers:  # Wanda's, --permute's and --budget's ‖X_:,j‖ too
+        torch.testing.assert_close(norms[0][name], norms[1][name], rtol=1e-4, atol=1e-5)
+    a = calibrate_and_prune(copy.deepcopy(model), layers, [padded], settings)
+    b = calibrate_and_prune(copy.deepcopy(model), layers, alone, settings)
+    assert len(a.weights) == len(layers) == 12
+    for name in layers:
+        torch.testing.assert_close(a.weights[name], b.weights[name], rtol=1e-4, atol=1e-5)

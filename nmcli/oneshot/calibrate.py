@@ -132,9 +132,14 @@ class _BlockHessians:
         self.layers = layers
         self.of: dict[str, Hessian] = {}
         self._this_call: dict[tuple, tuple[torch.Tensor, Hessian]] = {}
+        self._tokens: torch.Tensor | None = None  # [batch, seq]: True at real tokens, False at padding; None: all
 
-    def new_call(self) -> None:
+    def new_call(self, tokens: torch.Tensor | None = None) -> None:
         self._this_call = {}
+        self._tokens = tokens
+
+    def _rows(self, module: nn.Module, x: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
+        return real_rows(input_rows(module, x, layer), self._tokens)
 
     def hook(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         key = (x.data_ptr(), tuple(x.shape), x.stride())
@@ -142,8 +147,17 @@ class _BlockHessians:
         if name not in self.of:
             self.of[name] = shared or Hessian(weight_rows(module.weight, self.layers[name]).shape[1], x.device)
         if self.of[name] is not shared:
-            self.of[name].add(input_rows(module, x, self.layers[name]))
+            self.of[name].add(self._rows(module, x, self.layers[name]))
             self._this_call[key] = (x, self.of[name])
+
+
+def real_rows(rows: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The rows [batch·seq, K] of a layer's input at real tokens (`tokens`: the batch's attention mask), without
+    padding: what a model computes at padding is never used, and counting it tilts Hessians and norms towards it.
+    Rows that are not one per token (`tokens` None, or another count) are returned as they are."""
+    if tokens is None or rows.shape[0] != tokens.numel():
+        return rows
+    return rows[tokens.reshape(-1).to(rows.device, torch.bool)]
 
 
 def input_rows(module: nn.Module, x: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
@@ -237,8 +251,9 @@ def prune_by_magnitude(model: nn.Module, layers: dict[str, LayerInfo], settings:
 
 
 def _prune_block(block: nn.Module, prefix: str, layers: dict[str, LayerInfo], inputs: list[tuple[tuple, dict]],
-                 settings: SolverSettings, result: OneShotResult) -> None:
-    """Accumulate H for the block's target layers over all inputs, then prune them."""
+                 tokens: list[torch.Tensor | None], settings: SolverSettings, result: OneShotResult) -> None:
+    """Accumulate H for the block's target layers over all inputs (the real tokens of each: `tokens`), then prune
+    them."""
     modules = {name: block.get_submodule(name.removeprefix(prefix)) for name in layers}
     modules = {name: m for name, m in modules.items() if solvable(m, layers[name])}
     hessians = _BlockHessians(layers)
@@ -246,8 +261,8 @@ def _prune_block(block: nn.Module, prefix: str, layers: dict[str, LayerInfo], in
                for name, m in modules.items()]
     try:
         with torch.no_grad():
-            for args, kwargs in inputs:
-                hessians.new_call()
+            for (args, kwargs), real in zip(inputs, tokens):
+                hessians.new_call(real)
                 block(*args, **kwargs)
     finally:
         hessians.new_call()
@@ -280,12 +295,13 @@ def calibrate_and_prune(
     prefix, blocks = find_blocks(model)
     result = OneShotResult({}, {})
     inputs = capture_inputs(model, blocks[0], batches)
+    tokens = [batch.get("attention_mask") for batch in batches]
     result.activation_bytes = sum(_hidden(a, k).numel() * _hidden(a, k).element_size() for a, k in inputs)
     for index, block in enumerate(blocks):
         block_prefix = f"{prefix}.{index}."
         mine = {name: layer for name, layer in layers.items() if name.startswith(block_prefix)}
         if mine:
-            _prune_block(block, block_prefix, mine, inputs, settings, result)
+            _prune_block(block, block_prefix, mine, inputs, tokens, settings, result)
         if index + 1 < len(blocks):
             inputs = _block_outputs(block, inputs)
         progress(index + 1, len(blocks))

@@ -21,6 +21,7 @@ from nmcli.models.architecture import base_model
 from nmcli.models.channels import RESIDUAL, ChannelGroup, ChannelPlan, apply_order
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import NMPattern
+from nmcli.oneshot.calibrate import real_rows
 from nmcli.oneshot.permutation import search_order
 
 NORM_BATCHES = 2  # calibration batches (of 8 samples) that measure the input norms of the dense model
@@ -64,8 +65,10 @@ def input_column_norms(model: nn.Module, modules: set[str], batches: list[dict])
     sums: dict[str, torch.Tensor] = {}
     found = {name: m for name, m in model.named_modules() if name in modules}
 
+    tokens: list[torch.Tensor | None] = [None]  # the running batch's attention mask: padding is left out
+
     def hook(name: str, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        rows = real_rows(x.detach().reshape(-1, x.shape[-1]).float(), tokens[0])
         sums[name] = sums.get(name, 0) + rows.pow(2).sum(0)
 
     handles = [m.register_forward_pre_hook(lambda _m, args, name=name: hook(name, args[0])) for name, m in found.items()]
@@ -73,6 +76,7 @@ def input_column_norms(model: nn.Module, modules: set[str], batches: list[dict])
     try:
         with torch.no_grad():
             for batch in batches:
+                tokens[0] = batch.get("attention_mask")
                 body(**place(batch, model_device(model)))
     finally:
         for handle in handles:
