@@ -2,8 +2,9 @@
 
 The model's transformer blocks (the longest ModuleList of same-class modules) are processed in order. The
 calibration activations entering block 0 are captured once; for block i, each target layer's H = 2·XᵀX / n is
-accumulated from the block's forward pass on the current activations, the layers are pruned (and, for SparseGPT,
-updated), and the block is run again: its outputs, computed by the already-pruned block, are what block i+1 sees.
+accumulated from the block's forward pass on the current activations (at real tokens: rows of padding are left
+out), the layers are pruned (and, for SparseGPT, updated), and the block is run again: its outputs, computed by the
+already-pruned block, are what block i+1 sees.
 Target layers outside the blocks (e.g. BERT's pooler) are pruned by magnitude and listed.
 """
 
