@@ -155,7 +155,8 @@ class _BlockHessians:
 def real_rows(rows: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
     """The rows [batch·seq, K] of a layer's input at real tokens (`tokens`: the batch's attention mask), without
     padding: what a model computes at padding is never used, and counting it tilts Hessians and norms towards it.
-    Rows that are not one per token (`tokens` None, or another count), or with no padding, are returned as they are."""
+    Rows that are not one per token (`tokens` None, or another count), or with no padding, are returned as they
+    are."""
     if tokens is None or rows.shape[0] != tokens.numel() or bool(tokens.all()):
         return rows
     return rows[tokens.reshape(-1).to(rows.device, torch.bool)]
