@@ -8,6 +8,7 @@ naming the file and the key. YAML is loaded with `yaml.safe_load` only.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +20,50 @@ import yaml
 from nmcli.errors import NMSparseError
 from nmcli.nm import NMPattern, parse_pattern
 
-METHODS = ("dense", "ste", "sr-ste", "fixed-mask", "mdgf", "sdgf", "mdgf+sdgf")
+
+
+class Method(enum.Enum):
+    """A recipe's method (methods.md §3): how the N:M mask is applied while the weights train."""
+
+    DENSE = "dense"
+    STE = "ste"
+    SR_STE = "sr-ste"
+    FIXED_MASK = "fixed-mask"
+    MDGF = "mdgf"
+    SDGF = "sdgf"
+    MDGF_SDGF = "mdgf+sdgf"
+
+    @property
+    def sparse(self) -> bool:
+        return self is not Method.DENSE
+
+    @property
+    def decays_mask(self) -> bool:
+        """MDGF: the pruned weights fade out with alpha (methods.md §2)."""
+        return self in (Method.MDGF, Method.MDGF_SDGF)
+
+    @property
+    def decays_structure(self) -> bool:
+        """SDGF: the pattern steps from dense toward the target (methods.md §3)."""
+        return self in (Method.SDGF, Method.MDGF_SDGF)
+
+    @property
+    def fixed_pattern(self) -> bool:
+        """The target pattern acts from the first sparse step (STE, SR-STE, fixed mask): nothing decays."""
+        return self in (Method.STE, Method.SR_STE, Method.FIXED_MASK)
+
+    @property
+    def takes_sr_ste(self) -> bool:
+        """SR-STE's own term, or added to a decay recipe; not for dense / ste / fixed-mask."""
+        return self is Method.SR_STE or self.decays_mask or self.decays_structure
+
+    @property
+    def trains_adapters(self) -> bool:
+        """LoRA's mask comes from the frozen base weights: every sparse method but SR-STE (it pulls the base)."""
+        return self.sparse and self is not Method.SR_STE
+
+
+METHODS = tuple(m.value for m in Method)
 ALPHA_SCHEDULES = ("linear", "exponential", "stepped")
 STRUCTURE_SCHEDULES = ("stepwise", "geometric", "custom")
 BACKWARDS = ("ste", "scaled")
@@ -66,7 +110,6 @@ class DistillSpec:
     dropout: bool | None = None  # the student keeps the model's dropout while it learns (default: off)
 
 
-LORA_METHODS = ("fixed-mask", "ste", "mdgf", "sdgf", "mdgf+sdgf")  # the mask comes from the frozen base weights
 LORA_BASE_DTYPES = ("float32", "bfloat16")
 
 
@@ -89,7 +132,7 @@ class LoraSpec:
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    method: str
+    method: Method
     description: str = ""
     pattern: str = "2:4"
     dense_fraction: float = 0.0
@@ -214,7 +257,7 @@ def from_dict(data: Any, source: str) -> Recipe:
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise c.fail("name", "a recipe needs a non-empty name")
-    method = c.choice(data.get("method"), "method", METHODS)
+    method = Method(c.choice(data.get("method"), "method", METHODS))
     pattern = c.pattern(data.get("pattern", "2:4"), "pattern")
     dense, finetune, finetune_mask = _phases(c, data)
     targets = c.section(data, "targets", _SECTION_KEYS["targets"])
@@ -253,14 +296,14 @@ def _phases(c: _Checker, data: dict) -> tuple[float, float, str]:
     return dense, finetune, c.choice(phases.get("finetune_mask", "recomputed"), "phases.finetune_mask", FINETUNE_MASKS)
 
 
-def _mask_decay(c: _Checker, data: dict, method: str) -> MaskDecay | None:
+def _mask_decay(c: _Checker, data: dict, method: Method) -> MaskDecay | None:
     """MDGF's decay of the pruned weights (methods.md §2): required by, and only by, the mdgf methods."""
     if "mask_decay" not in data:
-        if "mdgf" in method:
-            raise c.fail("mask_decay", f"method {method} needs a mask_decay section (schedule, rate or reach_at)")
+        if method.decays_mask:
+            raise c.fail("mask_decay", f"method {method.value} needs a mask_decay section (schedule, rate or reach_at)")
         return None
-    if "mdgf" not in method:
-        raise c.fail("mask_decay", f"only MDGF recipes decay the mask, not method {method!r}")
+    if not method.decays_mask:
+        raise c.fail("mask_decay", f"only MDGF recipes decay the mask, not method {method.value!r}")
     md = c.section(data, "mask_decay", _SECTION_KEYS["mask_decay"])
     schedule = c.choice(md.get("schedule", "linear"), "mask_decay.schedule", ALPHA_SCHEDULES)
     rate = md.get("rate")
@@ -291,12 +334,12 @@ def _mask_decay(c: _Checker, data: dict, method: str) -> MaskDecay | None:
     )
 
 
-def _structure_decay(c: _Checker, data: dict, method: str, pattern: str) -> StructureDecay | None:
+def _structure_decay(c: _Checker, data: dict, method: Method, pattern: str) -> StructureDecay | None:
     """SDGF's stages from dense toward the target pattern (methods.md §3): only for the sdgf methods."""
     if "structure_decay" not in data:
-        return StructureDecay() if "sdgf" in method else None
-    if "sdgf" not in method:
-        raise c.fail("structure_decay", f"only SDGF recipes decay the structure, not method {method!r}")
+        return StructureDecay() if method.decays_structure else None
+    if not method.decays_structure:
+        raise c.fail("structure_decay", f"only SDGF recipes decay the structure, not method {method.value!r}")
     sd = c.section(data, "structure_decay", _SECTION_KEYS["structure_decay"])
     schedule = c.choice(sd.get("schedule", "stepwise"), "structure_decay.schedule", STRUCTURE_SCHEDULES)
     stages = c.strings(sd.get("stages"), "structure_decay.stages")
@@ -312,12 +355,12 @@ def _structure_decay(c: _Checker, data: dict, method: str, pattern: str) -> Stru
     return StructureDecay(schedule, stages)
 
 
-def _sr_ste_lambda(c: _Checker, data: dict, method: str) -> float | None:
+def _sr_ste_lambda(c: _Checker, data: dict, method: Method) -> float | None:
     """The SR-STE decay term's weight: sr-ste's own, or added to a decay recipe; not for dense/ste/fixed-mask."""
     if "sr_ste" not in data:
-        return DEFAULT_SR_STE_LAMBDA if method == "sr-ste" else None
-    if method in ("dense", "ste", "fixed-mask"):
-        raise c.fail("sr_ste", f"method {method} takes no SR-STE term (use method: sr-ste)")
+        return DEFAULT_SR_STE_LAMBDA if method is Method.SR_STE else None
+    if not method.takes_sr_ste:
+        raise c.fail("sr_ste", f"method {method.value} takes no SR-STE term (use method: sr-ste)")
     sr = c.section(data, "sr_ste", _SECTION_KEYS["sr_ste"])
     return c.number(sr.get("lambda", DEFAULT_SR_STE_LAMBDA), "sr_ste.lambda", 0)
 
@@ -354,10 +397,11 @@ def _distill(c: _Checker, data: dict) -> DistillSpec:
     return DistillSpec(**weights, temperature=temperature, embedding_loss=loss, dropout=dropout)
 
 
-def _lora(c: _Checker, data: dict, method: str) -> LoraSpec:
+def _lora(c: _Checker, data: dict, method: Method) -> LoraSpec:
     """Adapters train on a mask derived from the frozen base weights: no SR-STE pull (it acts on the base)."""
-    if method not in LORA_METHODS:
-        raise c.fail("lora", f"method {method} cannot train adapters (one of {', '.join(LORA_METHODS)} can: the mask "
+    if not method.trains_adapters:
+        able = ", ".join(m.value for m in Method if m.trains_adapters)
+        raise c.fail("lora", f"method {method.value} cannot train adapters (one of {able} can: the mask "
                      "comes from the frozen base weights)")
     if "sr_ste" in data:
         raise c.fail("lora", "the SR-STE term pulls pruned base weights, which LoRA freezes; drop sr_ste")
@@ -400,7 +444,7 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": recipe.name,
         "description": recipe.description,
-        "method": recipe.method,
+        "method": recipe.method.value,
         "pattern": recipe.pattern,
         "phases": {
             "dense": recipe.dense_fraction,

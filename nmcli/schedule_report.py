@@ -52,7 +52,7 @@ def describe_schedule(recipe: Recipe, target: NMPattern, steps: int, model: Mode
     curve = [(s, plan_step(recipe, target, phases, s)) for s in curve_steps]
     return {
         "recipe": recipe.name,
-        "method": recipe.method,
+        "method": recipe.method.value,
         "pattern": str(target),
         "steps": steps,
         "phases": {"dense_end": phases.dense_end, "finetune_start": phases.finetune_start, "total": steps},

@@ -66,6 +66,38 @@ def test_sr_ste_with_decay_only_when_asked():
         from_dict({"name": "s", "method": "ste", "sr_ste": {"lambda": 1e-4}}, "s.yaml")
 
 
+# Which sections each method takes (methods.md §2-3, §10), written out by hand: mask decay is MDGF's, structure decay
+# SDGF's, the SR-STE term is sr-ste's own or added to a decay, adapters train on every sparse method's mask but
+# SR-STE's (its pull acts on the frozen base).
+SECTIONS = {
+    "mask_decay": {"mask_decay": {"schedule": "linear", "rate": 1e-3}},
+    "structure_decay": {"structure_decay": {"schedule": "stepwise"}},
+    "sr_ste": {"sr_ste": {"lambda": 1e-4}},
+    "lora": {"lora": {"rank": 4}},
+}
+ACCEPTS = {
+    "dense": set(),
+    "ste": {"lora"},
+    "sr-ste": {"sr_ste"},
+    "fixed-mask": {"lora"},
+    "mdgf": {"mask_decay", "sr_ste", "lora"},
+    "sdgf": {"structure_decay", "sr_ste", "lora"},
+    "mdgf+sdgf": {"mask_decay", "structure_decay", "sr_ste", "lora"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(ACCEPTS))
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_each_method_takes_exactly_its_sections(method, section):
+    needed = {"mask_decay": SECTIONS["mask_decay"]["mask_decay"]} if "mdgf" in method else {}
+    data = {"name": "x", "method": method, "pattern": "2:4", **needed, **SECTIONS[section]}
+    if section in ACCEPTS[method]:
+        assert from_dict(data, "x.yaml").method.value == method
+    else:
+        with pytest.raises(NMSparseError, match=f"x.yaml: {section}"):
+            from_dict(data, "x.yaml")
+
+
 def test_overrides_are_validated():
     assert load_recipe("sr-ste").with_overrides(pattern="1:16", epochs=7, lr=0.1).training["epochs"] == 7
     with pytest.raises(NMSparseError, match="unknown recipe 'nope'"):

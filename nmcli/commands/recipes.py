@@ -23,11 +23,11 @@ def list_recipes(as_json: JsonOpt = False) -> None:
     with user_errors():
         recipes = [load_recipe(name) for name in builtin_names()]
     if as_json:
-        print_json([{"name": r.name, "method": r.method, "pattern": r.pattern, "description": r.description} for r in recipes])
+        print_json([{"name": r.name, "method": r.method.value, "pattern": r.pattern, "description": r.description} for r in recipes])
         return
     table = Table("name", "method", "default pattern", "description")
     for r in recipes:
-        table.add_row(r.name, r.method, r.pattern, r.description)
+        table.add_row(r.name, r.method.value, r.pattern, r.description)
     out.print(table)
 
 
@@ -59,7 +59,7 @@ def recipe_show(
     if as_json:
         print_json({k: v for k, v in described.items() if k != "curve"})
         return
-    out.print(Text.assemble((chosen.name, "bold"), f" ({chosen.method}) -> {described['pattern']} over {steps} steps: {chosen.description}"))
+    out.print(Text.assemble((chosen.name, "bold"), f" ({chosen.method.value}) -> {described['pattern']} over {steps} steps: {chosen.description}"))
     for segment in described["segments"]:
         out.print(f"  steps {segment['start']:>6}-{segment['end'] - 1:<6} {segment['phase']:<8} {segment['pattern']}")
     if any(a["alpha"] for a in described["alpha"]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nmcli.nm import NMPattern, parse_pattern
-from nmcli.recipes import MaskDecay, Recipe
+from nmcli.recipes import MaskDecay, Method, Recipe
 from nmcli.schedules import (
     Phase,
     Phases,
@@ -73,11 +73,11 @@ def plan_step(recipe: Recipe, target: NMPattern, phases: Phases, step: int) -> S
     stages = structure_stages(recipe, target)
     last = len(stages) - 1
     phase = phases.phase(step)
-    if recipe.method == "dense" or phase is Phase.DENSE:
+    if not recipe.method.sparse or phase is Phase.DENSE:
         return StepPlan(Phase.DENSE, stages, last)
     sr_lambda = recipe.sr_ste_lambda or 0.0
-    if phase is Phase.FINETUNE or recipe.method in ("ste", "sr-ste", "fixed-mask"):
-        fixed = recipe.method == "fixed-mask"
+    if phase is Phase.FINETUNE or recipe.method.fixed_pattern:
+        fixed = recipe.method is Method.FIXED_MASK
         return StepPlan(
             phase,
             stages,
@@ -87,11 +87,11 @@ def plan_step(recipe: Recipe, target: NMPattern, phases: Phases, step: int) -> S
             freeze=fixed or (phase is Phase.FINETUNE and recipe.finetune_mask == "frozen"),
         )
     t, length = phases.clock(step), phases.decay_length
-    index = stage_index(t, length, len(stages)) if "sdgf" in recipe.method else last
+    index = stage_index(t, length, len(stages)) if recipe.method.decays_structure else last
     md = recipe.mask_decay  # present exactly for the MDGF methods (recipe validation)
     if md is None:
         return StepPlan(Phase.DECAY, stages, index, sr_lambda=sr_lambda)
-    if "sdgf" in recipe.method:  # mdgf+sdgf: alpha restarts and decays within each structure stage
+    if recipe.method.decays_structure:  # mdgf+sdgf: alpha restarts and decays within each structure stage
         start, end = stage_bounds(index, length, len(stages))
         a = _alpha(md, t - start, end - start)
     else:
@@ -114,7 +114,7 @@ def training_density(plan: StepPlan, reduction_length: int | None = None, own: N
 def plan_spans(recipe: Recipe, target: NMPattern, phases: Phases) -> list[tuple[int, int]]:
     """[start, end) step ranges over which phase and structure stage stay the same (alpha may still decay)."""
     cuts = {0, phases.dense_end, phases.finetune_start, phases.total}
-    if "sdgf" in recipe.method:
+    if recipe.method.decays_structure:
         count = len(structure_stages(recipe, target))
         cuts |= {phases.dense_end + stage_bounds(i, phases.decay_length, count)[0] for i in range(count)}
     ordered = sorted(c for c in cuts if 0 <= c <= phases.total)

@@ -364,7 +364,7 @@ def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int,
     run.sparsifier.set_plan(StepPlan(Phase.DENSE, (target,), 0))
     quality = run.evaluate()
     reporter.message(f"start: {quality_text(quality, run.task.held_out)} ({run.task.description})")
-    if config.recipe.method != "dense":
+    if config.recipe.method.sparse:
         run.sparsifier.set_plan(StepPlan(Phase.FINETUNE, (target,), 0))  # every target layer at its magnitude N:M mask
         run.one_shot = run.evaluate()
         run.sparsifier.set_plan(StepPlan(Phase.DENSE, (target,), 0))
@@ -451,7 +451,7 @@ def _end_epoch(run: _Run, epoch: int, step: int, plan: StepPlan | None, reporter
 def _finish(run: _Run, start: dict[str, float] | None, started: float) -> dict[str, Any]:
     """Exact N:M weights, final quality, summary; the main rank writes the outputs."""
     config = run.config
-    target = config.recipe.target if config.recipe.method != "dense" else None
+    target = config.recipe.target if config.recipe.method.sparse else None
     base = config.start or config.model
     if config.shard:
         final, weights = finish_sharded(run.model, run.sparsifier, target, run.evaluate, run.env)
@@ -536,7 +536,7 @@ def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float],
         run.ref, {layer.module: weights[f"{layer.module}.weight"].shape[layer.layout.k_axis] for layer in layers.values()},
         config.seq_len,
     )
-    sparse = recipe.method != "dense"
+    sparse = recipe.method.sparse
     compliant = {
         name: compliance(weights[f"{layer.module}.weight"].detach(), run.plan.pattern_of(name), layer.layout).compliant
         for name, layer in layers.items()
@@ -546,7 +546,7 @@ def _summary(run: _Run, start: dict[str, float] | None, final: dict[str, float],
         f * (1 - own.get(module, target).density) for module, (f, _) in layer_costs.items()) if sparse else total_flops
     return {
         "recipe": recipe.name,
-        "method": recipe.method,
+        "method": recipe.method.value,
         "pattern": str(target) if sparse else None,
         "model": run.ref.to_json(),
         "kind": run.task.kind.value,
@@ -587,7 +587,7 @@ def _write_outputs(run: _Run, summary: dict[str, Any], state: dict[str, torch.Te
     if folder is not None:
         own = {MODEL_FILE, INDEX_NAME, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE, CHECKPOINT_DIR, ADAPTER_DIR}
         summary["notes"] = copy_side_files(folder, config.out, own)
-    if config.recipe.method != "dense":
+    if config.recipe.method.sparse:
         meta = run.plan.metadata(run.ref)
         meta.recipe = to_dict(config.recipe)
         strings = meta.to_strings()
