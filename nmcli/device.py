@@ -42,6 +42,25 @@ def run_device(requested: str, local_rank: int = 0, world: int = 1) -> torch.dev
     return torch.device("cuda", index)
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bf16 matrix products run on hardware made for them: a CUDA GPU that supports bf16, or a CPU with
+    oneDNN's bf16 path (AVX512 / AVX512-BF16 / AMX). Without it torch computes bf16 products element by element (on
+    an AVX2 CPU, bench/bf16_speed.py: tens of times slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_warning(device: torch.device) -> str | None:
+    """The line a run asked to compute in bf16 prints where bf16 is emulated; None where it is native."""
+    if bf16_is_native(device):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return (f"warning: --bf16 on a {device.type} without native bf16 ({capability}): bf16 matrix products are emulated "
+            "here and run many times slower than fp32 (bench/bf16_speed.py measures it); drop --bf16 (and "
+            "training.bf16) on this machine")
+
+
 def place(batch: Any, device: torch.device) -> Any:
     """A batch (tensor, tuple/list or dict of tensors, or anything else unchanged) on `device`."""
     if isinstance(batch, torch.Tensor):

@@ -191,3 +191,14 @@ def test_prune_and_eval_take_device_and_refuse_it_where_it_means_nothing(cli, tm
         r = cli("eval", hf_bert_folder, "--teacher", hf_bert_folder, "--device", "cuda")
         assert r.exit_code == 2 and "no CUDA device is visible" in r.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bf16_counts_as_native_only_with_hardware_for_it():
+    """oneDNN's bf16 path needs AVX512 at least: an AVX2 CPU (this project's CI machines) emulates bf16 products
+    (bench/bf16_speed.py: 16-90x slower than fp32 there), so it must not count as native."""
+    from nmcli.device import bf16_is_native
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        pytest.skip(f"this CPU ({capability}) may have a bf16 path")
+    assert not bf16_is_native(torch.device("cpu")), capability

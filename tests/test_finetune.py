@@ -243,6 +243,21 @@ def test_bf16_from_the_flag_or_the_recipe_is_the_same_autocast(cli, tmp_path):
     assert all(torch.equal(flag[k], from_recipe[k]) for k in flag)  # and the recipe key is the same switch
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_where_the_cpu_emulates_it_is_named_in_a_warning(cli, tmp_path, monkeypatch, native):
+    import nmcli.device
+
+    monkeypatch.setattr(nmcli.device, "bf16_is_native", lambda device: native)
+    capability = torch.backends.cpu.get_cpu_capability()
+    for name, extra in {"bf16": ("--bf16",), "fp32": ()}.items():
+        r = cli(*BASE, "--out", tmp_path / name, "--recipe", "ste", "--epochs", "1", *extra)
+        assert r.exit_code == 0, r.output
+        warned = [line for line in r.stderr.splitlines() if line.startswith("warning: --bf16")]
+        expected = not native and name == "bf16"
+        assert len(warned) == (1 if expected else 0), r.stderr
+        assert not expected or f"without native bf16 ({capability})" in warned[0]
+
+
 def _flows(out):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["gradient_flow"] for r in records if "gradient_flow" in r]

@@ -28,7 +28,7 @@ from nmcli.data.batches import LengthGroupedBatches
 from nmcli.data.images import MNIST5K
 from nmcli.data.mixture import GENERAL_USE
 from nmcli.data.text import NEWS
-from nmcli.device import place
+from nmcli.device import bf16_warning, place
 from nmcli.errors import NMSparseError
 from nmcli.eval import by_domain, metric_words
 from nmcli.io.atomic import atomic_output
@@ -483,6 +483,8 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv) -> FinetuneRe
                         shard=config.shard)
     if config.shard:
         check_shard(env.world, config.grad_log_every)
+    if config.use_bf16 and (warning := bf16_warning(env.device)):
+        reporter.message(warning)
     _seed_everything(config.seed)
     state = read_training_state(config.out, config.fingerprint(env.world)) if config.resume else None
     run = _prepare(config, env)
