@@ -21,7 +21,6 @@ from nmcli.errors import NMSparseError
 from nmcli.nm import NMPattern, parse_pattern
 
 
-
 class Method(enum.Enum):
     """A recipe's method (methods.md §3): how the N:M mask is applied while the weights train."""
 

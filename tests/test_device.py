@@ -194,8 +194,8 @@ def test_prune_and_eval_take_device_and_refuse_it_where_it_means_nothing(cli, tm
 
 
 def test_bf16_counts_as_native_only_with_hardware_for_it():
-    """oneDNN's bf16 path needs AVX512 at least: an AVX2 CPU (this project's CI machines) emulates bf16 products
-    (bench/bf16_speed.py: 16-90x slower than fp32 there), so it must not count as native."""
+    """oneDNN's bf16 path needs AVX512 at least: an AVX2 CPU emulates bf16 products (bench/bf16_speed.py on one,
+    2026-12-05: 16-92x slower than fp32), so it must not count as native."""
     from nmcli.device import bf16_is_native
 
     capability = torch.backends.cpu.get_cpu_capability()
