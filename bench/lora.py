@@ -30,12 +30,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.child import run_child  # noqa: E402
 from bench.recovery import _curve  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
+from nmcli.device import bf16_is_native  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,10 @@ def main() -> None:
         return
     print(f"# SmolLM2-135M 2:4 from SparseGPT ({base}): LoRA (rank 16, alpha 32, every target layer) against full "
           "fine-tuning (recipe fixed-mask); data: finetune's default mixture")
+    if not bf16_is_native(torch.device("cpu")):
+        print(f"note: this CPU ({torch.backends.cpu.get_cpu_capability()}) emulates bf16, which every arm trains in "
+              "(autocast, and lora-lean's frozen weights): expect each arm to run many times slower than on a CPU "
+              "with bf16 (python bench/bf16_speed.py measures by how much)")
     if not args.skip_memory:
         _memory(folder, args.runs, args.memory_steps)
     if not args.skip_quality:
