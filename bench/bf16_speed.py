@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from nmcli.openmp import setting, spin_briefly
+from nmcli.runtime.openmp import setting, spin_briefly
 
 spin_briefly()  # as the nmsparse command does, before torch loads OpenMP
 

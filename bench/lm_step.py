@@ -17,7 +17,7 @@ from pathlib import Path
 
 from child import run_child
 from contention import CONDITIONS, describe
-from nmcli.openmp import setting, spin_briefly
+from nmcli.runtime.openmp import setting, spin_briefly
 
 HERE = Path(__file__).resolve().parent
 

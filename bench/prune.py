@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nmcli.openmp import setting, spin_briefly
+from nmcli.runtime.openmp import setting, spin_briefly
 
 spin_briefly()  # as the nmsparse command does, before torch loads OpenMP
 

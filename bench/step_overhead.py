@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nmcli.openmp import setting, spin_briefly
+from nmcli.runtime.openmp import setting, spin_briefly
 
 spin_briefly()  # as the nmsparse command does, before torch loads OpenMP
 

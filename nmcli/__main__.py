@@ -1,6 +1,6 @@
 """The `nmsparse` command (and `python -m nmcli`): OpenMP's spin is set before the CLI imports torch."""
 
-from nmcli.openmp import spin_briefly
+from nmcli.runtime.openmp import spin_briefly
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ LAYERS = {
     "methods": ("nmcli.methods", "nmcli.schedules", "nmcli.recipes"),
     "models": ("nmcli.models",),
     "io": ("nmcli.io",),
-    "core": ("nmcli.nm", "nmcli.errors", "nmcli.device", "nmcli.openmp", "nmcli"),
+    "core": ("nmcli.nm", "nmcli.errors", "nmcli.device", "nmcli.runtime", "nmcli"),
 }
 RANK = {prefix: rank for rank, prefixes in enumerate(LAYERS.values()) for prefix in prefixes}
 

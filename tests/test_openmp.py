@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nmcli.openmp import SPIN_COUNT, USER_SETTINGS, setting, spin_briefly
+from nmcli.runtime.openmp import SPIN_COUNT, USER_SETTINGS, setting, spin_briefly
 
 ENTRY = """
 import os, sys
