@@ -29,6 +29,15 @@ def cli():
     return Cli()
 
 
+@pytest.fixture(autouse=True)
+def allocator_calls(monkeypatch):
+    """`nmsparse prune` fixes glibc's mmap threshold for its process (nmcli/runtime/allocator.py); run in-process,
+    that would slow every later test's training. Recorded instead; tests/test_allocator.py checks the real one."""
+    calls: list[bool] = []
+    monkeypatch.setattr("nmcli.runtime.allocator.return_large_blocks", lambda: calls.append(True) or True)
+    return calls
+
+
 def run_subprocess(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real console entry point, in a fresh interpreter."""
     return subprocess.run(

@@ -152,9 +152,12 @@ def _magnitude(resolved, plan, out_path: Path, force: bool, show: bool):  # noqa
 
 def _calibrated_prune(resolved, plan, out_path, calib, solver, device, force, show, permute, budget):  # noqa: ANN001, ANN202, PLR0913
     """Wanda / SparseGPT (or magnitude after --permute / --budget) on the model in memory, with a progress bar over
-    its blocks."""
+    its blocks. The model's forward passes free and allocate large activations all along: glibc's threshold is
+    fixed first so that freed ones go back to the OS (nmcli/runtime/allocator.py)."""
     from nmcli.oneshot.service import oneshot_prune
+    from nmcli.runtime.allocator import return_large_blocks
 
+    return_large_blocks()
     steps = "".join(("permuting, " if permute else "", "measuring sensitivity, " if budget else ""))
     with progress_bar(show, unit="probes, then blocks" if budget else "blocks") as bar:
         task = bar.add_task(f"{solver.method.value} ({steps}calibrating)", total=None, item="")

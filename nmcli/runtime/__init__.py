@@ -1,1 +1,2 @@
-"""Process-wide settings made once, before the work: OpenMP's barrier spin (openmp.py)."""
+"""Process-wide settings made once, before the work: OpenMP's barrier spin (openmp.py, set by the entry point) and
+glibc's mmap threshold (allocator.py, set by `prune` when it runs the model)."""
