@@ -4,8 +4,9 @@ OS) is its own.
 
 - norms: the input norms of every target Linear over 2 x 8 x 512 calibration tokens, the first thing `prune --permute`
   and `prune --budget` compute (forward hooks on every layer of the base model);
-- step: one fp32 distillation training step of SmolLM2 (bench/lm_step.py's) and of MiniLM (16 x 128), tokens/s the fastest of `--steps` after a warm-up,
-  idle and with a competing busy process per core minus one (why `finetune` leaves the threshold to glibc);
+- step: one fp32 distillation training step of SmolLM2 (bench/lm_step.py's) and of MiniLM (16 x 128), tokens/s the
+  fastest of `--steps` after a warm-up, idle and with a competing busy process per core minus one (why `finetune`
+  leaves the threshold to glibc);
 - prune (`--prune "ARGS"`): a whole `nmsparse prune SMOLLM2 ARGS --out TMP`, wall time and peak RSS.
 
     python bench/allocator.py [--folder bench/.models/smollm2-135m] [--steps 3] [--prune "--budget 0.5 --method sparsegpt"]
@@ -28,16 +29,16 @@ from nmcli.runtime.allocator import return_large_blocks
 from nmcli.runtime.openmp import setting, spin_briefly
 
 HERE = Path(__file__).resolve().parent
-ARMS = ("glibc", "fixed")
-STEP_BATCH = {"SmolLM2": (4, 256), "MiniLM": (16, 128)}  # bench/lm_step.py's, bench/step_overhead.py's  # glibc's own adjusting threshold; the threshold the command fixes
+ARMS = ("glibc", "fixed")  # glibc's own adjusting threshold; the threshold prune fixes
+STEP_BATCH = {"SmolLM2": (4, 256), "MiniLM": (16, 128)}  # bench/lm_step.py's, bench/step_overhead.py's
 
 
 def norms_child(folder: Path) -> dict:
     import torch
 
+    from nmcli.models.architecture import ModelKind
     from nmcli.models.resolve import load_model, resolve
     from nmcli.oneshot.permute import NORM_BATCHES, input_column_norms
-    from nmcli.models.architecture import ModelKind
     from nmcli.oneshot.service import CalibrationSettings, calibration_batches
 
     resolved = resolve(str(folder))
