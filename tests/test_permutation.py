@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from nmcli.models.channels import RESIDUAL, apply_order, channel_plan
 from nmcli.models.resolve import resolve
 from nmcli.nm import NMPattern
-from nmcli.oneshot.permutation import _gains, kept_importance, search_order
+from nmcli.oneshot.permutation import BLOCK_ROWS, _gains, kept_importance, search_order
 from nmcli.oneshot.permute import input_column_norms, permute_channels
 from nmcli.prune import plan_prune
 from tests.conftest import save_tiny_hf, timm_state
@@ -25,14 +25,15 @@ def _structured(rows: int, k: int, seed: int) -> torch.Tensor:
     return torch.rand(rows, k, generator=g) * torch.rand(k, generator=g).pow(3) * 10
 
 
-@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8), (1, 8)])
-def test_the_gain_matrix_is_the_exact_change_of_kept_importance(n, m):
+@pytest.mark.parametrize(("n", "m", "rows"), [(2, 4, 7), (1, 4, 7), (4, 8, 7), (1, 8, 7), (2, 4, BLOCK_ROWS + 70)])
+def test_the_gain_matrix_is_the_exact_change_of_kept_importance(n, m, rows):
     """Whatever one-per-group reassignment of the channels in one slot: kept importance = the rest's own top-N plus
-    the gains of the pairs, computed here by brute force on the reassigned order."""
-    pattern, s = NMPattern(n, m), _structured(7, 8 * m, 1)
+    the gains of the pairs, computed here by brute force on the reassigned order (BLOCK_ROWS + 70 rows: the last
+    block of rows is a partial one, also of float32 partial sums)."""
+    pattern, s = NMPattern(n, m), _structured(rows, 8 * m, 1)
     assign = torch.randperm(8 * m, generator=torch.Generator().manual_seed(2)).reshape(8, m)
     slot = 1
-    gain = _gains([s], assign, slot, pattern)
+    gain = _gains(s, assign, slot, pattern)
     rest = torch.cat([assign[:, :slot], assign[:, slot + 1 :]], 1)
     rest_alone = sum(float(s[:, rest[g]].topk(n, dim=1).values.sum()) for g in range(8))
     for sigma in (torch.arange(8), torch.randperm(8, generator=torch.Generator().manual_seed(3)), torch.arange(8).flip(0)):

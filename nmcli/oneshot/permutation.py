@@ -16,7 +16,7 @@ Search (as RIA's channel reallocation, with an exact gain):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,6 +29,9 @@ from nmcli.nm import NMPattern
 
 MAX_ROUNDS = 48
 CHANNELS_PER_TASK = 8  # rows of the gain matrix a worker thread takes at a time
+ROW_BLOCK = 64  # importance rows summed in float32 before the float64 total
+ROWS_PER_TASK = 4096  # importance rows whose thresholds a worker thread takes at a time
+BLOCK_ROWS = 4 * ROWS_PER_TASK  # importance rows taken at a time: temporaries stay small next to a stacked matrix
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,15 @@ def kept_importance(scores: Sequence[torch.Tensor], order: torch.Tensor, pattern
     """Σ over matrices, rows and groups of the N largest importances of each group, channels taken in `order`."""
     total = 0.0
     for s in scores:
-        grouped = s[:, order].reshape(s.shape[0], -1, pattern.m)
-        total += float(grouped.topk(pattern.n, dim=-1).values.double().sum())
+        for rows in s.split(BLOCK_ROWS):
+            grouped = rows[:, order].reshape(rows.shape[0], -1, pattern.m)
+            total += float(grouped.topk(pattern.n, dim=-1).values.double().sum())
     return total
 
 
-def _snake_order(scores: Sequence[torch.Tensor], pattern: NMPattern) -> torch.Tensor:
+def _snake_order(score: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     """Channels by total importance, dealt 0..G-1, G-1..0, ... so every group gets one of each tier."""
-    total = sum(s.double().sum(0) for s in scores)
+    total = sum(rows.double().sum(0) for rows in score.split(BLOCK_ROWS))
     ranked = torch.sort(total, descending=True, stable=True).indices
     groups = len(ranked) // pattern.m
     slots = ranked.reshape(pattern.m, groups).clone()
@@ -60,54 +64,82 @@ def _snake_order(scores: Sequence[torch.Tensor], pattern: NMPattern) -> torch.Te
 
 @numba.njit(nogil=True, cache=True)
 def _relu_gain_rows(values: np.ndarray, threshold: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
-    """out[c, g] += Σ_rows max(0, values[row, c] − threshold[row, g]) for c in [start, stop): one pass, no temporaries."""
+    """out[c, g] += Σ_rows max(0, values[row, c] − threshold[row, g]) for c in [start, stop).
+
+    Each threshold row is read once for all the chunk's channels, the max is branch-free (the g loop vectorizes), and
+    float32 partial sums over ROW_BLOCK rows are added into float64."""
     rows, groups = threshold.shape
-    for c in range(start, stop):
-        acc = np.zeros(groups, dtype=np.float64)
-        for r in range(rows):
-            v = values[r, c]
-            for g in range(groups):
-                d = v - threshold[r, g]
-                if d > 0:
-                    acc[g] += d
-        out[c] += acc
+    count = stop - start
+    total = np.zeros((count, groups), dtype=np.float64)
+    partial = np.zeros((count, groups), dtype=np.float32)
+    zero = np.float32(0.0)
+    for first in range(0, rows, ROW_BLOCK):
+        partial[:] = 0
+        for r in range(first, min(first + ROW_BLOCK, rows)):
+            for i in range(count):
+                v = values[r, start + i]
+                for g in range(groups):
+                    partial[i, g] += max(v - threshold[r, g], zero)
+        total += partial
+    for i in range(count):
+        out[start + i] += total[i]
 
 
-def _add_relu_gain(values: np.ndarray, threshold: np.ndarray, out: np.ndarray) -> None:
-    """`_relu_gain_rows` over every channel, chunks taken one at a time by torch's thread count of threads (a busy
-    core takes fewer chunks, as in nm/mask.py)."""
-    groups = out.shape[0]
-    chunks = iter(range(0, groups, CHANNELS_PER_TASK))
+@numba.njit(nogil=True, cache=True)
+def _nth_largest_rows(scores: np.ndarray, columns: np.ndarray, n: int, start: int, stop: int, out: np.ndarray) -> None:
+    """out[r, g] = the n-th largest of scores[r, columns[g, :]] for r in [start, stop) (a partial selection sort of
+    each group's few values: torch's topk over a last axis of M−1 is many times slower)."""
+    groups, width = columns.shape
+    picked = np.empty(width, dtype=np.float32)
+    for r in range(start, stop):
+        for g in range(groups):
+            for j in range(width):
+                picked[j] = scores[r, columns[g, j]]
+            for a in range(n):
+                best = a
+                for b in range(a + 1, width):
+                    if picked[b] > picked[best]:
+                        best = b
+                picked[a], picked[best] = picked[best], picked[a]
+            out[r, g] = picked[n - 1]
+
+
+def _in_chunks(kernel: Callable[[int, int], None], total: int, chunk: int) -> None:
+    """kernel(start, stop) over [0, total), chunks taken one at a time by torch's thread count of threads (a busy
+    core takes fewer chunks, as in nm/mask.py); the kernels release the GIL."""
+    chunks = iter(range(0, total, chunk))
 
     def worker() -> None:
         for start in chunks:  # next() on a shared iterator: each chunk goes to exactly one thread
-            _relu_gain_rows(values, threshold, start, min(start + CHANNELS_PER_TASK, groups), out)
+            kernel(start, min(start + chunk, total))
 
     with ThreadPoolExecutor(torch.get_num_threads()) as pool:
         for future in [pool.submit(worker) for _ in range(torch.get_num_threads())]:
             future.result()
 
 
-def _gains(scores: Sequence[torch.Tensor], assign: torch.Tensor, slot: int, pattern: NMPattern) -> torch.Tensor:
+def _gains(score: torch.Tensor, assign: torch.Tensor, slot: int, pattern: NMPattern) -> torch.Tensor:
     """gain[c, g]: importance kept by group g's other M−1 channels plus channel c (the one taken from group c's slot),
-    summed over matrices and rows, less what the other channels keep alone (a constant per group)."""
+    summed over the rows of `score` (float32, contiguous), less what the other channels keep alone (a constant per
+    group)."""
     groups = assign.shape[0]
-    others = torch.cat([assign[:, :slot], assign[:, slot + 1 :]], dim=1)  # [G, M-1]
+    others = torch.cat([assign[:, :slot], assign[:, slot + 1 :]], dim=1).numpy()  # [G, M-1]
     gain = np.zeros((groups, groups), dtype=np.float64)
-    for s in scores:
-        rest = s[:, others.reshape(-1)].reshape(s.shape[0], groups, pattern.m - 1)
-        threshold = rest.topk(pattern.n, dim=-1).values[..., -1]  # [rows, G]: the N-th largest of the rest
-        values = s[:, assign[:, slot]]  # [rows, G]
-        _add_relu_gain(values.contiguous().numpy(), threshold.contiguous().numpy(), gain)
+    for block in score.split(BLOCK_ROWS):
+        matrix, rows = block.numpy(), block.shape[0]
+        threshold = np.empty((rows, groups), dtype=np.float32)  # the N-th largest of the rest
+        _in_chunks(lambda a, b: _nth_largest_rows(matrix, others, pattern.n, a, b, threshold), rows, ROWS_PER_TASK)
+        values = block[:, assign[:, slot]].contiguous().numpy()  # [rows, G]
+        _in_chunks(lambda a, b: _relu_gain_rows(values, threshold, a, b, gain), groups, CHANNELS_PER_TASK)
     return torch.from_numpy(gain)
 
 
-def _refine(scores: Sequence[torch.Tensor], order: torch.Tensor, pattern: NMPattern) -> tuple[torch.Tensor, int]:
+def _refine(score: torch.Tensor, order: torch.Tensor, pattern: NMPattern) -> tuple[torch.Tensor, int]:
     assign = order.reshape(-1, pattern.m).clone()
     quiet, rounds = 0, 0
     while quiet < pattern.m and rounds < MAX_ROUNDS:
         slot = rounds % pattern.m
-        gain = _gains(scores, assign, slot, pattern)
+        gain = _gains(score, assign, slot, pattern)
         rows, cols = linear_sum_assignment(gain.numpy(), maximize=True)
         better = float(gain[rows, cols].sum()) > float(gain.diagonal().sum()) * (1 + 1e-9) + 1e-12
         if better:
@@ -118,20 +150,31 @@ def _refine(scores: Sequence[torch.Tensor], order: torch.Tensor, pattern: NMPatt
     return assign.reshape(-1), rounds
 
 
+def _stacked_abs(scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """|S| of every matrix stacked along the rows in one float32 matrix, without a second copy of the stack."""
+    stacked = torch.empty(sum(s.shape[0] for s in scores), scores[0].shape[1])
+    row = 0
+    for s in scores:
+        stacked[row : row + s.shape[0]].copy_(s).abs_()
+        row += s.shape[0]
+    return stacked
+
+
 def search_order(scores: Sequence[torch.Tensor], pattern: NMPattern) -> SearchResult:
-    """The channel order that keeps the most importance found; `scores` are [rows, K] matrices over the same K."""
+    """The channel order that keeps the most importance found; `scores` are [rows, K] matrices over the same K (the
+    objective sums over their rows, so they are searched as one matrix)."""
     k = scores[0].shape[1]
     if k % pattern.m or any(s.shape[1] != k for s in scores):
         raise ValueError(f"every importance matrix needs the same K, a multiple of {pattern.m}")
-    scores = [s.float().abs() for s in scores]
+    score = _stacked_abs(scores)
     identity = torch.arange(k)
-    before = kept_importance(scores, identity, pattern)
-    snake = _snake_order(scores, pattern)
-    start = snake if kept_importance(scores, snake, pattern) > before else identity
+    before = kept_importance([score], identity, pattern)
+    snake = _snake_order(score, pattern)
+    start = snake if kept_importance([score], snake, pattern) > before else identity
     if pattern.n == pattern.m:
         return SearchResult(identity, before, before, 0)
-    order, rounds = _refine(scores, start, pattern)
-    after = kept_importance(scores, order, pattern)
+    order, rounds = _refine(score, start, pattern)
+    after = kept_importance([score], order, pattern)
     if after <= before:  # float sums: never hand back an order that is not measurably better
         return SearchResult(identity, before, before, rounds)
     return SearchResult(order, before, after, rounds)
