@@ -110,7 +110,7 @@ def test_the_second_block_is_calibrated_on_the_pruned_first_blocks_outputs():
     assert torch.equal(result.weights["blocks.1.0"], expected)
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "alps"])
 def test_prune_with_calibration_is_deterministic_exact_and_recorded(cli, tmp_path, tiny_llama, method):
     args = ("prune", tiny_llama, "--pattern", "2:4", "--method", method, "--calib-samples", "8", "--seq-len", "32")
     r = cli(*args, "--out", tmp_path / "a", "--json")
@@ -129,7 +129,7 @@ def test_prune_with_calibration_is_deterministic_exact_and_recorded(cli, tmp_pat
 
 def test_calibrated_prune_bad_input(cli, tmp_path, tiny_llama, resnet_file):
     r = cli("prune", tiny_llama, "--method", "obs", "--out", tmp_path / "x")
-    assert r.exit_code == 2 and "--method 'obs': choose one of magnitude, wanda, sparsegpt" in r.output
+    assert r.exit_code == 2 and "--method 'obs': choose one of magnitude, wanda, sparsegpt, alps" in r.output
     r = cli("prune", "resnet18", "--checkpoint", resnet_file, "--method", "wanda", "--out", tmp_path / "y.safetensors")
     assert r.exit_code == 2 and "--calib IMAGE_FOLDER" in r.output
     plain = tmp_path / "plain.safetensors"

@@ -63,4 +63,4 @@ def test_prune_refine_keeps_the_mask_lowers_the_error_and_is_recorded(cli, tmp_p
     with safe_open(str(tmp_path / "refined" / "model.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["nmsparse.oneshot"])["refine"] == 10
     bad = cli("prune", tiny_llama, "--refine", "5", "--out", tmp_path / "never")
-    assert bad.exit_code == 2 and "--method wanda or sparsegpt" in bad.output and not (tmp_path / "never").exists()
+    assert bad.exit_code == 2 and "--method wanda, sparsegpt or alps" in bad.output and not (tmp_path / "never").exists()

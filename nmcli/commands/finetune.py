@@ -32,7 +32,7 @@ DataOpt = Annotated[Optional[str], typer.Option(
     "[default: python-help:0.3,wiki:0.7]"
 )]
 StartOpt = Annotated[Optional[str], typer.Option(
-    "--start", help="HF models: magnitude | wanda | sparsegpt (one-shot first) or an N:M checkpoint (default: the dense model)"
+    "--start", help="HF models: magnitude | wanda | sparsegpt | alps (one-shot first) or an N:M checkpoint (default: the dense model)"
 )]
 EXAMPLE_OPTIONS = "--example, --recipe, --pattern, --epochs, --lr, --out, --seed, --limit"
 

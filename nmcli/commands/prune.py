@@ -1,4 +1,4 @@
-"""`nmsparse prune`: one-shot N:M, magnitude streamed tensor by tensor or Wanda / SparseGPT calibrated."""
+"""`nmsparse prune`: one-shot N:M, magnitude streamed tensor by tensor or Wanda / SparseGPT / ALPS calibrated."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from nmcli.nm import CONVENTION, parse_pattern
 from nmcli.oneshot.allocation import DEFAULT_CANDIDATES
 
 CalibOpt = Annotated[
-    Optional[str], typer.Option("--calib", help="wanda/sparsegpt calibration data: text (the mixture "
+    Optional[str], typer.Option("--calib", help="wanda/sparsegpt/alps calibration data: text (the mixture "
                                 "python-help:0.3,wiki:0.7 [default], python-help, wiki, .txt/.md/.jsonl, folder, mixtures, "
                                 "teacher:N) for transformers; images (folder, mnist5k) for timm models")
 ]
@@ -47,13 +47,14 @@ def prune(
     exclude: ExcludeOpt = None,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
-    method: Annotated[str, typer.Option("--method", help="magnitude (no data) | wanda | sparsegpt")] = "magnitude",
+    method: Annotated[str, typer.Option("--method", help="magnitude (no data) | wanda | sparsegpt | alps (ADMM: "
+                                        "mask and weights chosen together; slower)")] = "magnitude",
     calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per calibration sample")] = 512,
     damp: Annotated[float, typer.Option("--damp", min=0.0, help="SparseGPT dampening, a fraction of mean(diag H)")] = 0.01,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="SparseGPT columns per lazy-update block")] = 128,
-    refine: Annotated[int, typer.Option("--refine", min=0, help="wanda/sparsegpt: conjugate-gradient steps that "
+    refine: Annotated[int, typer.Option("--refine", min=0, help="wanda/sparsegpt/alps: conjugate-gradient steps that "
                                         "re-fit the kept weights to the dense outputs, mask fixed (0: none)")] = 0,
     permute: Annotated[bool, typer.Option("--permute", help="reorder channels first (the model computes the same) so "
                                           "the pattern keeps more: Llama-like and BERT-like models")] = False,
@@ -66,8 +67,8 @@ def prune(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """One-shot N:M pruning: magnitude streamed tensor by tensor, or Wanda / SparseGPT calibrated layer by layer on
-    the outputs of the layers already pruned (dense-shaped output with exact zeros)."""
+    """One-shot N:M pruning: magnitude streamed tensor by tensor, or Wanda / SparseGPT / ALPS calibrated layer by
+    layer on the outputs of the layers already pruned (dense-shaped output with exact zeros)."""
     from nmcli.models.resolve import resolve
     from nmcli.prune import plan_prune
 
@@ -77,7 +78,7 @@ def prune(
         chosen = _oneshot_method(method, device)
         if refine and chosen.value == "magnitude":
             raise NMSparseError(f"--refine {refine}: re-fits the kept weights to calibration data; it goes with "
-                                "--method wanda or sparsegpt")
+                                "--method wanda, sparsegpt or alps")
         compute = _check_output_and_device(out_path, force, device)
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         plan = plan_prune(resolved, nm, include or (), exclude or ())
@@ -128,7 +129,7 @@ def _oneshot_method(name: str, device: str):  # noqa: ANN202
         raise NMSparseError(f"--method {name!r}: choose one of {', '.join(m.value for m in OneShotMethod)}") from None
     if chosen is OneShotMethod.MAGNITUDE and device != "cpu":
         raise NMSparseError(f"--device {device}: magnitude pruning streams the file on the CPU and runs no model; "
-                            "--device goes with --method wanda or sparsegpt")
+                            "--device goes with --method wanda, sparsegpt or alps")
     return chosen
 
 
@@ -151,7 +152,7 @@ def _magnitude(resolved, plan, out_path: Path, force: bool, show: bool):  # noqa
 
 
 def _calibrated_prune(resolved, plan, out_path, calib, solver, device, force, show, permute, budget):  # noqa: ANN001, ANN202, PLR0913
-    """Wanda / SparseGPT (or magnitude after --permute / --budget) on the model in memory, with a progress bar over
+    """Wanda / SparseGPT / ALPS (or magnitude after --permute / --budget) on the model in memory, with a progress bar over
     its blocks. The model's forward passes free and allocate large activations all along: glibc's threshold is
     fixed first so that freed ones go back to the OS (nmcli/runtime/allocator.py)."""
     from nmcli.oneshot.service import oneshot_prune

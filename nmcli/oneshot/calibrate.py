@@ -23,7 +23,7 @@ from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import CONV, HF_CONV1D, NMPattern, apply_nm
-from nmcli.oneshot.solvers import SingularHessian, reconstruction_error, refine_kept, sparsegpt, wanda
+from nmcli.oneshot.solvers import SingularHessian, alps, reconstruction_error, refine_kept, sparsegpt, wanda
 
 MAX_DAMP = 1.0  # a singular Hessian gets 10x more damping per try, up to this
 
@@ -32,6 +32,7 @@ class OneShotMethod(enum.Enum):
     MAGNITUDE = "magnitude"
     WANDA = "wanda"
     SPARSEGPT = "sparsegpt"
+    ALPS = "alps"
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,8 @@ def solve_layer(module: nn.Module, name: str, layer: LayerInfo, hessian: torch.T
     weight = weight_rows(module.weight.detach(), layer).float()
     if settings.method is OneShotMethod.WANDA:
         pruned = weight * wanda(weight, hessian.diagonal(), settings.pattern_for(name))
+    elif settings.method is OneShotMethod.ALPS:
+        pruned = alps(weight, hessian, settings.pattern_for(name), damp=settings.damp)
     else:
         pruned = _sparsegpt_damped(weight, hessian, settings, name, result)
     if settings.refine:

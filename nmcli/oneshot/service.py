@@ -1,4 +1,4 @@
-"""`nmsparse prune --method wanda|sparsegpt`: calibration data -> sequential calibration -> the streamed writer.
+"""`nmsparse prune --method wanda|sparsegpt|alps`: calibration data -> sequential calibration -> the streamed writer.
 
 Transformers are calibrated block by block on text (calibrate.py), image models layer by layer in one forward
 pass over a batch of images (onepass.py). The model is loaded whole on the CPU (fine for the ~100 M-parameter

@@ -1,7 +1,7 @@
-"""Wanda and SparseGPT for one weight matrix W [rows, K] (N:M groups along K), given its calibration statistics.
+"""Wanda, SparseGPT and ALPS for one weight matrix W [rows, K] (N:M groups along K), given its calibration statistics.
 
-Both take H = 2·XᵀX / n (the running mean over calibration tokens, methods.md §7): Wanda needs only its diagonal
-(‖X_:,j‖² up to a constant factor, which does not change any ranking), SparseGPT all of it. Pure functions of
+All take H = 2·XᵀX / n (the running mean over calibration tokens, methods.md §7): Wanda needs only its diagonal
+(‖X_:,j‖² up to a constant factor, which does not change any ranking), SparseGPT and ALPS all of it. Pure functions of
 tensors; float64 inside SparseGPT for a stable Cholesky on small layers, float32 for large ones.
 """
 
@@ -76,6 +76,57 @@ def sparsegpt(
         w[:, start:stop] = w1
         w[:, stop:] -= errors @ u[start:stop, stop:]
     return w.to(weight.dtype)
+
+
+ALPS_RHO = 0.1  # ADMM's first penalty, against the normalised Hessian's unit diagonal
+ALPS_MAX_ITERATIONS = 300
+ALPS_CHECK_EVERY = 3  # iterations between looks at how much of the mask still moves
+ALPS_MIN_ITERATIONS = 30
+ALPS_SETTLED = 3e-4  # mask entries moved since the last look, per kept weight, below which the mask has settled
+ALPS_BACKSOLVE = 20  # conjugate-gradient steps that fit the kept weights once the mask is fixed
+
+
+def _alps_penalty(rho: float, moved: float) -> float:
+    """ALPS' schedule: the penalty grows faster while much of the mask still moves (`moved`: per kept weight)."""
+    return rho * (1.3 if moved > 0.1 else 1.2 if moved > 0.005 else 1.1)
+
+
+def alps(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern, *, damp: float = 0.01) -> torch.Tensor:
+    """The pruned W: the N:M mask and kept weights chosen together by ADMM on ‖(W − Ŵ)X‖² (ALPS, Meng et al. 2024).
+
+    In the coordinates where H (damped) has a unit diagonal, B = W·‖X_j‖ (the start: Wanda's mask): alternate
+    B ← argmin ‖(B₀ − B)H^½‖² + ρ/2‖B − D + V/ρ‖², a linear solve through H's eigendecomposition; D ← the N:M
+    projection of B + V/ρ (the N largest |·| of each group); V ← V + ρ(B − D), with ρ growing until the mask
+    settles. The kept weights of the projected B are then re-fitted with the mask fixed (`refine_kept`, ALPS_BACKSOLVE
+    steps)."""
+    h = hessian.double()
+    h = h + damp * h.diagonal().mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)
+    scale = h.diagonal().clamp_min(torch.finfo(h.dtype).tiny).sqrt()
+    eigenvalues, vectors = torch.linalg.eigh(h / scale[:, None] / scale[None, :])
+    eigenvalues, vectors = eigenvalues.float(), vectors.float()
+    start = weight.detach().float() * scale.float()
+    target = start @ (vectors * eigenvalues) @ vectors.T  # B₀·H in the normalised coordinates
+
+    def project(b: torch.Tensor) -> torch.Tensor:
+        return b * _keep_top_n(b.abs(), pattern)
+
+    d, v, rho = project(start), torch.zeros_like(start), ALPS_RHO
+    kept, support = float((d != 0).sum()), d != 0
+    inverse = (vectors / (eigenvalues + rho)) @ vectors.T
+    b = start
+    for iteration in range(1, ALPS_MAX_ITERATIONS + 1):
+        b = (target - v + rho * d) @ inverse
+        d = project(b + v / rho)
+        v += rho * (b - d)
+        if iteration % ALPS_CHECK_EVERY == 0:
+            moved = float((support != (d != 0)).sum()) / kept
+            support = d != 0
+            if moved == 0 or (iteration >= ALPS_MIN_ITERATIONS and moved < ALPS_SETTLED):
+                break
+            rho = _alps_penalty(rho, moved)
+            inverse = (vectors / (eigenvalues + rho)) @ vectors.T
+    pruned = (project(b) / scale.float()).to(weight.dtype)
+    return refine_kept(weight, pruned, hessian, ALPS_BACKSOLVE, damp=damp)
 
 
 def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -113,7 +113,7 @@ def image_task(resolved: Resolved, ref: ModelRef, model: nn.Module, data: str, l
 def student_of(fresh: Callable[[], nn.Module], resolved: Resolved, start: str | None, plan: PrunePlan,
                text: TextSettings) -> nn.Module:
     """The student's starting weights: `fresh()`, a dense copy of its own; pruned one-shot by `--start magnitude|
-    wanda|sparsegpt` (calibrated on the training text); or an N:M checkpoint of the same architecture (`--start
+    wanda|sparsegpt|alps` (calibrated on the training text); or an N:M checkpoint of the same architecture (`--start
     PATH`, loaded alone: no dense copy is made for it)."""
     methods = {m.value: m for m in OneShotMethod}
     if start is None or start in methods:
