@@ -14,7 +14,6 @@ with all the others at a time, or take the first maximum at N = 1.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from nmcli.nm.compliance import count_nonfinite
 from nmcli.nm.layout import Layout, from_groups, to_groups
 from nmcli.nm.pattern import NMPattern
+from nmcli.runtime.chunks import in_chunks
 
 # float dtype -> (integer dtype of the same width, mask clearing the sign bit, bits of +Inf)
 _BITS = {
@@ -208,22 +208,8 @@ def _zero_chunk(bits: np.ndarray, n: int, abs_mask: int, nan_key: int) -> int:
 
 
 def _for_row_chunks(rows: int, m: int, work) -> None:  # noqa: ANN001 - work(start, stop)
-    """Run `work` over consecutive cache-sized row ranges. Large tensors: torch's thread count of workers, each
-    taking the next chunk when it is done with one (a shared counter), so a slow core simply does fewer chunks."""
-    step = max(1, CHUNK_ELEMENTS // m)
-    starts = iter(range(0, rows, step))  # next() on a range iterator is atomic under the GIL
-
-    def worker() -> None:
-        for start in starts:
-            work(start, min(start + step, rows))
-
-    threads = torch.get_num_threads()
-    if threads == 1 or rows * m < PARALLEL_MIN_ELEMENTS:
-        worker()
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        for future in [pool.submit(worker) for _ in range(threads)]:
-            future.result()
+    """Run `work` over consecutive cache-sized row ranges; large tensors over torch's thread count of workers."""
+    in_chunks(work, rows, max(1, CHUNK_ELEMENTS // m), parallel=rows * m >= PARALLEL_MIN_ELEMENTS)
 
 
 def _cpu_bits(groups: torch.Tensor) -> tuple[np.ndarray, int, int]:

@@ -16,8 +16,7 @@ Search (as RIA's channel reallocation, with an exact gain):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numba
@@ -26,6 +25,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from nmcli.nm import NMPattern
+from nmcli.runtime.chunks import in_chunks
 
 MAX_ROUNDS = 48
 CHANNELS_PER_TASK = 8  # rows of the gain matrix a worker thread takes at a time
@@ -104,20 +104,6 @@ def _nth_largest_rows(scores: np.ndarray, columns: np.ndarray, n: int, start: in
             out[r, g] = picked[n - 1]
 
 
-def _in_chunks(kernel: Callable[[int, int], None], total: int, chunk: int) -> None:
-    """kernel(start, stop) over [0, total), chunks taken one at a time by torch's thread count of threads (a busy
-    core takes fewer chunks, as in nm/mask.py); the kernels release the GIL."""
-    chunks = iter(range(0, total, chunk))
-
-    def worker() -> None:
-        for start in chunks:  # next() on a shared iterator: each chunk goes to exactly one thread
-            kernel(start, min(start + chunk, total))
-
-    with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-        for future in [pool.submit(worker) for _ in range(torch.get_num_threads())]:
-            future.result()
-
-
 def _gains(score: torch.Tensor, assign: torch.Tensor, slot: int, pattern: NMPattern) -> torch.Tensor:
     """gain[c, g]: importance kept by group g's other M−1 channels plus channel c (the one taken from group c's slot),
     summed over the rows of `score` (float32, contiguous), less what the other channels keep alone (a constant per
@@ -128,9 +114,9 @@ def _gains(score: torch.Tensor, assign: torch.Tensor, slot: int, pattern: NMPatt
     for block in score.split(BLOCK_ROWS):
         matrix, rows = block.numpy(), block.shape[0]
         threshold = np.empty((rows, groups), dtype=np.float32)  # the N-th largest of the rest
-        _in_chunks(lambda a, b: _nth_largest_rows(matrix, others, pattern.n, a, b, threshold), rows, ROWS_PER_TASK)
+        in_chunks(lambda a, b: _nth_largest_rows(matrix, others, pattern.n, a, b, threshold), rows, ROWS_PER_TASK)
         values = block[:, assign[:, slot]].contiguous().numpy()  # [rows, G]
-        _in_chunks(lambda a, b: _relu_gain_rows(values, threshold, a, b, gain), groups, CHANNELS_PER_TASK)
+        in_chunks(lambda a, b: _relu_gain_rows(values, threshold, a, b, gain), groups, CHANNELS_PER_TASK)
     return torch.from_numpy(gain)
 
 

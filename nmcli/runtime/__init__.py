@@ -1,2 +1,3 @@
 """Process-wide settings made once, before the work: OpenMP's barrier spin (openmp.py, set by the entry point) and
-glibc's mmap threshold (allocator.py, set by `prune` when it runs the model)."""
+glibc's mmap threshold (allocator.py, set by `prune` when it runs the model); and how numba kernels share torch's
+threads (chunks.py)."""
