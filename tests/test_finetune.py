@@ -249,11 +249,13 @@ def test_bf16_where_the_cpu_emulates_it_is_named_in_a_warning(cli, tmp_path, mon
 
     monkeypatch.setattr(nmcli.device, "bf16_is_native", lambda device: native)
     capability = torch.backends.cpu.get_cpu_capability()
-    for name, extra in {"bf16": ("--bf16",), "fp32": ()}.items():
+    runs = {"bf16": ("--bf16",), "fp32": (), "bf16-quiet": ("--bf16", "--quiet"), "bf16-json": ("--bf16", "--json")}
+    for name, extra in runs.items():
         r = cli(*BASE, "--out", tmp_path / name, "--recipe", "ste", "--epochs", "1", *extra)
         assert r.exit_code == 0, r.output
         warned = [line for line in r.stderr.splitlines() if line.startswith("warning: --bf16")]
-        expected = not native and name == "bf16"
+        expected = not native and name.startswith("bf16")  # --quiet and --json keep it: stderr, not their stdout
+        assert name != "bf16-json" or json.loads(r.stdout)
         assert len(warned) == (1 if expected else 0), r.stderr
         assert not expected or f"without native bf16 ({capability})" in warned[0]
 

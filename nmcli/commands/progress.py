@@ -51,7 +51,15 @@ class RichReporter:
 
     def message(self, text: str) -> None:
         if self.messages:
-            (self.bar.console if self.bar is not None else err).print(text, highlight=False)
+            self._print(text)
+
+    def warn(self, text: str) -> None:
+        """On stderr even under --quiet / --json (their stdout stays clean): what the user must know to act."""
+        if is_main_rank():
+            self._print(text)
+
+    def _print(self, text: str) -> None:
+        (self.bar.console if self.bar is not None else err).print(text, highlight=False)
 
     def finish(self) -> None:
         if self.bar is not None:

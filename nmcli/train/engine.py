@@ -139,6 +139,7 @@ class Reporter:
     def start(self, total_steps: int, first_step: int, description: str) -> None: ...
     def step(self, step: int, values: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
+    def warn(self, text: str) -> None: ...  # shown even where messages are not (--quiet, --json)
     def finish(self) -> None: ...
 
 
@@ -484,7 +485,7 @@ def _run(config: FinetuneConfig, reporter: Reporter, env: DistEnv) -> FinetuneRe
     if config.shard:
         check_shard(env.world, config.grad_log_every)
     if config.use_bf16 and (warning := bf16_warning(env.device)):
-        reporter.message(warning)
+        reporter.warn(warning)
     _seed_everything(config.seed)
     state = read_training_state(config.out, config.fingerprint(env.world)) if config.resume else None
     run = _prepare(config, env)
