@@ -110,9 +110,12 @@ def alps(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern, *, dam
     def project(b: torch.Tensor) -> torch.Tensor:
         return b * _keep_top_n(b.abs(), pattern)
 
+    def inverse_at(rho: float) -> torch.Tensor:  # (H + ρI)⁻¹
+        return (vectors / (eigenvalues + rho)) @ vectors.T
+
     d, v, rho = project(start), torch.zeros_like(start), ALPS_RHO
     kept, support = float((d != 0).sum()), d != 0
-    inverse = (vectors / (eigenvalues + rho)) @ vectors.T
+    inverse = inverse_at(rho)
     b = start
     for iteration in range(1, ALPS_MAX_ITERATIONS + 1):
         b = (target - v + rho * d) @ inverse
@@ -124,7 +127,7 @@ def alps(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern, *, dam
             if moved == 0 or (iteration >= ALPS_MIN_ITERATIONS and moved < ALPS_SETTLED):
                 break
             rho = _alps_penalty(rho, moved)
-            inverse = (vectors / (eigenvalues + rho)) @ vectors.T
+            inverse = inverse_at(rho)
     pruned = (project(b) / scale.float()).to(weight.dtype)
     return refine_kept(weight, pruned, hessian, ALPS_BACKSOLVE, damp=damp)
 
