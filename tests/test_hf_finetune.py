@@ -30,6 +30,7 @@ def test_causal_lm_distillation_recovers_perplexity_and_writes_a_loadable_tied_f
     summary = json.loads(r.stdout)
     assert summary["kind"] == "causal LM" and summary["all_layers_compliant"]
     assert {"start_perplexity", "one_shot_perplexity", "final_perplexity"} <= summary.keys()
+    assert summary["one_shot_perplexity"] != summary["start_perplexity"]  # a dense start: measured again at 2:4
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     saved = load_file(str(out / "model.safetensors"))
@@ -89,7 +90,7 @@ def test_distillation_steps_use_the_exact_mask_of_the_current_weights(cli, tmp_p
     assert len(seen) == 4 * 14 and all(seen)  # 4 steps x 14 target layers
 
 
-def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, tiny_llama, tiny_bert):
+def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, tiny_llama, tiny_bert, monkeypatch):
     pruned = tmp_path / "pruned"
     assert cli("prune", tiny_llama, "--pattern", "2:4", "--out", pruned, "--quiet").exit_code == 0
     r = cli("finetune", "--model", tiny_llama, "--start", pruned, "--recipe", "fixed-mask", "--epochs", "1", *COMMON,
@@ -97,14 +98,24 @@ def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, tiny_l
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["start_perplexity"] == pytest.approx(summary["one_shot_perplexity"])  # it starts 2:4 already
-    starts = {}
+    starts, evaluations = {}, []
+    measured = nmcli.train.engine._Run.evaluate
+    monkeypatch.setattr(nmcli.train.engine._Run, "evaluate", lambda run: evaluations.append(1) or measured(run))
     for method in ("magnitude", "sparsegpt"):
-        r = cli("finetune", "--model", tiny_llama, "--start", method, "--recipe", "fixed-mask", "--epochs", "1", *COMMON,
-                "--out", tmp_path / method, "--json")
-        assert r.exit_code == 0, r.output
-        summary = json.loads(r.stdout)
-        assert summary["start_perplexity"] == pytest.approx(summary["one_shot_perplexity"]), method
+        def finetune(out):  # noqa: ANN202
+            evaluations.clear()
+            r = cli("finetune", "--model", tiny_llama, "--start", method, "--recipe", "fixed-mask", "--epochs", "1",
+                    *COMMON, "--out", out, "--json")
+            assert r.exit_code == 0, r.output
+            return json.loads(r.stdout), len(evaluations)
+
+        summary, count = finetune(tmp_path / method)
+        assert summary["one_shot_perplexity"] == summary["start_perplexity"] and count == 2, method  # start, final
         starts[method] = summary["start_perplexity"]
+        with monkeypatch.context() as forced:  # measured after all: the start's masks at 2:4 change nothing
+            forced.setattr(nmcli.train.engine, "_pruned_at_target", lambda start: False)
+            again, count = finetune(tmp_path / f"{method}-measured")
+        assert again["one_shot_perplexity"] == pytest.approx(starts[method]) and count == 3, method
     assert starts["sparsegpt"] != starts["magnitude"]  # SparseGPT's updated weights, not the magnitude mask
     r = cli("finetune", "--model", tiny_llama, "--start", tiny_bert, "--epochs", "1", *COMMON, "--out", tmp_path / "p")
     assert r.exit_code == 2 and "a checkpoint of LlamaForCausalLM is needed" in r.output

@@ -123,3 +123,21 @@ def test_encoder_quality_against_the_teacher():
     worse = quality(model)
     assert worse["cosine"] < 0.99 and worse["sentence_cosine"] < 0.99
     assert PadCollate(0)([torch.tensor([5, 6]), torch.tensor([7])])["attention_mask"].tolist() == [[1, 1], [1, 0]]
+
+
+def test_embeddings_come_back_in_the_samples_order_each_as_if_run_alone(tmp_path):
+    import nmcli.eval as evaluation
+    from nmcli.data.tokens import TokenSamples
+
+    model = transformers.AutoModel.from_pretrained(save_tiny_hf(tmp_path / "b", "bert"))
+    torch.manual_seed(0)
+    lengths = [9, 2, 14, 5, 2, 11, 7]  # not sorted: the batches go shortest first, the rows must not
+    samples = TokenSamples([torch.randint(1, 128, (n,)) for n in lengths])
+    with torch.no_grad():  # one sample alone: no padding, no batch order, the expectation
+        alone = torch.stack([model(input_ids=ids[None]).last_hidden_state[0].mean(0) for ids in samples.ids])
+    batched = []
+    for batch in evaluation._batches(model, samples, 0, 3):  # like lengths together: each batch pads little
+        lengths_in = batch["attention_mask"].sum(1)
+        batched.append(int(lengths_in.max() - lengths_in.min()))
+    assert batched == [3, 4, 0]  # lengths (2, 2, 5), (7, 9, 11), (14,)
+    assert torch.allclose(evaluation.embed(model, samples, 0), alone, atol=1e-5)

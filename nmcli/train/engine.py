@@ -40,7 +40,7 @@ from nmcli.methods.plan import StepPlan, plan_step, relative_training_flops
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.architecture import ModelKind, ModelRef, model_kind
 from nmcli.models.resolve import Resolved, load_model, resolve
-from nmcli.nm import compliance, count_nonfinite
+from nmcli.nm import NMPattern, compliance, count_nonfinite
 from nmcli.oneshot.calibrate import OneShotMethod
 from nmcli.prune import PrunePlan, plan_prune
 from nmcli.recipes import Recipe, to_dict
@@ -366,19 +366,31 @@ def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int,
     quality = run.evaluate()
     reporter.message(f"start: {quality_text(quality, run.task.held_out)} ({run.task.description})")
     if config.recipe.method.sparse:
-        run.sparsifier.set_plan(StepPlan(Phase.FINETUNE, (target,), 0))  # every target layer at its magnitude N:M mask
-        run.one_shot = run.evaluate()
-        run.sparsifier.set_plan(StepPlan(Phase.DENSE, (target,), 0))
+        run.one_shot = quality if _pruned_at_target(config.start) else _one_shot_quality(run, target)
         reporter.message(f"one-shot {_start_label(config.start)} {target}: {quality_text(run.one_shot, run.task.held_out)} (no training)")
     run.log.write({"event": "start", **quality, **{f"one_shot_{k}": v for k, v in (run.one_shot or {}).items()}, "step": 0})
     return 0, 0, quality
+
+
+def _pruned_at_target(start: str | None) -> bool:
+    """A one-shot start (`--start sparsegpt`...) was pruned at the recipe's target (or each layer's own pattern):
+    its N:M masks keep every weight it has, so its one-shot quality is its start quality, not measured twice."""
+    return start in {m.value for m in OneShotMethod}
+
+
+def _one_shot_quality(run: _Run, target: NMPattern) -> dict[str, float]:
+    """The quality with every target layer at its magnitude N:M mask, before any training."""
+    run.sparsifier.set_plan(StepPlan(Phase.FINETUNE, (target,), 0))
+    quality = run.evaluate()
+    run.sparsifier.set_plan(StepPlan(Phase.DENSE, (target,), 0))
+    return quality
 
 
 def _start_label(start: str | None) -> str:
     """How the student's one-shot N:M weights were made (the one-shot quality is the target mask of the start)."""
     if start is None:
         return "magnitude"
-    return start if start in {m.value for m in OneShotMethod} else f"from {start}"
+    return start if _pruned_at_target(start) else f"from {start}"
 
 
 def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[int, StepPlan | None]:
