@@ -4,8 +4,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+from nmcli.runtime.openmp import spin_briefly
+
+# before anything loads torch (and with it libgomp): the suite runs in-process what `nmsparse` runs with a brief
+# OpenMP spin (nmcli/__main__.py). With the default spin, a test that writes text token by token took 61 s beside
+# another test run against 13 s with it.
+spin_briefly()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
