@@ -180,10 +180,10 @@ def test_built_in_minilm_example_runs_end_to_end_with_its_options(cli, tmp_path)
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["example"] == "minilm" and result["pattern"] == "1:4" and result["all_layers_compliant"] is True
-    assert result["start"] == "sparsegpt"
+    assert result["start"] == "alps"
     assert list(result["domains"]) == ["news", "python-help"]  # the general domain first: it is the headline
     for domain in result["domains"].values():
-        assert domain["one_shot"]["paragraphs"] < 0.95  # 1:4 one-shot loses quality, even with SparseGPT
+        assert domain["one_shot"]["paragraphs"] < 0.95  # 1:4 one-shot loses quality, even with ALPS
         recovered = domain["recovered"]
         assert 0 < recovered["paragraphs"] <= 1 and 0 < recovered["sentences"] <= 1
         assert 0 <= recovered["top1_agreement"] <= 1 and 0 <= recovered["recall_at_10"] <= 1
