@@ -373,8 +373,8 @@ def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int,
 
 
 def _pruned_at_target(start: str | None) -> bool:
-    """A one-shot start (`--start sparsegpt`...) was pruned at the recipe's target (or each layer's own pattern):
-    its N:M masks keep every weight it has, so its one-shot quality is its start quality, not measured twice."""
+    """A one-shot start (`--start sparsegpt`...) was pruned at the recipe's target: its N:M masks keep every
+    weight it has, so its one-shot quality is its start quality, not measured twice."""
     return start in {m.value for m in OneShotMethod}
 
 
