@@ -30,7 +30,7 @@ from nmcli.data.tokens import PadCollate, TokenSamples, encoder_samples, encoder
 from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models.architecture import ModelKind, data_config, model_kind
-from nmcli.train.distill import mean_pool
+from nmcli.train.distill import mean_pool, next_token_nll
 from nmcli.train.distributed import DistEnv, sum_over_ranks
 
 MAX_EVAL_SAMPLES = 256  # per held-out set of an encoder: enough for a stable mean, small enough for every epoch
@@ -89,9 +89,8 @@ def perplexity(model: nn.Module, samples: TokenSamples, pad_id: int, autocast: C
     nll, count = 0.0, 0
     with torch.no_grad(), autocast():
         for batch in _batches(model, samples, pad_id, LM_EVAL_BATCH):
-            logits = model(**batch).logits.float()
             pairs = batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]
-            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+            losses = next_token_nll(model(**batch).logits, batch["input_ids"])
             nll += float((losses * pairs).sum())
             count += int(pairs.sum())
     model.train(was_training)

@@ -69,9 +69,11 @@ def test_chunked_kl_keeps_bf16_logits_in_bf16_for_the_gradient():
 
 def test_next_token_ce_matches_cross_entropy_on_the_unpadded_tokens():
     torch.manual_seed(1)
-    logits, ids = torch.randn(1, 4, 7), torch.tensor([[3, 1, 4, 1]])
-    mask = torch.tensor([[1, 1, 1, 0]])
-    expected = F.cross_entropy(logits[0, :2], ids[0, 1:3])  # predictions of tokens 1 and 2 only
+    logits, ids = torch.randn(2, 4, 7), torch.tensor([[3, 1, 4, 1], [5, 0, 2, 6]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    # the predictions of tokens 1 and 2 of the first row, 1 to 3 of the second: 5 in all
+    expected = torch.cat([F.cross_entropy(logits[0, :2], ids[0, 1:3], reduction="none"),
+                          F.cross_entropy(logits[1, :3], ids[1, 1:], reduction="none")]).mean()
     assert next_token_ce(logits, ids, mask).item() == pytest.approx(expected.item(), rel=1e-6)
 
 

@@ -89,10 +89,17 @@ def logit_kl(
                                  float(temperature), rows)
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T-1]: -log p(ids[:, t+1] | ids[:, :t+1]) from logits [B, T, V]. The rows go to cross_entropy flat, as
+    [B*(T-1), V]: over a transposed [B, V, T-1] view it took 4x the time on a 49,152-word vocabulary."""
+    batch, steps, vocabulary = logits.shape
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocabulary), ids[:, 1:].reshape(-1), reduction="none")
+    return nll.view(batch, steps - 1)
+
+
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each real token given the ones before it."""
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return _masked_mean(nll, mask[:, 1:] * mask[:, :-1])
+    return _masked_mean(next_token_nll(logits, ids), mask[:, 1:] * mask[:, :-1])
 
 
 def squarehead(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
