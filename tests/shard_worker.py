@@ -35,8 +35,9 @@ def main() -> None:
         nmcli.train.engine.check_shard = lambda world, grad_log_every: None
         dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
     for recipe in ("fixed-mask", "sr-ste", "mdgf-linear", lora):
-        for shard in (False, True):
-            run(model, root / f"{Path(recipe).stem}-{'shard' if shard else 'ddp'}", recipe, shard, device)
+        for shard in (False, True):  # the start's evaluations (sharded too) once: they do not depend on the recipe
+            run(model, root / f"{Path(recipe).stem}-{'shard' if shard else 'ddp'}", recipe, shard, device,
+                measure_start=recipe == "fixed-mask")
     run(model, root / "cut", "sr-ste", True, device, stop_after=1)
     run(model, root / "cut", "sr-ste", True, device, resume=True)
     dist.destroy_process_group()
