@@ -30,7 +30,6 @@ from nmcli.runtime.openmp import setting, spin_briefly
 
 spin_briefly()  # as the nmsparse command does, before torch loads OpenMP
 
-import timm.optim  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -40,7 +39,7 @@ from nmcli.methods.sparsifier import Sparsifier  # noqa: E402
 from nmcli.models.targets import LayerInfo  # noqa: E402
 from nmcli.recipes import builtin_names, load_recipe  # noqa: E402
 from nmcli.schedules import Phases  # noqa: E402
-from nmcli.train.engine import train_step  # noqa: E402
+from nmcli.train.engine import recipe_optimizer, train_step  # noqa: E402
 
 SCHEDULE_STEPS = 1000
 PATTERNS = ("2:4", "1:16")
@@ -151,7 +150,7 @@ def make_runner(name: str, pattern: str, subject: Subject):
     sparsifier = Sparsifier(model, targets)
     if name != PLAIN:
         sparsifier.attach()
-    optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
+    optimizer = recipe_optimizer(recipe.with_overrides(lr=1e-4), model)  # finetune's optimizer (the recipe's AdamW)
     phases = Phases.from_fractions(SCHEDULE_STEPS, recipe.dense_fraction, recipe.finetune_fraction)
     position = [0]
 

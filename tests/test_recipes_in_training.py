@@ -10,6 +10,7 @@ The run: tiny ViT, 128 samples, batch 32 -> 4 steps per epoch; 5 epochs = 20 ste
 phase decay over steps 0-15 and fine-tune over 16-19.
 """
 
+import copy
 import dataclasses
 
 import pytest
@@ -171,3 +172,31 @@ def test_the_fine_tune_mask_is_frozen_only_when_the_recipe_says_so(cli, tmp_path
         assert same
     else:
         assert recomputed and not same  # the magnitude mask follows the weights
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "adamw", "lr": 1e-2, "weight_decay": 0.05, "betas": [0.8, 0.9]},
+                                       {"name": "sgd", "lr": 1e-2, "momentum": 0.5}, {"name": "lamb", "lr": 1e-2}])
+def test_the_recipes_optimizer_is_fused_where_torch_has_it_and_steps_as_the_unfused_one(optimizer):
+    from nmcli.recipes import from_dict
+    from nmcli.train.engine import _optimizer_and_scheduler
+
+    recipe = from_dict({"name": "t", "method": "fixed-mask", "pattern": "2:4", "optimizer": optimizer}, "t.yaml")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    twin, initial = copy.deepcopy(model), copy.deepcopy(model)
+    built, _ = _optimizer_and_scheduler(recipe, model, epochs=1, steps_per_epoch=4)
+    assert bool(built.defaults.get("fused")) is (optimizer["name"] != "lamb")  # timm's Lamb has no fused kernel
+    # the unfused reference, by hand from the recipe: weight decay on matrices only, as timm groups the parameters
+    groups = [{"params": [p for p in twin.parameters() if p.ndim > 1], "weight_decay": recipe.optimizer["weight_decay"]},
+              {"params": [p for p in twin.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    options = {"lr": built.param_groups[0]["lr"], **{k: v for k, v in optimizer.items() if k in ("betas", "momentum")}}
+    reference = type(built)(groups, **options, **({"nesterov": True} if optimizer["name"] == "sgd" else {}))
+    x = torch.randn(16, 8)
+    for net, opt in ((model, built), (twin, reference)):
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), initial.parameters()))  # it stepped

@@ -264,15 +264,29 @@ class _Run:
         return self.task.evaluate(self.model, self.env, self.autocast)
 
 
-def _optimizer_and_scheduler(recipe: Recipe, model: torch.nn.Module, epochs: int, steps_per_epoch: int):  # noqa: ANN202
-    """timm's factories, configured by the recipe; the LR schedule advances every step."""
+# torch's optimizers that take fused=True, on CPU as on GPU: one kernel per update instead of a dozen ops per tensor
+# (a sixth of the time for SmolLM2-135M's AdamW step; bench/lm_step.py)
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
+def recipe_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer as the recipe names and configures it, fused where torch has a fused kernel."""
     import timm.optim
-    import timm.scheduler
 
     opt_cfg = dict(recipe.optimizer)
-    optimizer = timm.optim.create_optimizer_v2(
-        model, opt=opt_cfg.pop("name"), lr=opt_cfg.pop("lr"), weight_decay=opt_cfg.pop("weight_decay", 0.0), **opt_cfg
+    name = opt_cfg.pop("name")
+    if timm.optim.get_optimizer_info(name).opt_class in FUSED_OPTIMIZERS:
+        opt_cfg["fused"] = True
+    return timm.optim.create_optimizer_v2(
+        model, opt=name, lr=opt_cfg.pop("lr"), weight_decay=opt_cfg.pop("weight_decay", 0.0), **opt_cfg
     )
+
+
+def _optimizer_and_scheduler(recipe: Recipe, model: torch.nn.Module, epochs: int, steps_per_epoch: int):  # noqa: ANN202
+    """timm's factories, configured by the recipe; the LR schedule advances every step."""
+    import timm.scheduler
+
+    optimizer = recipe_optimizer(recipe, model)
     sched_cfg = recipe.scheduler
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer,
