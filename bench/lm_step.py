@@ -6,6 +6,7 @@ bf16 autocast, fp32 master weights). Each precision runs in a fresh process, so 
 tokens/s counts the batch's real tokens per step (the fastest of `--steps` steps after a warm-up step). Both
 conditions: idle, and with a competing busy process per core minus one (bench/contention.py).
     python bench/lm_step.py [--folder bench/.models/smollm2-135m] [--batch 4] [--seq-len 256] [--steps 3]
+bf16 runs by default only where it is native (bench/bf16_speed.py: emulated, a step takes over 10 minutes).
 """
 
 from __future__ import annotations
@@ -50,17 +51,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--recipe", default="sr-ste")
     parser.add_argument("--pattern", default="2:4")
+    parser.add_argument("--precisions", default=None,
+                        help="fp32,bf16 or one of them [default: fp32, and bf16 where this CPU computes it natively]")
     parser.add_argument("--child", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
     spin_briefly()  # the children inherit it, as the nmsparse command's would
+    import torch
+
+    from nmcli.device import bf16_is_native
+
+    native = bf16_is_native(torch.device("cpu"))
+    precisions = args.precisions.split(",") if args.precisions else ["fp32", *(["bf16"] if native else [])]
     print(f"recipe {args.recipe} at {args.pattern}, batch {args.batch} x {args.seq_len} tokens; {setting()}")
     for label, condition in CONDITIONS:
         with condition() as busy:
             print(f"\n{describe(label, busy)}")
-            for precision in ("fp32", "bf16"):
+            for precision in precisions:
                 code, stdout, _, peak_gib = run_child([sys.executable, __file__, "--child", precision, *sys.argv[1:]])
                 if code:
                     raise SystemExit(f"{precision} step failed (exit {code})")
