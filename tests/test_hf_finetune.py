@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 
 import nmcli.train.engine
+from nmcli.methods.sparsifier import Sparsifier
 from nmcli.recipes import builtin_names
 from tests.conftest import save_tiny_hf
 from tests.reference import brute_force_mask
@@ -93,30 +94,26 @@ def test_distillation_steps_use_the_exact_mask_of_the_current_weights(cli, tmp_p
 def test_start_from_a_pruned_checkpoint_and_bad_hf_options(cli, tmp_path, tiny_llama, tiny_bert, monkeypatch):
     pruned = tmp_path / "pruned"
     assert cli("prune", tiny_llama, "--pattern", "2:4", "--out", pruned, "--quiet").exit_code == 0
-    r = cli("finetune", "--model", tiny_llama, "--start", pruned, "--recipe", "fixed-mask", "--epochs", "1", *COMMON,
-            "--out", tmp_path / "o", "--json")
-    assert r.exit_code == 0, r.output
-    summary = json.loads(r.stdout)
-    assert summary["start_perplexity"] == pytest.approx(summary["one_shot_perplexity"])  # it starts 2:4 already
     starts, evaluations = {}, []
     measured = nmcli.train.engine._Run.evaluate
     monkeypatch.setattr(nmcli.train.engine._Run, "evaluate", lambda run: evaluations.append(1) or measured(run))
-    for method in ("magnitude", "sparsegpt"):
+    for start in ("magnitude", "sparsegpt", str(pruned)):  # each 2:4 already: its one-shot quality is its start's
         def finetune(out):  # noqa: ANN202
             evaluations.clear()
-            r = cli("finetune", "--model", tiny_llama, "--start", method, "--recipe", "fixed-mask", "--epochs", "1",
+            r = cli("finetune", "--model", tiny_llama, "--start", start, "--recipe", "fixed-mask", "--epochs", "1",
                     *COMMON, "--out", out, "--json")
             assert r.exit_code == 0, r.output
             return json.loads(r.stdout), len(evaluations)
 
-        summary, count = finetune(tmp_path / method)
-        assert summary["one_shot_perplexity"] == summary["start_perplexity"] and count == 2, method  # start, final
-        starts[method] = summary["start_perplexity"]
+        summary, count = finetune(tmp_path / f"{len(starts)}")
+        assert summary["one_shot_perplexity"] == summary["start_perplexity"] and count == 2, start  # start, final
+        starts[start] = summary["start_perplexity"]
         with monkeypatch.context() as forced:  # measured after all: the start's masks at 2:4 change nothing
-            forced.setattr(nmcli.train.engine, "_pruned_at_target", lambda start: False)
-            again, count = finetune(tmp_path / f"{method}-measured")
-        assert again["one_shot_perplexity"] == pytest.approx(starts[method]) and count == 3, method
+            forced.setattr(Sparsifier, "masks_keep_every_weight", lambda sparsifier: False)
+            again, count = finetune(tmp_path / f"{len(starts)}-measured")
+        assert again["one_shot_perplexity"] == pytest.approx(starts[start]) and count == 3, start
     assert starts["sparsegpt"] != starts["magnitude"]  # SparseGPT's updated weights, not the magnitude mask
+    assert starts[str(pruned)] == pytest.approx(starts["magnitude"])  # prune's magnitude 2:4, the same weights
     r = cli("finetune", "--model", tiny_llama, "--start", tiny_bert, "--epochs", "1", *COMMON, "--out", tmp_path / "p")
     assert r.exit_code == 2 and "a checkpoint of LlamaForCausalLM is needed" in r.output
     other = save_tiny_hf(tmp_path / "other", "llama")  # the same class, a smaller vocabulary

@@ -14,6 +14,7 @@ from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 
 from nmcli.errors import NMSparseError
@@ -139,6 +140,20 @@ class Sparsifier:
             if not plan.freeze:
                 param.frozen = None
             param.plan = plan
+
+    def masks_keep_every_weight(self) -> bool:
+        """Whether the masks of the plan set now zero no weight: each target weight is N:M at its layer's pattern
+        already (a one-shot start, a pruned checkpoint), so the masked model computes what the unmasked one does.
+        A sharded weight is gathered whole first (every rank calls this)."""
+        for name, param in self.params.items():
+            pattern = param.pattern()
+            if pattern is None or pattern.is_dense:
+                continue
+            weight = self.original(name).detach()
+            weight = weight.full_tensor() if isinstance(weight, DTensor) else weight
+            if bool((weight != 0).logical_and_(~param.keep_mask(weight, pattern)).any()):
+                return False
+        return True
 
     def original(self, name: str) -> torch.Tensor:
         """The dense master weight the optimizer updates."""

@@ -380,22 +380,18 @@ def _begin(run: _Run, reporter: Reporter, state: dict | None) -> tuple[int, int,
     quality = run.evaluate()
     reporter.message(f"start: {quality_text(quality, run.task.held_out)} ({run.task.description})")
     if config.recipe.method.sparse:
-        run.one_shot = quality if _pruned_at_target(config.start) else _one_shot_quality(run, target)
+        run.one_shot = _one_shot_quality(run, target, quality)
         reporter.message(f"one-shot {_start_label(config.start)} {target}: {quality_text(run.one_shot, run.task.held_out)} (no training)")
     run.log.write({"event": "start", **quality, **{f"one_shot_{k}": v for k, v in (run.one_shot or {}).items()}, "step": 0})
     return 0, 0, quality
 
 
-def _pruned_at_target(start: str | None) -> bool:
-    """A one-shot start (`--start sparsegpt`...) was pruned at the recipe's target: its N:M masks keep every
-    weight it has, so its one-shot quality is its start quality, not measured twice."""
-    return start in {m.value for m in OneShotMethod}
-
-
-def _one_shot_quality(run: _Run, target: NMPattern) -> dict[str, float]:
-    """The quality with every target layer at its magnitude N:M mask, before any training."""
+def _one_shot_quality(run: _Run, target: NMPattern, start: dict[str, float]) -> dict[str, float]:
+    """The quality with every target layer at its magnitude N:M mask, before any training: the `start` quality
+    itself, not measured twice, where those masks zero no weight (a one-shot start, a checkpoint pruned at the
+    target already)."""
     run.sparsifier.set_plan(StepPlan(Phase.FINETUNE, (target,), 0))
-    quality = run.evaluate()
+    quality = start if run.sparsifier.masks_keep_every_weight() else run.evaluate()
     run.sparsifier.set_plan(StepPlan(Phase.DENSE, (target,), 0))
     return quality
 
@@ -404,7 +400,7 @@ def _start_label(start: str | None) -> str:
     """How the student's one-shot N:M weights were made (the one-shot quality is the target mask of the start)."""
     if start is None:
         return "magnitude"
-    return start if _pruned_at_target(start) else f"from {start}"
+    return start if start in {m.value for m in OneShotMethod} else f"from {start}"
 
 
 def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[int, StepPlan | None]:
