@@ -265,7 +265,7 @@ class _Run:
 
 
 # torch's optimizers that take fused=True, on CPU as on GPU: one kernel per update instead of a dozen ops per tensor
-# (a sixth of the time for SmolLM2-135M's AdamW step; bench/lm_step.py)
+# (bench/lm_step.py times the step)
 FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
 
 
