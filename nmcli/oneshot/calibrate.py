@@ -35,6 +35,11 @@ class OneShotMethod(enum.Enum):
     ALPS = "alps"
 
 
+def one_shot_start(start: str | None) -> OneShotMethod | None:
+    """The method `finetune --start` names (`--start sparsegpt`: pruned in memory), None for a checkpoint or none."""
+    return next((m for m in OneShotMethod if m.value == start), None)
+
+
 @dataclass(frozen=True)
 class SolverSettings:
     method: OneShotMethod

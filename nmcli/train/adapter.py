@@ -17,7 +17,7 @@ from nmcli.errors import NMSparseError
 from nmcli.io.peft_adapter import lora_config
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.architecture import ModelKind
-from nmcli.oneshot.calibrate import OneShotMethod
+from nmcli.oneshot.calibrate import one_shot_start
 from nmcli.recipes import LoraSpec
 
 TASK_TYPES = {ModelKind.CAUSAL_LM: "CAUSAL_LM", ModelKind.ENCODER: "FEATURE_EXTRACTION",
@@ -46,7 +46,7 @@ def check_lora_settings(recipe_name: str, lora: LoraSpec | None, *, keep_adapter
     if lora.train_norms:
         raise NMSparseError("--keep-adapter: lora.train_norms also trains norms and biases, which a LoRA adapter "
                             "cannot hold (the merged model has them); drop one of the two")
-    if start in {m.value for m in OneShotMethod}:
+    if one_shot_start(start) is not None:
         raise NMSparseError(f"--keep-adapter: the adapter's base must be on disk, and --start {start} prunes in "
                             f"memory; prune first (nmsparse prune MODEL --method {start} --out BASE) and pass --start BASE")
 

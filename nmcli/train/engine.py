@@ -41,7 +41,7 @@ from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.architecture import ModelKind, ModelRef, model_kind
 from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.nm import NMPattern, compliance, count_nonfinite
-from nmcli.oneshot.calibrate import OneShotMethod
+from nmcli.oneshot.calibrate import one_shot_start
 from nmcli.prune import PrunePlan, plan_prune
 from nmcli.recipes import Recipe, to_dict
 from nmcli.report.flops import target_costs
@@ -400,7 +400,7 @@ def _start_label(start: str | None) -> str:
     """How the student's one-shot N:M weights were made (the one-shot quality is the target mask of the start)."""
     if start is None:
         return "magnitude"
-    return start if start in {m.value for m in OneShotMethod} else f"from {start}"
+    return start if one_shot_start(start) is not None else f"from {start}"
 
 
 def _train_epoch(run: _Run, epoch: int, step: int, reporter: Reporter) -> tuple[int, StepPlan | None]:

@@ -30,7 +30,7 @@ from nmcli.errors import NMSparseError
 from nmcli.eval import QualitySuite, accuracy, check_seq_len, text_data, training_samples
 from nmcli.models.architecture import ModelKind, ModelRef, build_model, data_config, model_kind
 from nmcli.models.channels import reorder_residual
-from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
+from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune, one_shot_start
 from nmcli.oneshot.service import CalibrationSettings, calibration_batches
 from nmcli.nm import NMPattern
 from nmcli.oneshot.budget import KEPT_DENSE
@@ -115,19 +115,19 @@ def student_of(fresh: Callable[[], nn.Module], resolved: Resolved, start: str | 
     """The student's starting weights: `fresh()`, a dense copy of its own; pruned one-shot by `--start magnitude|
     wanda|sparsegpt|alps` (calibrated on the training text); or an N:M checkpoint of the same architecture (`--start
     PATH`, loaded alone: no dense copy is made for it)."""
-    methods = {m.value: m for m in OneShotMethod}
-    if start is None or start in methods:
+    method = one_shot_start(start)
+    if start is None or method is not None:
         student = fresh()
-        if start == OneShotMethod.MAGNITUDE.value:
+        if method is OneShotMethod.MAGNITUDE:
             prune_model_(student, plan)
-        elif start is not None:
+        elif method is not None:
             # generated text: calibrate on real text of general use (calibrated on one domain, the start is far
             # worse on the others: README's benchmark section)
             written = teacher_count(text.data) or writer_spec(text.data)
             calib = CalibrationSettings(GENERAL_USE if written else text.data, seed=text.seed, seq_len=text.seq_len)
             by_module = {layer.module: layer for layer in plan.targets.values()}
             calibrate_and_prune(student, by_module, calibration_batches(resolved, student, calib),
-                                SolverSettings(methods[start], plan.pattern))
+                                SolverSettings(method, plan.pattern))
         return student
     started = resolve(start)
     if started.model is None or started.model.name != resolved.model.name:
@@ -146,7 +146,7 @@ def training_plan(resolved: Resolved, target: NMPattern, include: tuple[str, ...
     --budget) each layer keeps the pattern the start declares for it, whatever the recipe's, and the layers it left
     dense stay dense."""
     plan = plan_prune(resolved, target, include, exclude)
-    if start is None or start in {m.value for m in OneShotMethod}:
+    if start is None or one_shot_start(start) is not None:
         return plan
     declared = declared_plan(resolve(start))
     budgeted = {n: why for n, why in (declared.skipped if declared else {}).items() if why.startswith(KEPT_DENSE)}
@@ -164,7 +164,7 @@ def training_plan(resolved: Resolved, target: NMPattern, include: tuple[str, ...
 def align_teacher(teacher: nn.Module, start: str | None) -> None:
     """A `--start` checkpoint pruned with `prune --permute` may hold the residual stream in another order: the
     teacher takes the same order (its logits do not change), so that hidden-state terms compare like with like."""
-    if start is None or start in {m.value for m in OneShotMethod}:
+    if start is None or one_shot_start(start) is not None:
         return
     declared = resolve(start).declared
     order = ((declared.oneshot or {}).get("permutation") or {}).get("residual_order") if declared else None
