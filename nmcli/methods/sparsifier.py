@@ -145,11 +145,12 @@ class Sparsifier:
         """Whether the masks of the plan set now zero no weight: each target weight is N:M at its layer's pattern
         already (a one-shot start, a pruned checkpoint), so the masked model computes what the unmasked one does.
         A sharded weight is gathered whole first (every rank calls this)."""
-        for name, param in self.params.items():
+        for name, module in self.modules():
+            param = self.params[name]
             pattern = param.pattern()
             if pattern is None or pattern.is_dense:
                 continue
-            weight = self.original(name).detach()
+            weight = module.parametrizations.weight.original.detach()  # not self.original: one module walk in all
             weight = weight.full_tensor() if isinstance(weight, DTensor) else weight
             if bool((weight != 0).logical_and_(~param.keep_mask(weight, pattern)).any()):
                 return False

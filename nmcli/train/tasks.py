@@ -110,13 +110,18 @@ def image_task(resolved: Resolved, ref: ModelRef, model: nn.Module, data: str, l
     return ImageTask(train, val, splits.description + limited)
 
 
+def _from_checkpoint(start: str | None) -> bool:
+    """`--start PATH`: an N:M checkpoint on disk (not none, not a one-shot method pruned in memory)."""
+    return start is not None and one_shot_start(start) is None
+
+
 def student_of(fresh: Callable[[], nn.Module], resolved: Resolved, start: str | None, plan: PrunePlan,
                text: TextSettings) -> nn.Module:
     """The student's starting weights: `fresh()`, a dense copy of its own; pruned one-shot by `--start magnitude|
     wanda|sparsegpt|alps` (calibrated on the training text); or an N:M checkpoint of the same architecture (`--start
     PATH`, loaded alone: no dense copy is made for it)."""
     method = one_shot_start(start)
-    if start is None or method is not None:
+    if not _from_checkpoint(start):
         student = fresh()
         if method is OneShotMethod.MAGNITUDE:
             prune_model_(student, plan)
@@ -146,7 +151,7 @@ def training_plan(resolved: Resolved, target: NMPattern, include: tuple[str, ...
     --budget) each layer keeps the pattern the start declares for it, whatever the recipe's, and the layers it left
     dense stay dense."""
     plan = plan_prune(resolved, target, include, exclude)
-    if start is None or one_shot_start(start) is not None:
+    if not _from_checkpoint(start):
         return plan
     declared = declared_plan(resolve(start))
     budgeted = {n: why for n, why in (declared.skipped if declared else {}).items() if why.startswith(KEPT_DENSE)}
@@ -164,7 +169,7 @@ def training_plan(resolved: Resolved, target: NMPattern, include: tuple[str, ...
 def align_teacher(teacher: nn.Module, start: str | None) -> None:
     """A `--start` checkpoint pruned with `prune --permute` may hold the residual stream in another order: the
     teacher takes the same order (its logits do not change), so that hidden-state terms compare like with like."""
-    if start is None or one_shot_start(start) is not None:
+    if not _from_checkpoint(start):
         return
     declared = resolve(start).declared
     order = ((declared.oneshot or {}).get("permutation") or {}).get("residual_order") if declared else None
