@@ -1,5 +1,5 @@
 """One-shot N:M quality, time and memory: magnitude vs Wanda vs SparseGPT, each without and with --permute and
---refine, uniform patterns and per-layer patterns under --budget, on the two real checkpoints, side by side in one
+--refine / --reconstruct, uniform patterns and per-layer patterns under --budget, on the two real checkpoints, side by side in one
 run.
 
 Each prune and each evaluation is a fresh `nmsparse` process (peak RSS from the OS); calibration on prune's default
@@ -61,7 +61,9 @@ def main() -> None:
     parser.add_argument("--seq-len", default=None, help="calibration tokens per sample (default 128 MiniLM, 512 SmolLM2)")
     parser.add_argument("--budget", default=None, help="also prune --budget at this overall sparsity")
     parser.add_argument("--candidates", default="2:4,1:4,dense", help="--budget's candidate sets, ';' between sets")
-    parser.add_argument("--refine", default="0", help="prune --refine steps per arm, e.g. 0,20 (wanda/sparsegpt)")
+    parser.add_argument("--refine", default="0", help="prune --refine steps per arm, e.g. 0,20 (calibrated methods)")
+    parser.add_argument("--reconstruct", default="0", help="prune --reconstruct passes per arm, e.g. 0,2 (calibrated "
+                        "methods)")
     args = parser.parse_args()
     folder = minilm_folder() if args.model == "minilm" else smollm2_folder(ROOT / "bench" / ".models" / "smollm2-135m")
     seq_len = args.seq_len or ("128" if args.model == "minilm" else "512")
@@ -70,21 +72,22 @@ def main() -> None:
     print(f"# {args.model}: calibration {args.calib_samples} x {seq_len} tokens of {args.calib or 'prune default'}; "
           f"CPU threads {os.cpu_count()}")
     shown = "cosine to dense, paragraphs / sentences" if key == "cosine" else "perplexity / dense (perplexity)"
-    print(f"| pattern | method | refine | permute: groups, kept importance, search s | python-help held-out: {shown} | "
+    print(f"| pattern | method | refine | reconstruct | permute: groups, kept importance, search s | python-help held-out: {shown} | "
           f"news: {shown} | prune wall s | prune peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     arms = [["--pattern", p] for p in args.patterns.split(",") if p]
     if args.budget:
         arms += [["--budget", args.budget, "--candidates", c] for c in args.candidates.split(";")]
     with tempfile.TemporaryDirectory() as scratch:
         for index, arm in enumerate(arms):
-            for method, refine, permute in itertools.product(args.methods.split(","), args.refine.split(","),
-                                                             args.permute.split(",")):
-                if method == "magnitude" and refine != "0":
-                    continue  # --refine re-fits to calibration data: wanda and sparsegpt only
-                out = Path(scratch) / f"{method}-{index}-{refine}-{permute}"
+            for method, refine, passes, permute in itertools.product(
+                    args.methods.split(","), args.refine.split(","), args.reconstruct.split(","), args.permute.split(",")):
+                if method == "magnitude" and (refine, passes) != ("0", "0"):
+                    continue  # --refine and --reconstruct fit to calibration data: the calibrated methods only
+                out = Path(scratch) / f"{method}-{index}-{refine}-{passes}-{permute}"
                 extra = ["--permute"] if permute == "on" else []
                 extra += ["--refine", refine] if refine != "0" else []
+                extra += ["--reconstruct", passes] if passes != "0" else []
                 data = ["--calib-samples", args.calib_samples, "--seq-len", seq_len, *calib]
                 calibration = data if method != "magnitude" or "--budget" in arm else []
                 stdout, seconds, rss = _nmsparse("prune", str(folder), *arm, "--method", method,
@@ -92,7 +95,7 @@ def main() -> None:
                 info = json.loads(stdout).get("calibration", {})
                 done = info.get("permutation")
                 permuted = f"{done['groups']}, {100 * done['kept_gain']:+.2f}%, {done['seconds']:.0f}" if done else "off"
-                print(f"| {_arm_label(arm, info.get('budget'))} | {method} | {refine} | {permuted} | "
+                print(f"| {_arm_label(arm, info.get('budget'))} | {method} | {refine} | {passes} | {permuted} | "
                       f"{_quality(str(out), folder, key)} | {seconds:.1f} | {rss:.2f} |", flush=True)
 
 

@@ -56,6 +56,9 @@ def prune(
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="SparseGPT columns per lazy-update block")] = 128,
     refine: Annotated[int, typer.Option("--refine", min=0, help="wanda/sparsegpt/alps: conjugate-gradient steps that "
                                         "re-fit the kept weights to the dense outputs, mask fixed (0: none)")] = 0,
+    reconstruct: Annotated[int, typer.Option(
+        "--reconstruct", min=0, help="wanda/sparsegpt/alps on transformers: passes over the calibration data that "
+        "train each pruned block's kept weights to the dense block's outputs, masks fixed (0: none)")] = 0,
     permute: Annotated[bool, typer.Option("--permute", help="reorder channels first (the model computes the same) so "
                                           "the pattern keeps more: Llama-like and BERT-like models")] = False,
     budget: Annotated[Optional[float], typer.Option(
@@ -76,9 +79,7 @@ def prune(
     with user_errors():
         nm, budgeted = _pattern_and_budget(pattern, budget, candidates)
         chosen = _oneshot_method(method, device)
-        if refine and chosen.value == "magnitude":
-            raise NMSparseError(f"--refine {refine}: re-fits the kept weights to calibration data; it goes with "
-                                "--method wanda, sparsegpt or alps")
+        _check_refits(chosen, refine, reconstruct)
         compute = _check_output_and_device(out_path, force, device)
         resolved = resolve(source, model=model, checkpoint=checkpoint, seed=seed)
         plan = plan_prune(resolved, nm, include or (), exclude or ())
@@ -91,7 +92,7 @@ def prune(
 
             result, oneshot = _calibrated_prune(
                 resolved, plan, out_path, CalibrationSettings(calib, calib_samples, seq_len, seed),
-                SolverSettings(chosen, plan.pattern, damp, block_size, refine=refine), compute, force, show, permute,
+                SolverSettings(chosen, plan.pattern, damp, block_size, refine=refine, reconstruct=reconstruct), compute, force, show, permute,
                 budgeted,
             )
         seconds = time.perf_counter() - started
@@ -131,6 +132,14 @@ def _oneshot_method(name: str, device: str):  # noqa: ANN202
         raise NMSparseError(f"--device {device}: magnitude pruning streams the file on the CPU and runs no model; "
                             "--device goes with --method wanda, sparsegpt or alps")
     return chosen
+
+
+def _check_refits(method, refine: int, reconstruct: int) -> None:  # noqa: ANN001
+    """--refine and --reconstruct fit the kept weights to calibration data: not with magnitude, which reads none."""
+    for flag, value in (("--refine", refine), ("--reconstruct", reconstruct)):
+        if value and method.value == "magnitude":
+            raise NMSparseError(f"{flag} {value}: fits the kept weights to calibration data; it goes with --method "
+                                "wanda, sparsegpt or alps")
 
 
 def _check_output_and_device(out_path: Path, force: bool, device: str):  # noqa: ANN202
@@ -202,6 +211,11 @@ def _print_result(payload: dict[str, Any], plan, seconds: float, quiet: bool) ->
                 f"{payload['method']}: mean reconstruction error {info['mean_reconstruction_error']:.4f} "
                 f"(|WX - W'X|^2 / |WX|^2 on the calibration inputs), calibration activations {info['activation_mib']} MiB"
             )
+        fits = info.get("block_output_error")
+        if fits:
+            shown = [f"{block} {before:.4f} -> {after:.4f}" for block, (before, after) in fits.items()]
+            out.print(f"reconstructed {len(fits)} blocks to the dense activations (|y - y_dense|^2 / |y_dense|^2): "
+                      + (", ".join(shown) if len(shown) <= 2 else f"{shown[0]}, ..., {shown[-1]}"))
     patterns = " / ".join(map(str, plan.patterns()))
     out.print(
         f"pruned {len(plan.targets)} layers to {patterns} ({len(plan.skipped)} skipped) by {payload['method']} in "

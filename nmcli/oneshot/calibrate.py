@@ -4,7 +4,8 @@ The model's transformer blocks (the longest ModuleList of same-class modules) ar
 calibration activations entering block 0 are captured once; for block i, each target layer's H = 2·XᵀX / n is
 accumulated from the block's forward pass on the current activations (at real tokens: rows of padding are left
 out), the layers are pruned (and, for SparseGPT, updated), and the block is run again: its outputs, computed by the
-already-pruned block, are what block i+1 sees.
+already-pruned block, are what block i+1 sees. With --reconstruct the pruned block is then trained to the dense
+model's activations at its depth (reconstruct.py), the dense stream carried alongside.
 Target layers outside the blocks (e.g. BERT's pooler) are pruned by magnitude and listed.
 """
 
@@ -23,6 +24,7 @@ from nmcli.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import CONV, HF_CONV1D, NMPattern, apply_nm
+from nmcli.oneshot.reconstruct import BlockFit, block_output, reconstruct_block
 from nmcli.oneshot.solvers import SingularHessian, alps, reconstruction_error, refine_kept, sparsegpt, wanda
 
 MAX_DAMP = 1.0  # a singular Hessian gets 10x more damping per try, up to this
@@ -48,6 +50,7 @@ class SolverSettings:
     block_size: int = 128
     own: dict[str, NMPattern] = field(default_factory=dict)  # module -> its pattern where not `pattern` (--budget)
     refine: int = 0  # conjugate-gradient steps re-fitting the kept weights after the mask (0: none)
+    reconstruct: int = 0  # passes over the calibration batches training each pruned block to the dense one (0: none)
 
     def pattern_for(self, module: str) -> NMPattern:
         return self.own.get(module, self.pattern)
@@ -63,6 +66,7 @@ class OneShotResult:
     seconds: float = 0.0
     permutation: dict | None = None  # prune --permute: what the channel reorder did (PermutationReport.to_dict)
     budget: dict | None = None  # prune --budget: the patterns chosen (BudgetReport.to_dict)
+    block_fits: dict[str, BlockFit] = field(default_factory=dict)  # prune --reconstruct: block -> output error
 
 
 class _Captured(Exception):
@@ -261,9 +265,9 @@ def prune_by_magnitude(model: nn.Module, layers: dict[str, LayerInfo], settings:
 
 
 def _prune_block(block: nn.Module, prefix: str, layers: dict[str, LayerInfo], inputs: list[tuple[tuple, dict]],
-                 tokens: list[torch.Tensor | None], settings: SolverSettings, result: OneShotResult) -> None:
+                 tokens: list[torch.Tensor | None], settings: SolverSettings, result: OneShotResult) -> list[nn.Parameter]:
     """Accumulate H for the block's target layers over all inputs (the real tokens of each: `tokens`), then prune
-    them."""
+    them; returns the weights pruned."""
     modules = {name: block.get_submodule(name.removeprefix(prefix)) for name in layers}
     modules = {name: m for name, m in modules.items() if solvable(m, layers[name])}
     hessians = _BlockHessians(layers)
@@ -278,15 +282,15 @@ def _prune_block(block: nn.Module, prefix: str, layers: dict[str, LayerInfo], in
         hessians.new_call()
         for handle in handles:
             handle.remove()
-    for name, module in modules.items():
-        if name in hessians.of:  # a layer no input reached is left to magnitude, and listed
-            solve_layer(module, name, layers[name], hessians.of[name].h, settings, result)
+    solved = [name for name in modules if name in hessians.of]  # a layer no input reached is left to magnitude
+    for name in solved:
+        solve_layer(modules[name], name, layers[name], hessians.of[name].h, settings, result)
+    return [modules[name].weight for name in solved]
 
 
 def _block_outputs(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
     with torch.no_grad():
-        outputs = [block(*args, **kwargs) for args, kwargs in inputs]
-    return [_with_hidden(a, k, out[0] if isinstance(out, tuple) else out) for (a, k), out in zip(inputs, outputs)]
+        return [_with_hidden(args, kwargs, block_output(block, args, kwargs)) for args, kwargs in inputs]
 
 
 def calibrate_and_prune(
@@ -307,12 +311,19 @@ def calibrate_and_prune(
     inputs = capture_inputs(model, blocks[0], batches)
     tokens = [batch.get("attention_mask") for batch in batches]
     result.activation_bytes = sum(_hidden(a, k).numel() * _hidden(a, k).element_size() for a, k in inputs)
+    dense = inputs if settings.reconstruct else None  # --reconstruct: the dense model's own stream, the targets
     for index, block in enumerate(blocks):
         block_prefix = f"{prefix}.{index}."
         mine = {name: layer for name, layer in layers.items() if name.startswith(block_prefix)}
-        if mine:
-            _prune_block(block, block_prefix, mine, inputs, tokens, settings, result)
-        if index + 1 < len(blocks):
+        if dense is not None:
+            dense = _block_outputs(block, dense)
+        pruned = _prune_block(block, block_prefix, mine, inputs, tokens, settings, result) if mine else []
+        if pruned and dense is not None:
+            fit, outputs = reconstruct_block(block, pruned, inputs, [_hidden(a, k) for a, k in dense], tokens,
+                                             settings.reconstruct)
+            result.block_fits[block_prefix.rstrip(".")] = fit
+            inputs = [_with_hidden(a, k, output) for (a, k), output in zip(inputs, outputs)]
+        elif index + 1 < len(blocks):
             inputs = _block_outputs(block, inputs)
         progress(index + 1, len(blocks))
     prune_by_magnitude(model, layers, settings, result)
@@ -329,4 +340,6 @@ def describe(result: OneShotResult) -> dict[str, Any]:
         "seconds": result.seconds,
         **({"permutation": result.permutation} if result.permutation is not None else {}),
         **({"budget": result.budget} if result.budget is not None else {}),
+        **({"block_output_error": {block: [round(fit.before, 6), round(fit.after, 6)]
+                                   for block, fit in result.block_fits.items()}} if result.block_fits else {}),
     }

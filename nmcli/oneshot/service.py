@@ -139,11 +139,19 @@ def _allocate(resolved: Resolved, model: torch.nn.Module, plan: PrunePlan, solve
     return chosen, replace(solver, pattern=chosen.pattern, own=chosen.module_patterns()), report, batches
 
 
-def check_budget_input(resolved: Resolved) -> None:
-    if model_kind(resolved.model) is ModelKind.IMAGE_CLASSIFIER:
+def check_image_model_input(resolved: Resolved, solver: SolverSettings, budget: BudgetSettings | None) -> None:
+    """--budget and --reconstruct work block by block on text: not on a timm image model."""
+    if model_kind(resolved.model) is not ModelKind.IMAGE_CLASSIFIER:
+        return
+    if budget is not None:
         raise NMSparseError(
             "--budget measures each layer's sensitivity on text through a Hugging Face transformer; for a timm image "
             "model prune every layer to one --pattern"
+        )
+    if solver.reconstruct:
+        raise NMSparseError(
+            f"--reconstruct {solver.reconstruct} trains a transformer's blocks one at a time on text; a timm image "
+            "model is calibrated in one pass: leave --reconstruct out"
         )
 
 
@@ -156,8 +164,7 @@ def oneshot_prune(
     With `permute`, the channels are reordered first (every reordered tensor is then written from memory); with
     `budget`, each layer's pattern is chosen next."""
     check_oneshot_input(resolved, solver.method)
-    if budget is not None:
-        check_budget_input(resolved)
+    check_image_model_input(resolved, solver, budget)
     if solver.method is not OneShotMethod.MAGNITUDE or budget is not None:  # magnitude alone reads no data
         calib = calib.for_model(model_kind(resolved.model))
     model = load_model(resolved).to(device).eval()  # no dropout in the probe, the norms or the calibration
@@ -191,7 +198,8 @@ def oneshot_prune(
     meta_obj = plan.metadata(resolved.model)
     meta_obj.oneshot = {"method": solver.method.value, **{k: v for k, v in describe(result).items() if k != "seconds"}}
     if solver.method is not OneShotMethod.MAGNITUDE:
-        meta_obj.oneshot |= {"damp": solver.damp, "block_size": solver.block_size, "refine": solver.refine, **asdict(calib)}
+        meta_obj.oneshot |= {"damp": solver.damp, "block_size": solver.block_size, "refine": solver.refine,
+                            "reconstruct": solver.reconstruct, **asdict(calib)}
     kept = {k: v for k, v in ckpt.metadata.items() if not k.startswith("nmsparse.")}
     notes = resolved.match.notes() if resolved.match is not None else []
     notes += rewrite(ckpt, items, out, {**kept, **meta_obj.to_strings()}, force=force)

@@ -1,0 +1,92 @@
+"""`prune --reconstruct E`: local reconstruction of each block after its layers are pruned (Wagner et al. 2025,
+"A Free Lunch in LLM Compression: Revisiting Retraining after Pruning"; EBFT does the same per block).
+
+The block's kept weights are trained, every mask fixed, for E passes over the calibration batches so that the block
+maps the inputs it receives (the outputs of the blocks before it, already pruned and reconstructed) to the dense
+model's own activations at that depth: a block also corrects the drift of the blocks before it. A block spans nonlinearities (attention's softmax, the MLP's gate): the per-matrix re-fits
+(SparseGPT's update, ALPS, `--refine`) each fit one layer's own outputs and cannot trade one layer's error against
+another's, so their errors add up through the block. Only the target layers' weights move; norms, biases and
+everything outside the block stay as they are. The loss is the mean squared error over real tokens (padding left
+out), Adam at a fixed learning rate, the batches in their order: no randomness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LEARNING_RATE = 3e-4
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """A block's output error ‖y − y_dense‖² / ‖y_dense‖² over the calibration tokens, before and after."""
+
+    before: float
+    after: float
+
+
+def block_output(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _squared_error(output: torch.Tensor, target: torch.Tensor,
+                   tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(Σ (y − t)², Σ t², tokens counted) over the real tokens of a [batch, seq, hidden] output (`tokens`: the
+    attention mask)."""
+    diff = (output - target).pow(2).sum(-1)
+    power = target.pow(2).sum(-1)
+    if tokens is None or tokens.shape != diff.shape:
+        return diff.sum(), power.sum(), diff.numel()
+    real = tokens.to(diff.device, diff.dtype)
+    return (diff * real).sum(), (power * real).sum(), int(tokens.sum())
+
+
+def _errors(block: nn.Module, inputs: Sequence[tuple[tuple, dict]], targets: Sequence[torch.Tensor],
+            tokens: Sequence[torch.Tensor | None]) -> tuple[float, list[torch.Tensor]]:
+    """(‖block(x) − target‖² / ‖target‖² summed over the batches, the block's outputs)."""
+    error = power = 0.0
+    outputs = []
+    with torch.no_grad():
+        for (args, kwargs), target, real in zip(inputs, targets, tokens):
+            outputs.append(block_output(block, args, kwargs))
+            diff, total, _ = _squared_error(outputs[-1], target, real)
+            error, power = error + float(diff), power + float(total)
+    return (error / power if power > 0 else 0.0), outputs
+
+
+def reconstruct_block(block: nn.Module, weights: Sequence[nn.Parameter], inputs: Sequence[tuple[tuple, dict]],
+                      targets: Sequence[torch.Tensor], tokens: Sequence[torch.Tensor | None], epochs: int,
+                      lr: float = LEARNING_RATE) -> tuple[BlockFit, list[torch.Tensor]]:
+    """Train `weights` (the block's pruned target weights; their zeros stay exact zeros) for `epochs` passes so that
+    `block(inputs)` approaches `targets`, the other parameters of the block held fixed; returns the errors before and
+    after, and the trained block's outputs (what the next block receives)."""
+    masks = [w.detach() != 0 for w in weights]
+    before, _ = _errors(block, inputs, targets, tokens)
+    trainable = {id(w) for w in weights}
+    was = {p: p.requires_grad for p in block.parameters()}
+    for p in was:
+        p.requires_grad_(id(p) in trainable)
+    optimizer = torch.optim.Adam(weights, lr=lr)
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for (args, kwargs), target, real in zip(inputs, targets, tokens):
+                    diff, _, count = _squared_error(block_output(block, args, kwargs), target, real)
+                    (diff / max(count, 1)).backward()
+                    for w, keep in zip(weights, masks):
+                        w.grad.mul_(keep)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for w, keep in zip(weights, masks):
+                            w.mul_(keep)
+    finally:
+        for p, flag in was.items():
+            p.requires_grad_(flag)
+    after, outputs = _errors(block, inputs, targets, tokens)
+    return BlockFit(before, after), outputs

@@ -1,0 +1,128 @@
+"""prune --reconstruct: each pruned block trained, masks fixed, to the dense model's activations at its depth."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from nmcli.models.targets import LayerInfo
+from nmcli.nm import LINEAR, parse_pattern
+from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
+from nmcli.oneshot.reconstruct import reconstruct_block
+
+
+def _llama(layers=3):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      initializer_range=0.3)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _targets(model):
+    return {name: LayerInfo(f"{name}.weight", name, LINEAR) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".layers." in name}
+
+
+def _batches(count=3):
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(count):
+        ids, mask = torch.randint(1, 128, (4, 16), generator=g), torch.ones(4, 16, dtype=torch.long)
+        mask[0, 11:] = 0  # one row padded
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _hidden_error(model, dense, batches, depth):
+    """‖h − h_dense‖² / ‖h_dense‖² over real tokens of the residual stream after block `depth` (a second
+    implementation: the models' own forward passes)."""
+    error = power = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            h = model(**batch, output_hidden_states=True).hidden_states[depth + 1]
+            d = dense(**batch, output_hidden_states=True).hidden_states[depth + 1]
+            real = batch["attention_mask"].bool()
+            error += float((h - d)[real].pow(2).sum())
+            power += float(d[real].pow(2).sum())
+    return error / power
+
+
+def test_blocks_are_trained_to_the_dense_models_own_activations():
+    dense = _llama()
+    batches = _batches()
+    settings = SolverSettings(OneShotMethod.WANDA, parse_pattern("2:4"))
+    plain = copy.deepcopy(dense)
+    calibrate_and_prune(plain, _targets(plain), batches, settings)
+    rebuilt = copy.deepcopy(dense)
+    result = calibrate_and_prune(rebuilt, _targets(rebuilt), batches, SolverSettings(
+        OneShotMethod.WANDA, parse_pattern("2:4"), reconstruct=20))
+    fits = result.block_fits
+    assert list(fits) == [f"model.layers.{i}" for i in range(3)]
+    # block 0 sees the embeddings in both runs: before training, its error is plain Wanda's
+    assert fits["model.layers.0"].before == pytest.approx(_hidden_error(plain, dense, batches, 0), rel=1e-4)
+    for depth in (0, 1):  # the error after training is the whole model's drift at that depth, not one block's own
+        assert fits[f"model.layers.{depth}"].after == pytest.approx(_hidden_error(rebuilt, dense, batches, depth), rel=1e-4)
+    assert all(fit.after < fit.before for fit in fits.values()), fits
+    for depth in range(2):
+        assert _hidden_error(rebuilt, dense, batches, depth) < 0.85 * _hidden_error(plain, dense, batches, depth)
+    for name, weight in result.weights.items():  # the masks are Wanda's: the same zeros in block 0, exactly 2:4
+        assert int((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1).max()) <= 2, name
+    first = "model.layers.0.mlp.up_proj"
+    assert torch.equal(result.weights[first] == 0, plain.get_submodule(first).weight == 0)
+    assert not torch.allclose(result.weights[first], plain.get_submodule(first).weight)
+    for name, p in rebuilt.named_parameters():  # only the target weights moved
+        if "norm" in name or "embed" in name:
+            assert torch.equal(p, dense.get_parameter(name)), name
+
+
+def test_padding_is_left_out_of_the_fit_and_its_error():
+    block = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    with torch.no_grad():
+        for layer in (block[0], block[2]):
+            layer.weight.mul_(torch.rand_like(layer.weight) > 0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g)
+    target = torch.randn(2, 5, 8, generator=g)
+    tokens = torch.ones(2, 5, dtype=torch.long)
+    tokens[1, 3:] = 0
+    noisy = target.clone()
+    noisy[1, 3:] += 1000  # padding: whatever the target says there must not matter
+    weights = [block[0].weight, block[2].weight]
+    fits = []
+    for t in (target, noisy):
+        trial = copy.deepcopy(block)
+        fit, outputs = reconstruct_block(trial, [trial[0].weight, trial[2].weight], [((x,), {})], [t], [tokens], 5)
+        fits.append((fit, [p.detach().clone() for p in trial.parameters()]))
+    assert fits[0][0] == fits[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(fits[0][1], fits[1][1]))
+    real = tokens.bool()
+    with torch.no_grad():
+        by_hand = float((block(x) - target)[real].pow(2).sum() / target[real].pow(2).sum())
+    assert fits[0][0].before == pytest.approx(by_hand, rel=1e-5)
+    assert torch.equal(block[0].weight, weights[0])  # the caller's block is untouched (each trial was a copy)
+
+
+def test_prune_reconstruct_end_to_end_and_bad_input(cli, tmp_path, tiny_llama, resnet_file):
+    args = ("prune", tiny_llama, "--pattern", "2:4", "--method", "sparsegpt", "--calib-samples", "8", "--seq-len", "32")
+    r = cli(*args, "--reconstruct", "2", "--out", tmp_path / "a", "--json")
+    assert r.exit_code == 0, r.output
+    errors = json.loads(r.stdout)["calibration"]["block_output_error"]
+    assert list(errors) == ["model.layers.0", "model.layers.1"]
+    assert all(after < before for before, after in errors.values()), errors
+    assert cli(*args, "--reconstruct", "2", "--out", tmp_path / "b", "--quiet").exit_code == 0
+    with safe_open(str(tmp_path / "a/model.safetensors"), "pt") as a, safe_open(str(tmp_path / "b/model.safetensors"), "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # reproducible
+        assert json.loads(a.metadata()["nmsparse.oneshot"])["reconstruct"] == 2
+    assert cli("report", tmp_path / "a", "--check", "2:4", "--quiet", "--no-flops").exit_code == 0
+    r = cli("prune", tiny_llama, "--reconstruct", "1", "--out", tmp_path / "m")
+    assert r.exit_code == 2 and "--reconstruct 1: fits the kept weights to calibration data" in r.output
+    r = cli("prune", "resnet18", "--checkpoint", resnet_file, "--method", "wanda", "--calib", "mnist5k",
+            "--reconstruct", "1", "--out", tmp_path / "r.safetensors")
+    assert r.exit_code == 2 and "--reconstruct 1 trains a transformer's blocks" in r.output
+    assert not any((tmp_path / name).exists() for name in ("m", "r.safetensors"))
