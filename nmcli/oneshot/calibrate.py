@@ -312,6 +312,7 @@ def calibrate_and_prune(
     tokens = [batch.get("attention_mask") for batch in batches]
     result.activation_bytes = sum(_hidden(a, k).numel() * _hidden(a, k).element_size() for a, k in inputs)
     dense = inputs if settings.reconstruct else None  # --reconstruct: the dense model's own stream, the targets
+    result.activation_bytes *= 2 if dense is not None else 1
     for index, block in enumerate(blocks):
         block_prefix = f"{prefix}.{index}."
         mine = {name: layer for name, layer in layers.items() if name.startswith(block_prefix)}
