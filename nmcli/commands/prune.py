@@ -58,7 +58,7 @@ def prune(
                                         "re-fit the kept weights to the dense outputs, mask fixed (0: none)")] = 0,
     reconstruct: Annotated[int, typer.Option(
         "--reconstruct", min=0, help="wanda/sparsegpt/alps on transformers: passes over the calibration data that "
-        "train each pruned block's kept weights to the dense block's outputs, masks fixed (0: none)")] = 0,
+        "train each pruned block's kept weights to the dense model's activations, masks fixed (0: none)")] = 0,
     permute: Annotated[bool, typer.Option("--permute", help="reorder channels first (the model computes the same) so "
                                           "the pattern keeps more: Llama-like and BERT-like models")] = False,
     budget: Annotated[Optional[float], typer.Option(
@@ -92,8 +92,8 @@ def prune(
 
             result, oneshot = _calibrated_prune(
                 resolved, plan, out_path, CalibrationSettings(calib, calib_samples, seq_len, seed),
-                SolverSettings(chosen, plan.pattern, damp, block_size, refine=refine, reconstruct=reconstruct), compute, force, show, permute,
-                budgeted,
+                SolverSettings(chosen, plan.pattern, damp, block_size, refine=refine, reconstruct=reconstruct), compute,
+                force, show, permute, budgeted,
             )
         seconds = time.perf_counter() - started
     payload = _payload(result, oneshot, method, seconds)

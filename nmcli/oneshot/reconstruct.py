@@ -3,11 +3,12 @@
 
 The block's kept weights are trained, every mask fixed, for E passes over the calibration batches so that the block
 maps the inputs it receives (the outputs of the blocks before it, already pruned and reconstructed) to the dense
-model's own activations at that depth: a block also corrects the drift of the blocks before it. A block spans nonlinearities (attention's softmax, the MLP's gate): the per-matrix re-fits
-(SparseGPT's update, ALPS, `--refine`) each fit one layer's own outputs and cannot trade one layer's error against
-another's, so their errors add up through the block. Only the target layers' weights move; norms, biases and
-everything outside the block stay as they are. The loss is the mean squared error over real tokens (padding left
-out), Adam at a fixed learning rate, the batches in their order: no randomness.
+model's own activations at that depth: a block also corrects the drift of the blocks before it. A block spans
+nonlinearities (attention's softmax, the MLP's gate): the per-matrix fits (SparseGPT's update, ALPS, `--refine`)
+each fit one layer's own outputs and cannot trade one layer's error against another's, so their errors add up
+through the block. Only the target layers' weights move; norms, biases and everything outside the block stay as
+they are. The loss is the mean squared error over real tokens (padding left out), Adam at a fixed learning rate,
+the batches in their order: no randomness.
 """
 
 from __future__ import annotations
