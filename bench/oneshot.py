@@ -1,6 +1,6 @@
 """One-shot N:M quality, time and memory: magnitude vs Wanda vs SparseGPT, each without and with --permute and
---refine / --reconstruct, uniform patterns and per-layer patterns under --budget, on the two real checkpoints, side by side in one
-run.
+--refine / --reconstruct, uniform patterns and per-layer patterns under --budget, on the two real checkpoints, side
+by side in one run.
 
 Each prune and each evaluation is a fresh `nmsparse` process (peak RSS from the OS); calibration on prune's default
 text (the general-use mixture python-help:0.3,wiki:0.7) unless --calib says otherwise; quality with `nmsparse eval

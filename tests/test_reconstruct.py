@@ -97,7 +97,7 @@ def test_padding_is_left_out_of_the_fit_and_its_error():
     fits = []
     for t in (target, noisy):
         trial = copy.deepcopy(block)
-        fit, outputs = reconstruct_block(trial, [trial[0].weight, trial[2].weight], [((x,), {})], [t], [tokens], 5)
+        fit, _ = reconstruct_block(trial, [trial[0].weight, trial[2].weight], [((x,), {})], [t], [tokens], 5)
         fits.append((fit, [p.detach().clone() for p in trial.parameters()]))
     assert fits[0][0] == fits[1][0]
     assert all(torch.equal(a, b) for a, b in zip(fits[0][1], fits[1][1]))

@@ -80,12 +80,9 @@ def reconstruct_block(block: nn.Module, weights: Sequence[nn.Parameter], inputs:
                     diff, _, count = _squared_error(block_output(block, args, kwargs), target, real)
                     (diff / max(count, 1)).backward()
                     for w, keep in zip(weights, masks):
-                        w.grad.mul_(keep)
+                        w.grad.mul_(keep)  # Adam's moments stay 0 there, so a pruned weight stays an exact 0
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        for w, keep in zip(weights, masks):
-                            w.mul_(keep)
     finally:
         for p, flag in was.items():
             p.requires_grad_(flag)
