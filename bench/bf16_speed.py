@@ -3,7 +3,7 @@
 Times a [1024 x 576] @ [576 x 1536] product (a batch of 4 x 256 tokens through SmolLM2-135M's MLP up-projection)
 in fp32, in plain bf16 (how `--bf16` holds the teacher) and as an fp32 Linear under bf16 autocast (how `--bf16`
 trains the student), the median of `--repeats` calls after a warm-up, and says whether torch has a native bf16 path
-here (`nmcli.device.bf16_is_native`). On a CPU without one, `nmsparse finetune --bf16` prints a warning.
+here (`nmcli.runtime.device.bf16_is_native`). On a CPU without one, `nmsparse finetune --bf16` prints a warning.
     python bench/bf16_speed.py [--repeats 5]
 """
 
@@ -21,7 +21,7 @@ spin_briefly()  # as the nmsparse command does, before torch loads OpenMP
 import torch  # noqa: E402
 
 from contention import CONDITIONS, describe  # noqa: E402
-from nmcli.device import bf16_is_native  # noqa: E402
+from nmcli.runtime.device import bf16_is_native  # noqa: E402
 
 TOKENS, FEATURES, HIDDEN = 1024, 576, 1536
 

@@ -61,7 +61,7 @@ def main() -> None:
     spin_briefly()  # the children inherit it, as the nmsparse command's would
     import torch
 
-    from nmcli.device import bf16_is_native
+    from nmcli.runtime.device import bf16_is_native
 
     native = bf16_is_native(torch.device("cpu"))
     precisions = args.precisions.split(",") if args.precisions else ["fp32", *(["bf16"] if native else [])]

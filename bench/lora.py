@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench.child import run_child  # noqa: E402
 from bench.recovery import _curve  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
-from nmcli.device import bf16_is_native  # noqa: E402
+from nmcli.runtime.device import bf16_is_native  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ CALIB = "python-help:0.3,wiki:0.7"  # calibrated on Python help alone, the start
 
 def memory_child(model: str, start: str, arm: Arm, steps: int, out: str) -> None:
     """In a fresh process: `steps` training steps, no evaluation; print peak RSS and tokens/s as JSON."""
-    from nmcli.recipes import load_recipe
+    from nmcli.methods.recipes import load_recipe
     from nmcli.train.engine import FinetuneConfig, Reporter, run_finetune
 
     class Clock(Reporter):

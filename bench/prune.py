@@ -43,7 +43,8 @@ job, src, dst = sys.argv[1:4]
 from safetensors.torch import load_file, save_file
 from nmcli.models.resolve import resolve
 from nmcli.nm import parse_pattern
-from nmcli.prune import plan_prune, prune
+from nmcli.oneshot.plan import plan_prune
+from nmcli.oneshot.magnitude import prune
 imported, loading = rss("VmRSS:"), time.perf_counter()
 if job not in ("copy", "stream"):  # the mask kernel's one-time load (numba cache) is measured apart from streaming
     import torch

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from bench.child import run_child  # noqa: E402
 from bench.contention import competing, describe, idle  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
-from nmcli.device import bf16_is_native  # noqa: E402
+from nmcli.runtime.device import bf16_is_native  # noqa: E402
 from nmcli.train.example import minilm_folder  # noqa: E402
 
 MODELS = {

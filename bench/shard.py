@@ -38,7 +38,7 @@ def rss_now_gib() -> float:
 def child(folder: str, recipe: str, shard: bool, steps: int, out: str) -> None:
     """One rank: `steps` training steps, then its peak RSS and the largest RSS seen at the end of a step (weights,
     gradients and optimizer state, held between steps) into OUT.rankR.json."""
-    from nmcli.recipes import load_recipe
+    from nmcli.methods.recipes import load_recipe
     from nmcli.train.engine import FinetuneConfig, Reporter, run_finetune
 
     class Sampler(Reporter):

@@ -37,8 +37,8 @@ from contention import CONDITIONS, describe  # noqa: E402
 from nmcli.methods.plan import plan_step  # noqa: E402
 from nmcli.methods.sparsifier import Sparsifier  # noqa: E402
 from nmcli.models.targets import LayerInfo  # noqa: E402
-from nmcli.recipes import builtin_names, load_recipe  # noqa: E402
-from nmcli.schedules import Phases  # noqa: E402
+from nmcli.methods.recipes import builtin_names, load_recipe  # noqa: E402
+from nmcli.methods.schedules import Phases  # noqa: E402
 from nmcli.train.engine import recipe_optimizer, train_step  # noqa: E402
 
 SCHEDULE_STEPS = 1000
@@ -102,10 +102,10 @@ def hf_subject(folder: Path, batch_size: int, seq_len: int, replay: bool = True,
     from nmcli.models.resolve import load_model, resolve
     from nmcli.data.text import PYTHON_HELP, load_texts
     from nmcli.data.tokens import PadCollate, load_tokenizer
-    from nmcli.eval import training_samples
+    from nmcli.quality.text_data import training_samples
     from nmcli.models.architecture import model_kind
     from nmcli.nm import parse_pattern
-    from nmcli.prune import plan_prune
+    from nmcli.oneshot.plan import plan_prune
     from nmcli.train.distill import Distiller, resolve_spec
 
     resolved = resolve(str(folder))

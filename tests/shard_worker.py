@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import nmcli.train.engine
-from nmcli.recipes import load_recipe
+from nmcli.methods.recipes import load_recipe
 from nmcli.train.engine import FinetuneConfig, run_finetune
 
 # one process group for all the runs: env:// rendezvous does not take a second init after a destroy

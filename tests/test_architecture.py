@@ -12,13 +12,12 @@ PACKAGE = ROOT / "nmcli"
 LAYERS = {
     "entry": ("nmcli.__main__",),
     "cli": ("nmcli.cli", "nmcli.commands"),
-    "services": ("nmcli.train", "nmcli.eval", "nmcli.oneshot", "nmcli.study", "nmcli.schedule_report", "nmcli.prune",
-                 "nmcli.export", "nmcli.report"),
+    "services": ("nmcli.train", "nmcli.quality", "nmcli.oneshot", "nmcli.study", "nmcli.export", "nmcli.report"),
     "data": ("nmcli.data",),
-    "methods": ("nmcli.methods", "nmcli.schedules", "nmcli.recipes"),
+    "methods": ("nmcli.methods",),
     "models": ("nmcli.models",),
     "io": ("nmcli.io",),
-    "core": ("nmcli.nm", "nmcli.errors", "nmcli.device", "nmcli.runtime", "nmcli"),
+    "core": ("nmcli.nm", "nmcli.errors", "nmcli.runtime", "nmcli"),
 }
 RANK = {prefix: rank for rank, prefixes in enumerate(LAYERS.values()) for prefix in prefixes}
 

@@ -59,7 +59,7 @@ def test_finetune_trains_text_in_batches_grouped_by_length(cli, tmp_path, tiny_b
             "--batch-size", "4", "--seq-len", "64", "--limit", "16", "--data", "python-help", "--out", tmp_path / "o", "--quiet")
     assert r.exit_code == 0, r.output
     from nmcli.data.text import PYTHON_HELP
-    from nmcli.eval import text_data
+    from nmcli.quality.text_data import text_data
     from nmcli.models.architecture import ModelKind
     from nmcli.train.tasks import limit_samples
 

@@ -200,8 +200,8 @@ def test_training_flops_count_each_layer_at_its_own_pattern():
     """fixed-mask, no dense phase: two layers of 100 FLOPs in a model of 300, one at the recipe's 2:4 and one at
     its own 1:4: (300 - 100 x 1/2 - 100 x 3/4) / 300, by hand."""
     from nmcli.methods.plan import relative_training_flops
-    from nmcli.recipes import load_recipe
-    from nmcli.schedules import Phases
+    from nmcli.methods.recipes import load_recipe
+    from nmcli.methods.schedules import Phases
 
     recipe = load_recipe("fixed-mask")
     phases = Phases.from_fractions(10, 0.0, recipe.finetune_fraction)

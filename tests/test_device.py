@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 
 import nmcli.data.teacher
-import nmcli.eval
+import nmcli.quality.measures
 import nmcli.oneshot.calibrate
 import nmcli.train.distributed
 import nmcli.train.engine
-from nmcli.device import model_device, place, run_device
+from nmcli.runtime.device import model_device, place, run_device
 from nmcli.errors import NMSparseError
 from nmcli.train.checkpointing import restore_rng, rng_states
 from nmcli.train.distributed import DistEnv, all_equal, mean_over_ranks, sum_over_ranks
@@ -128,7 +128,7 @@ def _all_placed_on_model_device(spy, seen, model):
 def test_training_and_evaluation_batches_reach_the_model_through_place(cli, tmp_path, monkeypatch):
     """An HF distillation run: the student's training batches, its held-out evaluation and the teacher's views."""
     folder = save_tiny_hf(tmp_path / "bert", "bert", tokenizer=True)
-    spy = PlaceSpy(monkeypatch, nmcli.train.engine, nmcli.eval)
+    spy = PlaceSpy(monkeypatch, nmcli.train.engine, nmcli.quality.measures)
     models = []
     real_prepare = nmcli.train.engine._prepare
 
@@ -196,7 +196,7 @@ def test_prune_and_eval_take_device_and_refuse_it_where_it_means_nothing(cli, tm
 def test_bf16_counts_as_native_only_with_hardware_for_it():
     """oneDNN's bf16 path needs AVX512 at least: an AVX2 CPU emulates bf16 products (bench/bf16_speed.py on one,
     2026-12-05: 16-92x slower than fp32), so it must not count as native."""
-    from nmcli.device import bf16_is_native
+    from nmcli.runtime.device import bf16_is_native
 
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 
 from nmcli.models.architecture import ModelKind
-from nmcli.recipes import DistillSpec
+from nmcli.methods.recipes import DistillSpec
 from nmcli.train.distill import Distiller, logit_kl, mean_pool, next_token_ce, resolve_spec, squarehead
 
 

@@ -9,7 +9,7 @@ import torch
 
 from nmcli.data.text import NEWS, PYTHON_HELP, load_eval_texts, load_texts
 from nmcli.errors import NMSparseError
-from nmcli.eval import neighbour_agreement
+from nmcli.quality.agreement import neighbour_agreement
 
 
 def _brute_force_neighbours(student_sim, teacher_sim, k):

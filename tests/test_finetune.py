@@ -245,9 +245,9 @@ def test_bf16_from_the_flag_or_the_recipe_is_the_same_autocast(cli, tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_where_the_cpu_emulates_it_is_named_in_a_warning(cli, tmp_path, monkeypatch, native):
-    import nmcli.device
+    import nmcli.runtime.device
 
-    monkeypatch.setattr(nmcli.device, "bf16_is_native", lambda device: native)
+    monkeypatch.setattr(nmcli.runtime.device, "bf16_is_native", lambda device: native)
     capability = torch.backends.cpu.get_cpu_capability()
     runs = {"bf16": ("--bf16",), "fp32": (), "bf16-quiet": ("--bf16", "--quiet"), "bf16-json": ("--bf16", "--json")}
     for name, extra in runs.items():

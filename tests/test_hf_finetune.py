@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 import nmcli.train.engine
 from nmcli.methods.sparsifier import Sparsifier
-from nmcli.recipes import builtin_names
+from nmcli.methods.recipes import builtin_names
 from tests.conftest import save_tiny_hf
 from tests.reference import brute_force_mask
 

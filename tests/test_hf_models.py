@@ -142,7 +142,7 @@ def test_streaming_prune_equals_the_mask_of_each_whole_tensor(cli, tmp_path, kin
     must be the whole tensor's mask, also for GPT-2's Conv1D, whose axis 0 is K (24 rows, 1:8: the split must not
     fall inside a group)."""
     from nmcli.nm import apply_nm_, parse_pattern
-    from nmcli.prune import plan_prune
+    from nmcli.oneshot.plan import plan_prune
 
     folder = save_tiny_hf(tmp_path / kind, kind, n_embd=24, n_head=4) if kind == "gpt2" else save_tiny_hf(tmp_path / kind, kind)
     out = tmp_path / "pruned"

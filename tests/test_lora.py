@@ -16,8 +16,8 @@ from nmcli.methods.plan import StepPlan
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import HF_CONV1D, LINEAR, NMPattern, compliance
-from nmcli.recipes import LoraSpec, from_dict, to_dict
-from nmcli.schedules import Phase
+from nmcli.methods.recipes import LoraSpec, from_dict, to_dict
+from nmcli.methods.schedules import Phase
 from tests.reference import brute_force_mask
 
 TWO_FOUR = NMPattern(2, 4)
@@ -259,7 +259,7 @@ def test_lora_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, tiny_llama
 
 def test_lora_training_flops_skip_the_weight_gradient_pass():
     from nmcli.methods.plan import relative_training_flops
-    from nmcli.schedules import Phases
+    from nmcli.methods.schedules import Phases
 
     full = from_dict({"name": "f", "method": "fixed-mask"}, "r.yaml")
     lora = from_dict({"name": "l", "method": "fixed-mask", "lora": {}}, "r.yaml")

@@ -11,8 +11,8 @@ from nmcli.methods.plan import plan_step, relative_training_flops, structure_sta
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import LINEAR, NMPattern, compliance
-from nmcli.recipes import builtin_names, from_dict, load_recipe, to_dict
-from nmcli.schedules import Phases
+from nmcli.methods.recipes import builtin_names, from_dict, load_recipe, to_dict
+from nmcli.methods.schedules import Phases
 
 W = torch.tensor([[4.0, -3.0, 2.0, 1.0, 0.5, -8.0, 0.25, 6.0]])
 KEEP = torch.tensor([[True, True, False, False, False, True, False, True]])  # 2:4 of W

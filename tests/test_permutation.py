@@ -15,7 +15,7 @@ from nmcli.models.resolve import resolve
 from nmcli.nm import NMPattern
 from nmcli.oneshot.permutation import BLOCK_ROWS, _gains, kept_importance, search_order
 from nmcli.oneshot.permute import input_column_norms, permute_channels
-from nmcli.prune import plan_prune
+from nmcli.oneshot.plan import plan_prune
 from tests.conftest import save_tiny_hf, timm_state
 
 

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from nmcli.errors import NMSparseError
-from nmcli.recipes import builtin_names, from_dict, load_recipe, to_dict
+from nmcli.methods.recipes import builtin_names, from_dict, load_recipe, to_dict
 
 REQUIRED = {"dense", "ste", "sr-ste", "fixed-mask", "mdgf-linear", "mdgf-exponential", "sdgf-stepwise", "sdgf-geometric"}
 

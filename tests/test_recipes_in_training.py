@@ -177,7 +177,7 @@ def test_the_fine_tune_mask_is_frozen_only_when_the_recipe_says_so(cli, tmp_path
 @pytest.mark.parametrize("optimizer", [{"name": "adamw", "lr": 1e-2, "weight_decay": 0.05, "betas": [0.8, 0.9]},
                                        {"name": "sgd", "lr": 1e-2, "momentum": 0.5}, {"name": "lamb", "lr": 1e-2}])
 def test_the_recipes_optimizer_is_fused_where_torch_has_it_and_steps_as_the_unfused_one(optimizer):
-    from nmcli.recipes import from_dict
+    from nmcli.methods.recipes import from_dict
     from nmcli.train.engine import _optimizer_and_scheduler
 
     recipe = from_dict({"name": "t", "method": "fixed-mask", "pattern": "2:4", "optimizer": optimizer}, "t.yaml")

@@ -15,8 +15,8 @@ from nmcli.methods.plan import StepPlan
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import LINEAR, NMPattern
-from nmcli.recipes import LoraSpec
-from nmcli.schedules import Phase
+from nmcli.methods.recipes import LoraSpec
+from nmcli.methods.schedules import Phase
 from nmcli.train.recompute import recompute_activations
 from tests.conftest import save_tiny_hf
 

@@ -6,7 +6,7 @@ import pytest
 
 from nmcli.errors import NMSparseError
 from nmcli.nm import NMPattern, parse_pattern
-from nmcli.schedules import (
+from nmcli.methods.schedules import (
     Phases,
     alpha,
     decay_rate,

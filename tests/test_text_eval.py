@@ -1,4 +1,4 @@
-"""Text data (files, folders, jsonl, Python's help texts) and the quality metrics of nmcli/eval.py."""
+"""Text data (files, folders, jsonl, Python's help texts) and the quality metrics of nmcli/quality."""
 
 import json
 
@@ -10,7 +10,9 @@ import transformers
 from nmcli.data.text import PYTHON_HELP, load_texts, paragraphs, sentences
 from nmcli.data.tokens import PadCollate, encoder_texts, lm_chunks, load_tokenizer
 from nmcli.errors import NMSparseError
-from nmcli.eval import TextQuality, embedding_agreement, perplexity, spearman
+from nmcli.quality.agreement import embedding_agreement, spearman
+from nmcli.quality.measures import perplexity
+from nmcli.quality.suite import TextQuality
 from nmcli.models.architecture import ModelKind
 from tests.conftest import minilm_folder, save_tiny_hf
 
@@ -126,7 +128,7 @@ def test_encoder_quality_against_the_teacher():
 
 
 def test_embeddings_come_back_in_the_samples_order_each_as_if_run_alone(tmp_path):
-    import nmcli.eval as evaluation
+    import nmcli.quality.measures as evaluation
     from nmcli.data.tokens import TokenSamples
 
     model = transformers.AutoModel.from_pretrained(save_tiny_hf(tmp_path / "b", "bert"))

@@ -29,8 +29,8 @@ def evaluate(
 ) -> None:
     """Quality on held-out data: perplexity (causal LMs), embedding cosine / Spearman to the teacher (encoders),
     accuracy (image classifiers)."""
-    from nmcli.device import run_device
-    from nmcli.eval import evaluate_source
+    from nmcli.runtime.device import run_device
+    from nmcli.quality.source import evaluate_source
 
     with user_errors():
         compute = run_device(device)

@@ -122,7 +122,7 @@ def finetune(
 def _config(model: str, recipe: Optional[str], pattern: Optional[str], epochs: Optional[int], lr: Optional[float],  # noqa: PLR0913
             batch_size: Optional[int], out_dir: Optional[Path], resume: Optional[Path], **settings):  # noqa: ANN003, ANN202
     """The run's FinetuneConfig: the recipe with the command line's overrides, and where the run lives."""
-    from nmcli.recipes import load_recipe
+    from nmcli.methods.recipes import load_recipe
     from nmcli.train.engine import FinetuneConfig
 
     chosen = load_recipe(recipe or "sdgf-stepwise").with_overrides(
@@ -173,7 +173,7 @@ def _run_example(
     out_dir: Optional[Path], seed: int, limit: Optional[int], force: bool, reporter: RichReporter,
 ) -> dict:
     """The built-in example `name`, with the options it honours applied."""
-    from nmcli.recipes import load_recipe
+    from nmcli.methods.recipes import load_recipe
     from nmcli.train.example import EXAMPLES, ExampleSettings, MiniLMExample, run_example, run_minilm_example
 
     if name not in EXAMPLES:
@@ -209,7 +209,7 @@ def _quality_change(result: dict) -> str:
     """`val accuracy 0.2000 (one-shot 0.1000) -> 0.8990`, one entry per quality metric of the summary (start and
     one-shot are unknown after --resume), grouped by held-out domain and each group named: `python-help (held out):
     perplexity ... | news: perplexity ...`."""
-    from nmcli.eval import by_domain, metric_words
+    from nmcli.quality.suite import by_domain, metric_words
 
     def value(key: str) -> str:
         return "(resumed)" if result.get(key) is None else format(result[key], ".4f")

@@ -73,7 +73,7 @@ def prune(
     """One-shot N:M pruning: magnitude streamed tensor by tensor, or Wanda / SparseGPT / ALPS calibrated layer by
     layer on the outputs of the layers already pruned (dense-shaped output with exact zeros)."""
     from nmcli.models.resolve import resolve
-    from nmcli.prune import plan_prune
+    from nmcli.oneshot.plan import plan_prune
 
     show = not (quiet or as_json)
     with user_errors():
@@ -143,7 +143,7 @@ def _check_refits(method, refine: int, reconstruct: int) -> None:  # noqa: ANN00
 
 
 def _check_output_and_device(out_path: Path, force: bool, device: str):  # noqa: ANN202
-    from nmcli.device import run_device
+    from nmcli.runtime.device import run_device
     from nmcli.io.atomic import check_writable
 
     compute = run_device(device)
@@ -152,7 +152,7 @@ def _check_output_and_device(out_path: Path, force: bool, device: str):  # noqa:
 
 
 def _magnitude(resolved, plan, out_path: Path, force: bool, show: bool):  # noqa: ANN001, ANN202
-    from nmcli.prune import prune as run_prune
+    from nmcli.oneshot.magnitude import prune as run_prune
 
     return with_byte_progress(
         "pruning", resolved.checkpoint.infos, show,

@@ -18,7 +18,7 @@ def list_recipes(as_json: JsonOpt = False) -> None:
     """List the built-in recipes."""
     from rich.table import Table
 
-    from nmcli.recipes import builtin_names, load_recipe
+    from nmcli.methods.recipes import builtin_names, load_recipe
 
     with user_errors():
         recipes = [load_recipe(name) for name in builtin_names()]
@@ -45,8 +45,8 @@ def recipe_show(
     """The schedule a recipe follows: phases, stages, alpha at key points, training FLOPs vs dense."""
     from nmcli.io.atomic import atomic_output
     from nmcli.models.architecture import ModelRef
-    from nmcli.recipes import load_recipe
-    from nmcli.schedule_report import describe_schedule, plot_schedule
+    from nmcli.methods.recipes import load_recipe
+    from nmcli.report.schedule import describe_schedule, plot_schedule
 
     with user_errors():
         chosen = load_recipe(name).with_overrides(pattern=str(parse_pattern(pattern)) if pattern is not None else None)

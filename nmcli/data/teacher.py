@@ -24,7 +24,7 @@ from transformers import LogitsProcessorList
 from nmcli.data.sampling import NucleusSampler
 from nmcli.data.tokens import TokenSamples
 from nmcli.data.text import read_text
-from nmcli.device import model_device, place
+from nmcli.runtime.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output
 

@@ -20,7 +20,8 @@ from nmcli.io.metadata import DENSE_MASKED
 from nmcli.io.rewrite import Item, Progress, copy_item, copy_side_files, rewrite
 from nmcli.io.sources import INDEX_NAME, Checkpoint
 from nmcli.nm import LINEAR, NMPattern, compliance, group_mask, reduction_length
-from nmcli.prune import PrunePlan, declared_plan, plan_prune, prune_items
+from nmcli.oneshot.plan import PrunePlan, declared_plan, plan_prune
+from nmcli.oneshot.magnitude import prune_items
 
 CT_FORMAT = "sparse-24-bitmask"
 CT_VERSION = "0.14.0.1"  # the last compressed-tensors release with the 2:4 compressors

@@ -24,7 +24,7 @@ from nmcli.export.formats import ExportResult
 from nmcli.io.atomic import alive, atomic_output, check_writable, scratch_dir
 from nmcli.io.metadata import SparsityMetadata
 from nmcli.io.onnx_source import weight_layouts
-from nmcli.prune import PrunePlan, prune_model_
+from nmcli.oneshot.plan import PrunePlan, prune_model_
 from nmcli.report.flops import example_inputs
 
 EXTERNAL_DATA_BYTES = 2**31 - 2**20  # protobuf's 2 GB limit, with room for the graph

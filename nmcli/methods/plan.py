@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nmcli.nm import NMPattern, parse_pattern
-from nmcli.recipes import MaskDecay, Method, Recipe
-from nmcli.schedules import (
+from nmcli.methods.recipes import MaskDecay, Method, Recipe
+from nmcli.methods.schedules import (
     Phase,
     Phases,
     alpha,

@@ -23,8 +23,8 @@ from nmcli.methods.lora import LoraFactors, lora_delta, lora_weight, mask_scale
 from nmcli.methods.plan import StepPlan
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import Layout, NMPattern, apply_nm_, nm_mask
-from nmcli.recipes import LoraSpec
-from nmcli.schedules import pattern_for_layer
+from nmcli.methods.recipes import LoraSpec
+from nmcli.methods.schedules import pattern_for_layer
 
 
 class NMWeight(nn.Module):

@@ -1,1 +1,2 @@
-"""Data-aware one-shot N:M (methods.md §7): Wanda and SparseGPT, calibrated block by block."""
+"""One-shot N:M: the prune plan (plan.py), magnitude streamed tensor by tensor (magnitude.py), and the data-aware
+methods of methods.md §7 (Wanda, SparseGPT, ALPS), calibrated block by block."""

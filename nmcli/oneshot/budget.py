@@ -16,7 +16,7 @@ from torch import nn
 from nmcli.nm import NMPattern
 from nmcli.oneshot.allocation import allocate
 from nmcli.oneshot.sensitivity import layer_candidates, measure_sensitivity, probe_batch
-from nmcli.prune import PrunePlan
+from nmcli.oneshot.plan import PrunePlan
 
 
 KEPT_DENSE = "kept dense by --budget"  # the skipped reason of a layer the budget left dense

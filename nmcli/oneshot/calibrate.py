@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nmcli.device import model_device, place
+from nmcli.runtime.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import CONV, HF_CONV1D, NMPattern, apply_nm

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from nmcli.device import model_device, place
+from nmcli.runtime.device import model_device, place
 from nmcli.models.targets import LayerInfo
 from nmcli.oneshot.calibrate import (
     Hessian,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nmcli.device import model_device, place
+from nmcli.runtime.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models.architecture import base_model
 from nmcli.models.channels import RESIDUAL, ChannelGroup, ChannelPlan, apply_order

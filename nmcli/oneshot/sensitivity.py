@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nmcli.device import model_device, place
+from nmcli.runtime.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models.architecture import base_model
 from nmcli.models.targets import LayerInfo

@@ -37,7 +37,8 @@ from nmcli.oneshot.calibrate import (
 from nmcli.oneshot.budget import BudgetReport, BudgetSettings, budget_plan
 from nmcli.oneshot.onepass import calibrate_in_one_pass
 from nmcli.oneshot.permute import NORM_BATCHES, PermutationReport, input_column_norms, permute_channels
-from nmcli.prune import PrunePlan, PruneResult
+from nmcli.oneshot.plan import PrunePlan
+from nmcli.oneshot.magnitude import PruneResult
 
 CALIB_BATCH = 8
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nmcli.io.atomic import write_text_atomic
-from nmcli.recipes import load_recipe
+from nmcli.methods.recipes import load_recipe
 from nmcli.study.mnist_page import write_page
 from nmcli.study.pool import map_runs, terminated_cleanly
 from nmcli.train.engine import MODEL_FILE, FinetuneConfig

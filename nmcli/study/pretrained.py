@@ -30,15 +30,15 @@ from nmcli.data.mixture import parse_mixture
 from nmcli.data.text import PYTHON_HELP, load_texts
 from nmcli.data.tokens import load_tokenizer
 from nmcli.errors import NMSparseError
-from nmcli.eval import training_samples
+from nmcli.quality.text_data import training_samples
 from nmcli.io.atomic import write_text_atomic
 from nmcli.methods.plan import relative_training_flops
 from nmcli.models.architecture import ModelKind, model_kind
 from nmcli.nm import parse_pattern
-from nmcli.prune import plan_prune
-from nmcli.recipes import Recipe, load_recipe
+from nmcli.oneshot.plan import plan_prune
+from nmcli.methods.recipes import Recipe, load_recipe
 from nmcli.report.flops import target_costs
-from nmcli.schedules import Phases
+from nmcli.methods.schedules import Phases
 from nmcli.study.pool import map_runs, terminated_cleanly
 from nmcli.study.pretrained_page import write_page
 from nmcli.train.engine import FinetuneConfig, Reporter, run_finetune

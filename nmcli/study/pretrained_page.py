@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nmcli.data.text import NEWS
-from nmcli.eval import DOMAIN_SEPARATOR
+from nmcli.quality.suite import DOMAIN_SEPARATOR
 from nmcli.io.atomic import write_text_atomic
 from nmcli.models.architecture import ModelKind
 from nmcli.study.page import GRADIENT_FLOW, mean_std, portable_path, save_plot, table_head, table_row

@@ -18,7 +18,7 @@ from nmcli.io.peft_adapter import lora_config
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.architecture import ModelKind
 from nmcli.oneshot.calibrate import one_shot_start
-from nmcli.recipes import LoraSpec
+from nmcli.methods.recipes import LoraSpec
 
 TASK_TYPES = {ModelKind.CAUSAL_LM: "CAUSAL_LM", ModelKind.ENCODER: "FEATURE_EXTRACTION",
               ModelKind.SEQUENCE_CLASSIFIER: "SEQ_CLS"}

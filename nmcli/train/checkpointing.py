@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from nmcli.device import model_device
+from nmcli.runtime.device import model_device
 from nmcli.errors import NMSparseError
 from nmcli.io.atomic import atomic_output, recover
 

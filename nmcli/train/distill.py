@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmcli.models.architecture import ModelKind
-from nmcli.recipes import DistillSpec
+from nmcli.methods.recipes import DistillSpec
 
 # Defaults per model kind (methods.md §6). The student learns without dropout: it matches a deterministic teacher,
 # and dropout only blurs what it is shown (measured on MiniLM 2:4: README's benchmark section).

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
-from nmcli.device import place, run_device
+from nmcli.runtime.device import place, run_device
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from nmcli.data.batches import LengthGroupedBatches
 from nmcli.data.images import MNIST5K
 from nmcli.data.mixture import GENERAL_USE
 from nmcli.data.text import NEWS
-from nmcli.device import bf16_warning, place
+from nmcli.runtime.device import bf16_warning, place
 from nmcli.errors import NMSparseError
-from nmcli.eval import by_domain, metric_words
+from nmcli.quality.suite import by_domain, metric_words
 from nmcli.io.atomic import atomic_output
 from nmcli.io.metadata import MODEL
 from nmcli.io.peft_adapter import ADAPTER_DIR, write_adapter
@@ -42,10 +42,10 @@ from nmcli.models.architecture import ModelKind, ModelRef, model_kind
 from nmcli.models.resolve import Resolved, load_model, resolve
 from nmcli.nm import NMPattern, compliance, count_nonfinite
 from nmcli.oneshot.calibrate import one_shot_start
-from nmcli.prune import PrunePlan, plan_prune
-from nmcli.recipes import Recipe, to_dict
+from nmcli.oneshot.plan import PrunePlan, plan_prune
+from nmcli.methods.recipes import Recipe, to_dict
 from nmcli.report.flops import target_costs
-from nmcli.schedules import Phase, Phases
+from nmcli.methods.schedules import Phase, Phases
 from nmcli.train.adapter import check_lora_settings, kept_adapter
 from nmcli.train.checkpointing import (
     CHECKPOINT_DIR,

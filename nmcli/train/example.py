@@ -19,11 +19,12 @@ import torch
 from nmcli.models.resolve import load_model, resolve
 from nmcli.models.architecture import data_config
 from nmcli.nm import parse_pattern
-from nmcli.prune import plan_prune, prune_model_
-from nmcli.recipes import Recipe, load_recipe
+from nmcli.oneshot.plan import plan_prune, prune_model_
+from nmcli.methods.recipes import Recipe, load_recipe
 from nmcli.data.images import load_data
 from nmcli.data.text import NEWS
-from nmcli.eval import DOMAIN_SEPARATOR, accuracy
+from nmcli.quality.measures import accuracy
+from nmcli.quality.suite import DOMAIN_SEPARATOR
 from nmcli.train.distributed import DistEnv
 from nmcli.train.engine import MODEL_FILE, FinetuneConfig, Reporter, run_finetune
 from nmcli.train.tasks import limit_samples

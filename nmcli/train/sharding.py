@@ -29,7 +29,7 @@ from nmcli.methods.plan import StepPlan
 from nmcli.methods.sparsifier import Sparsifier
 from nmcli.models.architecture import transformer_blocks
 from nmcli.nm import NMPattern
-from nmcli.schedules import Phase
+from nmcli.methods.schedules import Phase
 from nmcli.train.distributed import DistEnv, sum_over_ranks
 
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only

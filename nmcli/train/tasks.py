@@ -2,7 +2,7 @@
 
 - ImageTask (timm classifiers): cross-entropy on labelled images, validation accuracy.
 - DistillTask (Hugging Face transformers): the loss of train/distill.py against the frozen dense teacher on text
-  samples, held-out quality from eval.py (perplexity, or embedding agreement with the teacher).
+  samples, held-out quality from nmcli/quality (perplexity, or embedding agreement with the teacher).
 The engine only calls `loss`, `evaluate` and the data attributes, so one loop serves both.
 """
 
@@ -27,14 +27,16 @@ from nmcli.data.tokens import check_tokenizer_files, load_tokenizer
 from nmcli.data.writer import PROMPTS as WRITER_PROMPTS
 from nmcli.data.writer import WriterSpec, decoded_documents, writer_spec
 from nmcli.errors import NMSparseError
-from nmcli.eval import QualitySuite, accuracy, check_seq_len, text_data, training_samples
+from nmcli.quality.measures import accuracy
+from nmcli.quality.suite import QualitySuite
+from nmcli.quality.text_data import check_seq_len, text_data, training_samples
 from nmcli.models.architecture import ModelKind, ModelRef, build_model, data_config, model_kind
 from nmcli.models.channels import reorder_residual
 from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune, one_shot_start
 from nmcli.oneshot.service import CalibrationSettings, calibration_batches
 from nmcli.nm import NMPattern
 from nmcli.oneshot.budget import KEPT_DENSE
-from nmcli.prune import PrunePlan, declared_plan, plan_prune, prune_model_
+from nmcli.oneshot.plan import PrunePlan, declared_plan, plan_prune, prune_model_
 from nmcli.train.distill import Distiller, resolve_spec
 from nmcli.train.distributed import DistEnv, shard
 

@@ -11,8 +11,8 @@ from typing import Any
 from nmcli.methods.plan import plan_spans, plan_step, relative_training_flops, training_density
 from nmcli.models.architecture import ModelRef
 from nmcli.nm import NMPattern
-from nmcli.recipes import Recipe
-from nmcli.schedules import Phases
+from nmcli.methods.recipes import Recipe
+from nmcli.methods.schedules import Phases
 
 
 CURVE_POINTS = 2000  # steps sampled for the plot: enough for a smooth line, bounded for any run length
