@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.child import run_child  # noqa: E402
+from bench.contention import OtherLoad  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
 from nmcli.train.example import minilm_folder  # noqa: E402
 
@@ -74,8 +75,8 @@ def main() -> None:
           f"CPU threads {os.cpu_count()}")
     shown = "cosine to dense, paragraphs / sentences" if key == "cosine" else "perplexity / dense (perplexity)"
     print(f"| pattern | method | refine | reconstruct | permute: groups, kept importance, search s | python-help held-out: {shown} | "
-          f"news: {shown} | prune wall s | prune peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"news: {shown} | prune wall s | prune peak RSS GiB | cores other processes kept busy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     arms = [["--pattern", p] for p in args.patterns.split(",") if p]
     if args.budget:
         arms += [["--budget", args.budget, "--candidates", c] for c in args.candidates.split(";")]
@@ -91,13 +92,19 @@ def main() -> None:
                 extra += ["--reconstruct", passes] if passes != "0" else []
                 data = ["--calib-samples", args.calib_samples, "--seq-len", seq_len, *calib]
                 calibration = data if method != "magnitude" or "--budget" in arm else []
+                others = OtherLoad()
                 stdout, seconds, rss = _nmsparse("prune", str(folder), *arm, "--method", method,
                                                  *calibration, *extra, "--out", str(out), "--json")
                 info = json.loads(stdout).get("calibration", {})
                 done = info.get("permutation")
                 permuted = f"{done['groups']}, {100 * done['kept_gain']:+.2f}%, {done['seconds']:.0f}" if done else "off"
                 print(f"| {_arm_label(arm, info.get('budget'))} | {method} | {refine} | {passes} | {permuted} | "
-                      f"{_quality(str(out), folder, key)} | {seconds:.1f} | {rss:.2f} |", flush=True)
+                      f"{_quality(str(out), folder, key)} | {seconds:.1f} | {rss:.2f} | {_cores(others)} |", flush=True)
+
+
+def _cores(others: OtherLoad) -> str:
+    cores = others.cores()
+    return "?" if cores is None else f"{cores:.2f}"
 
 
 def _arm_label(arm: list[str], budget: dict | None) -> str:

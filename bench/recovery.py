@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.child import run_child  # noqa: E402
-from bench.contention import competing, describe, idle  # noqa: E402
+from bench.contention import OtherLoad, competing, describe, idle  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
 from nmcli.runtime.device import bf16_is_native  # noqa: E402
 from nmcli.train.example import minilm_folder  # noqa: E402
@@ -86,13 +86,15 @@ def main() -> None:
                    "--eval-every", str(args.eval_every), *options, *args.extra.split()]
             if args.limit:
                 cmd += ["--limit", str(args.limit)]
+            others = OtherLoad()
             with (competing() if args.busy else idle()) as busy:
                 code, _, seconds, rss = run_child(cmd)
+            load = others.note()
             if code:
                 print(f"{pattern} {data}: failed (exit {code})")
                 continue
             summary = json.loads((out / "summary.json").read_text())
-            print(f"\n## {pattern}, data {data} ({describe('busy' if busy else 'idle', busy)}): {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB, {summary['steps']} steps")
+            print(f"\n## {pattern}, data {data} ({describe('busy' if busy else 'idle', busy)}{'; ' + load if load else ''}): {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB, {summary['steps']} steps")
             print(f"data: {summary['data']}")
             print("  " + " | ".join(f"{k}: start {summary[f'start_{k}']:.4f}, one-shot mask of the start "
                                      f"{summary[f'one_shot_{k}']:.4f}, recovered {summary[f'final_{k}']:.4f}" for k in keys))
