@@ -11,7 +11,7 @@ from torch import nn
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import LINEAR, parse_pattern
 from nmcli.oneshot.calibrate import OneShotMethod, SolverSettings, calibrate_and_prune
-from nmcli.oneshot.reconstruct import reconstruct_block
+from nmcli.oneshot.reconstruct import one_sample_batches, reconstruct_block
 
 
 def _llama(layers=3):
@@ -79,6 +79,32 @@ def test_blocks_are_trained_to_the_dense_models_own_activations():
     for name, p in rebuilt.named_parameters():  # only the target weights moved
         if "norm" in name or "embed" in name:
             assert torch.equal(p, dense.get_parameter(name)), name
+
+
+def test_one_sample_batches_cut_each_sample_out_without_its_padding():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    single = one_sample_batches([{"input_ids": ids, "attention_mask": mask}, {"input_ids": torch.tensor([[4, 3]])}])
+    assert [b["input_ids"].tolist() for b in single] == [[[5, 6, 7]], [[8, 9]], [[4, 3]]]
+    assert [b["attention_mask"].tolist() for b in single[:2]] == [[[1, 1, 1]], [[1, 1]]]
+    assert "attention_mask" not in single[2]
+
+
+def test_reconstruct_takes_one_adam_step_per_sample_however_the_samples_are_batched(monkeypatch):
+    dense = _llama()
+    fours = _batches()  # 3 batches of 4 samples
+    twos = [{k: v[rows] for k, v in b.items()} for b in fours for rows in (slice(0, 2), slice(2, 4))]
+    steps = []
+    original = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    weights = []
+    for batches in (fours, twos):
+        model = copy.deepcopy(dense)
+        settings = SolverSettings(OneShotMethod.WANDA, parse_pattern("2:4"), reconstruct=2)
+        weights.append(calibrate_and_prune(model, _targets(model), batches, settings).weights)
+    assert len(steps) == 2 * (3 * 2 * 12)  # two runs x 3 blocks x 2 passes x 12 samples
+    for name, weight in weights[0].items():
+        assert torch.allclose(weight, weights[1][name], atol=1e-6), name
 
 
 def test_padding_is_left_out_of_the_fit_and_its_error():

@@ -24,7 +24,7 @@ from nmcli.runtime.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import CONV, HF_CONV1D, NMPattern, apply_nm
-from nmcli.oneshot.reconstruct import BlockFit, block_output, reconstruct_block
+from nmcli.oneshot.reconstruct import BlockFit, block_output, one_sample_batches, reconstruct_block
 from nmcli.oneshot.solvers import SingularHessian, alps, reconstruction_error, refine_kept, sparsegpt, wanda
 
 MAX_DAMP = 1.0  # a singular Hessian gets 10x more damping per try, up to this
@@ -308,6 +308,8 @@ def calibrate_and_prune(
         config.use_cache = False  # a KV cache would grow each time a block is run again on the same inputs
     prefix, blocks = find_blocks(model)
     result = OneShotResult({}, {})
+    if settings.reconstruct:
+        batches = one_sample_batches(batches)  # --reconstruct: one optimizer step per sample
     inputs = capture_inputs(model, blocks[0], batches)
     tokens = [batch.get("attention_mask") for batch in batches]
     result.activation_bytes = sum(_hidden(a, k).numel() * _hidden(a, k).element_size() for a, k in inputs)

@@ -8,7 +8,9 @@ nonlinearities (attention's softmax, the MLP's gate): the per-matrix fits (Spars
 each fit one layer's own outputs and cannot trade one layer's error against another's, so their errors add up
 through the block. Only the target layers' weights move; norms, biases and everything outside the block stay as
 they are. The loss is the mean squared error over real tokens (padding left out), Adam at a fixed learning rate,
-the batches in their order: no randomness.
+one step per calibration sample (`one_sample_batches`), the samples in their order: no randomness. A step per
+sample rather than per batch of 8 is 128 steps a pass over the default calibration instead of 16, for about the
+same arithmetic; it fits closer in the same time (README's benchmarks).
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ class BlockFit:
 
     before: float
     after: float
+
+
+def one_sample_batches(batches: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Each tokenized batch ({"input_ids": [b, seq], "attention_mask": [b, seq], ...}, right-padded) split into
+    batches of one sample, its padding cut off."""
+    single = []
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        for row in range(len(batch["input_ids"])):
+            length = int(mask[row].sum()) if mask is not None else batch["input_ids"].shape[1]
+            single.append({key: value[row : row + 1, :length] for key, value in batch.items()})
+    return single
 
 
 def block_output(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
