@@ -127,6 +127,23 @@ def test_prune_with_calibration_is_deterministic_exact_and_recorded(cli, tmp_pat
     assert cli("report", tmp_path / "a", "--check", "2:4", "--quiet", "--no-flops").exit_code == 0
 
 
+def test_calibration_smaller_than_asked_is_stated_and_recorded(cli, tmp_path, tiny_bert):
+    """8 paragraphs, every 4th (the 4th, the 8th) held out: an encoder calibrates on the other 6, one sample each."""
+    text = tmp_path / "eight.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} says the weather was fine on day {i} of the trip." for i in range(8)))
+    args = ("prune", tiny_bert, "--method", "sparsegpt", "--calib", text, "--seq-len", "32", "--json")
+    r = cli(*args, "--calib-samples", "16", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert payload["calibration"]["samples"] == 6
+    assert f"--calib {text} gives 6 calibration samples, fewer than --calib-samples 16 asks for" in " ".join(payload["notes"])
+    with safe_open(str(tmp_path / "a/model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["nmsparse.oneshot"])["samples"] == 6
+    r = cli(*args, "--calib-samples", "4", "--out", tmp_path / "b")
+    payload = json.loads(r.stdout)
+    assert payload["calibration"]["samples"] == 4 and not any("fewer than" in note for note in payload["notes"])
+
+
 def test_calibrated_prune_bad_input(cli, tmp_path, tiny_llama, resnet_file):
     r = cli("prune", tiny_llama, "--method", "obs", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--method 'obs': choose one of magnitude, wanda, sparsegpt, alps" in r.output

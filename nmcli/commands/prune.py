@@ -50,7 +50,9 @@ def prune(
     method: Annotated[str, typer.Option("--method", help="magnitude (no data) | wanda | sparsegpt | alps (ADMM: "
                                         "mask and weights chosen together; slower)")] = "magnitude",
     calib: CalibOpt = None,
-    calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="calibration samples")] = 128,
+    calib_samples: Annotated[int, typer.Option(
+        "--calib-samples", min=1, help="calibration samples: --seq-len token chunks (LMs), paragraphs (encoders) or "
+        "images; all there are when --calib holds fewer (a note says so)")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="tokens per calibration sample")] = 512,
     damp: Annotated[float, typer.Option("--damp", min=0.0, help="SparseGPT dampening, a fraction of mean(diag H)")] = 0.01,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="SparseGPT columns per lazy-update block")] = 128,

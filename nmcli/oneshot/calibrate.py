@@ -63,6 +63,7 @@ class OneShotResult:
     by_magnitude: list[str] = field(default_factory=list)  # no calibration input reached them, or no row view
     damped: dict[str, float] = field(default_factory=dict)  # layers whose Hessian needed more than --damp: damp used
     activation_bytes: int = 0  # the calibration activations held between blocks
+    samples: int = 0  # calibration samples (sequences or images) the layers were fitted on
     seconds: float = 0.0
     permutation: dict | None = None  # prune --permute: what the channel reorder did (PermutationReport.to_dict)
     budget: dict | None = None  # prune --budget: the patterns chosen (BudgetReport.to_dict)
@@ -307,7 +308,7 @@ def calibrate_and_prune(
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = False  # a KV cache would grow each time a block is run again on the same inputs
     prefix, blocks = find_blocks(model)
-    result = OneShotResult({}, {})
+    result = OneShotResult({}, {}, samples=sum(len(next(iter(batch.values()))) for batch in batches))
     if settings.reconstruct:
         batches = one_sample_batches(batches)  # --reconstruct: one optimizer step per sample
     inputs = capture_inputs(model, blocks[0], batches)
@@ -340,6 +341,7 @@ def describe(result: OneShotResult) -> dict[str, Any]:
         "mean_reconstruction_error": sum(errors) / len(errors) if errors else None,
         "by_magnitude": result.by_magnitude,
         "activation_mib": round(result.activation_bytes / 2**20, 1),
+        "samples": result.samples,
         "seconds": result.seconds,
         **({"permutation": result.permutation} if result.permutation is not None else {}),
         **({"budget": result.budget} if result.budget is not None else {}),

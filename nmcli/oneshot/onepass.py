@@ -55,7 +55,8 @@ def calibrate_in_one_pass(
     """Prune `layers` (keyed by module name) of `model` in place, each on the inputs its pruned predecessors give."""
     started = time.perf_counter()
     model.eval()
-    result = OneShotResult({}, {}, activation_bytes=images.numel() * images.element_size())
+    result = OneShotResult({}, {}, activation_bytes=images.numel() * images.element_size(),
+                           samples=len(images))
     modules = dict(model.named_modules())
     solving = {name: layer for name, layer in layers.items() if solvable(modules[name], layer)}
 

@@ -200,7 +200,7 @@ def oneshot_prune(
     meta_obj.oneshot = {"method": solver.method.value, **{k: v for k, v in describe(result).items() if k != "seconds"}}
     if solver.method is not OneShotMethod.MAGNITUDE:
         meta_obj.oneshot |= {"damp": solver.damp, "block_size": solver.block_size, "refine": solver.refine,
-                            "reconstruct": solver.reconstruct, **asdict(calib)}
+                            "reconstruct": solver.reconstruct, **asdict(replace(calib, samples=result.samples))}
     kept = {k: v for k, v in ckpt.metadata.items() if not k.startswith("nmsparse.")}
     notes = resolved.match.notes() if resolved.match is not None else []
     notes += rewrite(ckpt, items, out, {**kept, **meta_obj.to_strings()}, force=force)
@@ -208,6 +208,9 @@ def oneshot_prune(
         notes.append(permutation.note())
     if allocation is not None:
         notes.append(allocation.note())
+    if 0 < result.samples < calib.samples:
+        notes.append(f"--calib {calib.data} gives {result.samples} calibration samples, fewer than --calib-samples "
+                     f"{calib.samples} asks for: calibrated on all {result.samples}")
     if result.by_magnitude:
         notes.append(f"pruned by magnitude (no calibration input reached them, or they cannot be solved): "
                      f"{', '.join(result.by_magnitude)}")
