@@ -60,7 +60,8 @@ def prune(
                                         "re-fit the kept weights to the dense outputs, mask fixed (0: none)")] = 0,
     reconstruct: Annotated[int, typer.Option(
         "--reconstruct", min=0, help="wanda/sparsegpt/alps on transformers: passes over the calibration data that "
-        "train each pruned block's kept weights to the dense model's activations, masks fixed (0: none)")] = 0,
+        "train each pruned block's kept weights to the dense model's activations, masks fixed (0: none); gains "
+        "more from more --calib-samples than from more passes")] = 0,
     permute: Annotated[bool, typer.Option("--permute", help="reorder channels first (the model computes the same) so "
                                           "the pattern keeps more: Llama-like and BERT-like models")] = False,
     budget: Annotated[Optional[float], typer.Option(
