@@ -12,6 +12,7 @@ cosine to dense, paragraphs / sentences; SmolLM2: perplexity as a ratio to dense
     python bench/oneshot.py minilm --patterns 2:4 --budget 0.5 --candidates "2:4,1:4,dense;4:8,2:4,1:4,dense"
     python bench/oneshot.py minilm --patterns 2:4 --methods sparsegpt,wanda --refine 0,20 --permute off --budget 0.5
     python bench/oneshot.py minilm --patterns 2:4 --methods sparsegpt --permute off --reconstruct 0,1,4
+    python bench/oneshot.py minilm --patterns 2:4 --methods alps --permute on --reconstruct 1 --calib-samples 512
 
 Figures are printed, not asserted.
 """
