@@ -162,6 +162,7 @@ def test_prune_permute_magnitude_keeps_more_weight_and_writes_the_reordered_mode
     with safe_open(str(tmp_path / "permuted" / "model.safetensors"), "pt") as f:
         recorded = json.loads(f.metadata()["nmsparse.oneshot"])
     assert recorded["method"] == "magnitude" and recorded["permutation"]["residual_order"] == order
+    assert "samples" not in recorded and "seq_len" not in recorded  # magnitude calibrates on nothing
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

@@ -197,7 +197,9 @@ def oneshot_prune(
         return made
 
     meta_obj = plan.metadata(resolved.model)
-    meta_obj.oneshot = {"method": solver.method.value, **{k: v for k, v in describe(result).items() if k != "seconds"}}
+    # the calibration settings, with the sample count actually used, are recorded for the methods that calibrate
+    meta_obj.oneshot = {"method": solver.method.value,
+                        **{k: v for k, v in describe(result).items() if k not in ("seconds", "samples")}}
     if solver.method is not OneShotMethod.MAGNITUDE:
         meta_obj.oneshot |= {"damp": solver.damp, "block_size": solver.block_size, "refine": solver.refine,
                             "reconstruct": solver.reconstruct, **asdict(replace(calib, samples=result.samples))}
