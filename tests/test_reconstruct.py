@@ -40,16 +40,17 @@ def _batches(count=3):
 
 
 def _hidden_error(model, dense, batches, depth):
-    """The mean over real tokens of ‖h_t − h_dense,t‖² / ‖h_dense,t‖² in the residual stream after block `depth` (a
-    second implementation: the models' own forward passes, one token at a time)."""
-    errors = []
+    """‖h − h_dense‖² / ‖h_dense‖² over real tokens of the residual stream after block `depth` (a second
+    implementation: the models' own forward passes)."""
+    error = power = 0.0
     with torch.no_grad():
         for batch in batches:
             h = model(**batch, output_hidden_states=True).hidden_states[depth + 1]
             d = dense(**batch, output_hidden_states=True).hidden_states[depth + 1]
-            for token_h, token_d in zip(h[batch["attention_mask"].bool()], d[batch["attention_mask"].bool()]):
-                errors.append(float((token_h - token_d).pow(2).sum() / token_d.pow(2).sum()))
-    return sum(errors) / len(errors)
+            real = batch["attention_mask"].bool()
+            error += float((h - d)[real].pow(2).sum())
+            power += float(d[real].pow(2).sum())
+    return error / power
 
 
 def test_blocks_are_trained_to_the_dense_models_own_activations():
@@ -128,7 +129,7 @@ def test_padding_is_left_out_of_the_fit_and_its_error():
     assert all(torch.equal(a, b) for a, b in zip(fits[0][1], fits[1][1]))
     real = tokens.bool()
     with torch.no_grad():
-        by_hand = float(((block(x) - target)[real].pow(2).sum(-1) / target[real].pow(2).sum(-1)).mean())
+        by_hand = float((block(x) - target)[real].pow(2).sum() / target[real].pow(2).sum())
     assert fits[0][0].before == pytest.approx(by_hand, rel=1e-5)
     assert torch.equal(block[0].weight, weights[0])  # the caller's block is untouched (each trial was a copy)
 
@@ -151,37 +152,3 @@ def test_prune_reconstruct_end_to_end_and_bad_input(cli, tmp_path, tiny_llama, r
             "--reconstruct", "1", "--out", tmp_path / "r.safetensors")
     assert r.exit_code == 2 and "--reconstruct 1 trains a transformer's blocks" in r.output
     assert not any((tmp_path / name).exists() for name in ("m", "r.safetensors"))
-
-
-def test_a_token_with_a_massive_norm_does_not_take_over_the_fit():
-    """Llama-family streams carry a few tokens with ~100x the others' norm; the fit weighs every token's error
-    relative to its own norm, so the ordinary tokens are fitted as well as they would be without it. A second
-    implementation, the same Adam steps on the plain mean squared error, fits the massive token and leaves the rest
-    far worse."""
-    g = torch.Generator().manual_seed(0)
-    dense = torch.randn(8, 8, generator=g)
-    x = torch.randn(1, 6, 8, generator=g)
-    x[0, 0] *= 1000  # the massive token
-    target = x @ dense.T
-    mask = torch.rand(8, 8, generator=g) > 0.5
-
-    def ordinary_error(weight):
-        with torch.no_grad():
-            y = x @ weight.T
-            return float(((y - target)[0, 1:].pow(2).sum(-1) / target[0, 1:].pow(2).sum(-1)).mean())
-
-    block = nn.Sequential(nn.Linear(8, 8, bias=False))
-    with torch.no_grad():
-        block[0].weight.copy_(dense * mask)
-    plain = block[0].weight.detach().clone().requires_grad_(True)
-    start = ordinary_error(plain)
-    reconstruct_block(block, [block[0].weight], [((x,), {})], [target], [None], 3000)
-    optimizer = torch.optim.Adam([plain], lr=3e-4)
-    for _ in range(3000):
-        ((x @ plain.T - target).pow(2).sum(-1).mean()).backward()
-        plain.grad.mul_(mask)
-        optimizer.step()
-        optimizer.zero_grad()
-    assert torch.equal(block[0].weight == 0, ~mask | (dense == 0))
-    assert ordinary_error(block[0].weight) < 0.5 * ordinary_error(plain), (start, ordinary_error(plain))
-    assert ordinary_error(block[0].weight) < 0.5 * start

@@ -7,12 +7,7 @@ model's own activations at that depth: a block also corrects the drift of the bl
 nonlinearities (attention's softmax, the MLP's gate): the per-matrix fits (SparseGPT's update, ALPS, `--refine`)
 each fit one layer's own outputs and cannot trade one layer's error against another's, so their errors add up
 through the block. Only the target layers' weights move; norms, biases and everything outside the block stay as
-they are. The loss is each real token's relative squared error ‖y_t − t_t‖² / ‖t_t‖², averaged over the real tokens
-(padding left out), not the plain mean squared error: every consumer of a pre-norm transformer's residual stream
-normalizes each token first (the next block's norms, the final norm), so a token's error matters relative to its own
-norm; and a Llama-family stream carries a few "massive activations" (Sun et al. 2024) — SmolLM2's first token has
-~100x the others' norm after block 20 and held 93-96 % of a 2:4 model's squared error there, so a plain mean squared
-error spent the fit on that one token. Adam at a fixed learning rate,
+they are. The loss is the mean squared error over real tokens (padding left out), Adam at a fixed learning rate,
 one step per calibration sample (`one_sample_batches`), the samples in their order: no randomness. A step per
 sample rather than per batch of 8 is 128 steps a pass over the default calibration instead of 16, for about the
 same arithmetic; one pass fits closer. More calibration samples help far more than more passes over the same ones
@@ -32,8 +27,7 @@ LEARNING_RATE = 3e-4  # MiniLM 2:4: 1e-4 fits too slowly, 1e-3 overshoots (READM
 
 @dataclass(frozen=True)
 class BlockFit:
-    """A block's output error before and after: the mean over the calibration's real tokens of each token's
-    ‖y_t − y_dense,t‖² / ‖y_dense,t‖²."""
+    """A block's output error ‖y − y_dense‖² / ‖y_dense‖² over the calibration tokens, before and after."""
 
     before: float
     after: float
@@ -56,29 +50,29 @@ def block_output(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _relative_error(output: torch.Tensor, target: torch.Tensor,
-                    tokens: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """(Σ_t ‖y_t − t_t‖² / ‖t_t‖², tokens counted) over the real tokens of a [batch, seq, hidden] output (`tokens`:
-    the attention mask)."""
+def _squared_error(output: torch.Tensor, target: torch.Tensor,
+                   tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(Σ (y − t)², Σ t², tokens counted) over the real tokens of a [batch, seq, hidden] output (`tokens`: the
+    attention mask)."""
+    diff = (output - target).pow(2).sum(-1)
     power = target.pow(2).sum(-1)
-    relative = (output - target).pow(2).sum(-1) / power.clamp_min(torch.finfo(power.dtype).tiny)
-    if tokens is None or tokens.shape != relative.shape:
-        return relative.sum(), relative.numel()
-    real = tokens.to(relative.device, relative.dtype)
-    return (relative * real).sum(), int(tokens.sum())
+    if tokens is None or tokens.shape != diff.shape:
+        return diff.sum(), power.sum(), diff.numel()
+    real = tokens.to(diff.device, diff.dtype)
+    return (diff * real).sum(), (power * real).sum(), int(tokens.sum())
 
 
 def _errors(block: nn.Module, inputs: Sequence[tuple[tuple, dict]], targets: Sequence[torch.Tensor],
             tokens: Sequence[torch.Tensor | None]) -> tuple[float, list[torch.Tensor]]:
-    """(the mean relative error of the block's outputs over all real tokens, the block's outputs)."""
-    error, count = 0.0, 0
+    """(‖block(x) − target‖² / ‖target‖² summed over the batches, the block's outputs)."""
+    error = power = 0.0
     outputs = []
     with torch.no_grad():
         for (args, kwargs), target, real in zip(inputs, targets, tokens):
             outputs.append(block_output(block, args, kwargs))
-            total, counted = _relative_error(outputs[-1], target, real)
-            error, count = error + float(total), count + counted
-    return (error / count if count else 0.0), outputs
+            diff, total, _ = _squared_error(outputs[-1], target, real)
+            error, power = error + float(diff), power + float(total)
+    return (error / power if power > 0 else 0.0), outputs
 
 
 def reconstruct_block(block: nn.Module, weights: Sequence[nn.Parameter], inputs: Sequence[tuple[tuple, dict]],
@@ -98,8 +92,8 @@ def reconstruct_block(block: nn.Module, weights: Sequence[nn.Parameter], inputs:
         with torch.enable_grad():
             for _ in range(epochs):
                 for (args, kwargs), target, real in zip(inputs, targets, tokens):
-                    total, count = _relative_error(block_output(block, args, kwargs), target, real)
-                    (total / max(count, 1)).backward()
+                    diff, _, count = _squared_error(block_output(block, args, kwargs), target, real)
+                    (diff / max(count, 1)).backward()
                     for w, keep in zip(weights, masks):
                         w.grad.mul_(keep)  # Adam's moments stay 0 there, so a pruned weight stays an exact 0
                     optimizer.step()
