@@ -13,6 +13,7 @@ cosine to dense, paragraphs / sentences; SmolLM2: perplexity as a ratio to dense
     python bench/oneshot.py minilm --patterns 2:4 --methods sparsegpt,wanda --refine 0,20 --permute off --budget 0.5
     python bench/oneshot.py minilm --patterns 2:4 --methods sparsegpt --permute off --reconstruct 0,1,4
     python bench/oneshot.py minilm --patterns 2:4 --methods alps --permute on --reconstruct 1 --calib-samples 512
+    python bench/oneshot.py smollm2 --patterns 2:4 --methods alps --permute on --reconstruct 1 --reconstruct-lr 6e-4
 
 Figures are printed, not asserted.
 """
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--refine", default="0", help="prune --refine steps per arm, e.g. 0,20 (calibrated methods)")
     parser.add_argument("--reconstruct", default="0", help="prune --reconstruct passes per arm, e.g. 0,2 (calibrated "
                         "methods)")
+    parser.add_argument("--reconstruct-lr", default=None, help="prune --reconstruct-lr for the --reconstruct arms "
+                        "(default: prune's own)")
     args = parser.parse_args()
     folder = minilm_folder() if args.model == "minilm" else smollm2_folder(ROOT / "bench" / ".models" / "smollm2-135m")
     seq_len = args.seq_len or ("128" if args.model == "minilm" else "512")
@@ -91,6 +94,7 @@ def main() -> None:
                 extra = ["--permute"] if permute == "on" else []
                 extra += ["--refine", refine] if refine != "0" else []
                 extra += ["--reconstruct", passes] if passes != "0" else []
+                extra += ["--reconstruct-lr", args.reconstruct_lr] if passes != "0" and args.reconstruct_lr else []
                 data = ["--calib-samples", args.calib_samples, "--seq-len", seq_len, *calib]
                 calibration = data if method != "magnitude" or "--budget" in arm else []
                 others = OtherLoad()

@@ -24,7 +24,13 @@ from nmcli.runtime.device import model_device, place
 from nmcli.errors import NMSparseError
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import CONV, HF_CONV1D, NMPattern, apply_nm
-from nmcli.oneshot.reconstruct import BlockFit, block_output, one_sample_batches, reconstruct_block
+from nmcli.oneshot.reconstruct import (
+    DEFAULT_LEARNING_RATE,
+    BlockFit,
+    block_output,
+    one_sample_batches,
+    reconstruct_block,
+)
 from nmcli.oneshot.solvers import SingularHessian, alps, reconstruction_error, refine_kept, sparsegpt, wanda
 
 MAX_DAMP = 1.0  # a singular Hessian gets 10x more damping per try, up to this
@@ -51,6 +57,7 @@ class SolverSettings:
     own: dict[str, NMPattern] = field(default_factory=dict)  # module -> its pattern where not `pattern` (--budget)
     refine: int = 0  # conjugate-gradient steps re-fitting the kept weights after the mask (0: none)
     reconstruct: int = 0  # passes over the calibration batches training each pruned block to the dense one (0: none)
+    reconstruct_lr: float = DEFAULT_LEARNING_RATE  # Adam's learning rate for those passes
 
     def pattern_for(self, module: str) -> NMPattern:
         return self.own.get(module, self.pattern)
@@ -324,7 +331,7 @@ def calibrate_and_prune(
         pruned = _prune_block(block, block_prefix, mine, inputs, tokens, settings, result) if mine else []
         if pruned and dense is not None:
             fit, outputs = reconstruct_block(block, pruned, inputs, [_hidden(a, k) for a, k in dense], tokens,
-                                             settings.reconstruct)
+                                             settings.reconstruct, settings.reconstruct_lr)
             result.block_fits[block_prefix.rstrip(".")] = fit
             inputs = [_with_hidden(a, k, output) for (a, k), output in zip(inputs, outputs)]
         elif index + 1 < len(blocks):

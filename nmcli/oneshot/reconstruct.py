@@ -10,7 +10,7 @@ through the block. Only the target layers' weights move; norms, biases and every
 they are. The loss is the mean squared error over real tokens (padding left out), although on a Llama-family model
 one token's "massive activation" (SmolLM2's first token: ~100x the others' norm after block 20) dominates it: each
 token's error relative to its own norm measured slightly worse on SmolLM2 (README's benchmarks). Adam at a fixed
-learning rate, one step per calibration sample (`one_sample_batches`), the samples in their order: no randomness. A
+learning rate (`--reconstruct-lr`), one step per calibration sample (`one_sample_batches`), the samples in their order: no randomness. A
 step per sample rather than per batch of 8 is 128 steps a pass over the default calibration instead of 16, for about
 the same arithmetic; one pass fits closer. More calibration samples help far more than more passes over the same ones
 (README's benchmarks): the fit generalizes from the samples it sees.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-LEARNING_RATE = 3e-4  # MiniLM 2:4: 1e-4 fits too slowly, 1e-3 overshoots (README's benchmarks)
+DEFAULT_LEARNING_RATE = 3e-4  # MiniLM 2:4's best; SmolLM2 2:4 fits better at 6e-4 (README's benchmarks)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _errors(block: nn.Module, inputs: Sequence[tuple[tuple, dict]], targets: Seq
 
 def reconstruct_block(block: nn.Module, weights: Sequence[nn.Parameter], inputs: Sequence[tuple[tuple, dict]],
                       targets: Sequence[torch.Tensor], tokens: Sequence[torch.Tensor | None],
-                      epochs: int) -> tuple[BlockFit, list[torch.Tensor]]:
+                      epochs: int, learning_rate: float = DEFAULT_LEARNING_RATE) -> tuple[BlockFit, list[torch.Tensor]]:
     """Train `weights` (the block's pruned target weights; their zeros stay exact zeros) for `epochs` passes so that
     `block(inputs)` approaches `targets`, the other parameters of the block held fixed; returns the errors before and
     after, and the trained block's outputs (what the next block receives)."""
@@ -89,7 +89,7 @@ def reconstruct_block(block: nn.Module, weights: Sequence[nn.Parameter], inputs:
     was = {p: p.requires_grad for p in block.parameters()}
     for p in was:
         p.requires_grad_(id(p) in trainable)
-    optimizer = torch.optim.Adam(weights, lr=LEARNING_RATE)
+    optimizer = torch.optim.Adam(weights, lr=learning_rate)
     try:
         with torch.enable_grad():
             for _ in range(epochs):

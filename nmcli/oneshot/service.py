@@ -203,6 +203,8 @@ def oneshot_prune(
     if solver.method is not OneShotMethod.MAGNITUDE:
         meta_obj.oneshot |= {"damp": solver.damp, "block_size": solver.block_size, "refine": solver.refine,
                             "reconstruct": solver.reconstruct, **asdict(replace(calib, samples=result.samples))}
+        if solver.reconstruct:
+            meta_obj.oneshot["reconstruct_lr"] = solver.reconstruct_lr
     kept = {k: v for k, v in ckpt.metadata.items() if not k.startswith("nmsparse.")}
     notes = resolved.match.notes() if resolved.match is not None else []
     notes += rewrite(ckpt, items, out, {**kept, **meta_obj.to_strings()}, force=force)
