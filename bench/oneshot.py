@@ -13,7 +13,7 @@ cosine to dense, paragraphs / sentences; SmolLM2: perplexity as a ratio to dense
     python bench/oneshot.py minilm --patterns 2:4 --methods sparsegpt,wanda --refine 0,20 --permute off --budget 0.5
     python bench/oneshot.py minilm --patterns 2:4 --methods sparsegpt --permute off --reconstruct 0,1,4
     python bench/oneshot.py minilm --patterns 2:4 --methods alps --permute on --reconstruct 1 --calib-samples 512
-    python bench/oneshot.py smollm2 --patterns 2:4 --methods alps --permute on --reconstruct 1 --reconstruct-lr 6e-4
+    python bench/oneshot.py smollm2 --patterns 2:4 --methods alps --permute on --reconstruct 1 --reconstruct-lr 5e-3
 
 Figures are printed, not asserted.
 """

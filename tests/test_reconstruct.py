@@ -134,22 +134,26 @@ def test_padding_is_left_out_of_the_fit_and_its_error():
     assert torch.equal(block[0].weight, weights[0])  # the caller's block is untouched (each trial was a copy)
 
 
-@pytest.mark.parametrize("rate", [1e-3, 2.5e-2])
-def test_the_learning_rate_sets_adams_first_step(rate):
-    """Adam's first step moves every weight with a gradient by lr * g / (|g| + eps), i.e. by the learning rate
-    itself: one pass over one sample moves each kept weight by `rate` and each pruned one not at all."""
+@pytest.mark.parametrize("rate", [3.5e-3, 1e-1])
+def test_each_matrix_steps_by_the_rate_times_the_rms_of_its_kept_weights(rate):
+    """Adam's first step moves every weight with a gradient by lr * g / (|g| + eps), i.e. by its learning rate: one
+    pass over one sample moves each kept weight by `rate` x its matrix's kept-weight RMS (by hand below; the two
+    matrices are scaled 1x and 10x, so their steps differ tenfold) and each pruned one not at all."""
     block = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
     with torch.no_grad():
         for layer in (block[0], block[2]):
             layer.weight.mul_(torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.5)
+        block[2].weight.mul_(10)
     g = torch.Generator().manual_seed(0)
     x, target = torch.randn(1, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)
     before = [block[0].weight.detach().clone(), block[2].weight.detach().clone()]
     reconstruct_block(block, [block[0].weight, block[2].weight], [((x,), {})], [target], [None], 1, rate)
     for old, new in zip(before, (block[0].weight, block[2].weight)):
         moved = (new.detach() - old).abs()
+        kept = old[old != 0]
+        step = rate * float(torch.sqrt((kept**2).sum() / kept.numel()))
         assert torch.equal(moved[old == 0], torch.zeros_like(moved[old == 0]))
-        assert torch.allclose(moved[old != 0], torch.full_like(moved[old != 0], rate), rtol=1e-3)
+        assert torch.allclose(moved[old != 0], torch.full_like(moved[old != 0], step), rtol=1e-3)
 
 
 def test_prune_reconstruct_end_to_end_and_bad_input(cli, tmp_path, tiny_llama, resnet_file):
@@ -166,7 +170,7 @@ def test_prune_reconstruct_end_to_end_and_bad_input(cli, tmp_path, tiny_llama, r
     assert cli("report", tmp_path / "a", "--check", "2:4", "--quiet", "--no-flops").exit_code == 0
     assert cli(*args, "--reconstruct", "2", "--reconstruct-lr", "1e-3", "--out", tmp_path / "c", "--quiet").exit_code == 0
     with safe_open(str(tmp_path / "a/model.safetensors"), "pt") as a, safe_open(str(tmp_path / "c/model.safetensors"), "pt") as c:
-        assert json.loads(a.metadata()["nmsparse.oneshot"])["reconstruct_lr"] == 3e-4
+        assert json.loads(a.metadata()["nmsparse.oneshot"])["reconstruct_lr"] == 3.5e-3
         assert json.loads(c.metadata()["nmsparse.oneshot"])["reconstruct_lr"] == 1e-3
         assert any(not torch.equal(a.get_tensor(k), c.get_tensor(k)) for k in a.keys())
     for rate, why in (("0", "give a learning rate above 0"), ("-1e-3", "give a learning rate above 0"),

@@ -64,8 +64,8 @@ def prune(
         "train each pruned block's kept weights to the dense model's activations, masks fixed (0: none); gains "
         "more from more --calib-samples than from more passes")] = 0,
     reconstruct_lr: Annotated[Optional[float], typer.Option(
-        "--reconstruct-lr", help="--reconstruct's Adam learning rate [default: 3e-4, MiniLM's best; SmolLM2 2:4 fits "
-        "better at 6e-4]")] = None,
+        "--reconstruct-lr", help="--reconstruct's Adam learning rate as a fraction of each matrix's RMS (its kept "
+        "weights), so one rate suits models of any weight scale [default: 3.5e-3]")] = None,
     permute: Annotated[bool, typer.Option("--permute", help="reorder channels first (the model computes the same) so "
                                           "the pattern keeps more: Llama-like and BERT-like models")] = False,
     budget: Annotated[Optional[float], typer.Option(
@@ -158,7 +158,7 @@ def _reconstruct_rate(reconstruct: int, rate: float | None) -> dict[str, float]:
         raise NMSparseError(f"--reconstruct-lr {rate:g} sets the learning rate of --reconstruct's passes: add "
                             "--reconstruct 1, or leave --reconstruct-lr out")
     if not (math.isfinite(rate) and rate > 0):
-        raise NMSparseError(f"--reconstruct-lr {rate:g}: give a learning rate above 0, e.g. 3e-4 or 6e-4")
+        raise NMSparseError(f"--reconstruct-lr {rate:g}: give a learning rate above 0, e.g. 3.5e-3")
     return {"reconstruct_lr": rate}
 
 

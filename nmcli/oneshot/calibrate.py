@@ -25,7 +25,7 @@ from nmcli.errors import NMSparseError
 from nmcli.models.targets import LayerInfo
 from nmcli.nm import CONV, HF_CONV1D, NMPattern, apply_nm
 from nmcli.oneshot.reconstruct import (
-    DEFAULT_LEARNING_RATE,
+    DEFAULT_RELATIVE_RATE,
     BlockFit,
     block_output,
     one_sample_batches,
@@ -57,7 +57,7 @@ class SolverSettings:
     own: dict[str, NMPattern] = field(default_factory=dict)  # module -> its pattern where not `pattern` (--budget)
     refine: int = 0  # conjugate-gradient steps re-fitting the kept weights after the mask (0: none)
     reconstruct: int = 0  # passes over the calibration batches training each pruned block to the dense one (0: none)
-    reconstruct_lr: float = DEFAULT_LEARNING_RATE  # Adam's learning rate for those passes
+    reconstruct_lr: float = DEFAULT_RELATIVE_RATE  # their Adam learning rate over each matrix's kept-weight RMS
 
     def pattern_for(self, module: str) -> NMPattern:
         return self.own.get(module, self.pattern)

@@ -9,9 +9,12 @@ each fit one layer's own outputs and cannot trade one layer's error against anot
 through the block. Only the target layers' weights move; norms, biases and everything outside the block stay as
 they are. The loss is the mean squared error over real tokens (padding left out), although on a Llama-family model
 one token's "massive activation" (SmolLM2's first token: ~100x the others' norm after block 20) dominates it: each
-token's error relative to its own norm measured slightly worse on SmolLM2 (README's benchmarks). Adam at a fixed
-learning rate (`--reconstruct-lr`), one step per calibration sample (`one_sample_batches`), the samples in their order: no randomness. A
-step per sample rather than per batch of 8 is 128 steps a pass over the default calibration instead of 16, for about
+token's error relative to its own norm measured slightly worse on SmolLM2 (README's benchmarks). Adam, each
+matrix's learning rate a fixed fraction (`--reconstruct-lr`) of the RMS of its kept weights, as Adafactor scales its
+relative step: Adam moves every weight by about the learning rate a step whatever its gradient's scale, so a rate
+fixed in absolute terms suits one model's weight scale only (MiniLM's kept weights have an RMS of 0.085 and fit best
+at 3e-4, SmolLM2's 0.25 and fit best near 1e-3: the same fraction, 3.5e-3). One step per calibration sample
+(`one_sample_batches`), the samples in their order: no randomness. A step per sample rather than per batch of 8 is 128 steps a pass over the default calibration instead of 16, for about
 the same arithmetic; one pass fits closer. More calibration samples help far more than more passes over the same ones
 (README's benchmarks): the fit generalizes from the samples it sees.
 """
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DEFAULT_LEARNING_RATE = 3e-4  # MiniLM 2:4's best; SmolLM2 2:4 fits better at 6e-4 (README's benchmarks)
+DEFAULT_RELATIVE_RATE = 3.5e-3  # each matrix's Adam learning rate over the RMS of its kept weights (README's benchmarks)
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,18 @@ def _errors(block: nn.Module, inputs: Sequence[tuple[tuple, dict]], targets: Seq
     return (error / power if power > 0 else 0.0), outputs
 
 
+def relative_rates(weights: Sequence[nn.Parameter], masks: Sequence[torch.Tensor], rate: float) -> list[dict]:
+    """Adam's parameter groups: each weight's learning rate `rate` x the RMS of its kept (unmasked) entries."""
+    groups = []
+    for weight, keep in zip(weights, masks):
+        kept = weight.detach()[keep]
+        groups.append({"params": [weight], "lr": rate * float(kept.pow(2).mean().sqrt()) if kept.numel() else 0.0})
+    return groups
+
+
 def reconstruct_block(block: nn.Module, weights: Sequence[nn.Parameter], inputs: Sequence[tuple[tuple, dict]],
                       targets: Sequence[torch.Tensor], tokens: Sequence[torch.Tensor | None],
-                      epochs: int, learning_rate: float = DEFAULT_LEARNING_RATE) -> tuple[BlockFit, list[torch.Tensor]]:
+                      epochs: int, relative_rate: float = DEFAULT_RELATIVE_RATE) -> tuple[BlockFit, list[torch.Tensor]]:
     """Train `weights` (the block's pruned target weights; their zeros stay exact zeros) for `epochs` passes so that
     `block(inputs)` approaches `targets`, the other parameters of the block held fixed; returns the errors before and
     after, and the trained block's outputs (what the next block receives)."""
@@ -89,7 +101,7 @@ def reconstruct_block(block: nn.Module, weights: Sequence[nn.Parameter], inputs:
     was = {p: p.requires_grad for p in block.parameters()}
     for p in was:
         p.requires_grad_(id(p) in trainable)
-    optimizer = torch.optim.Adam(weights, lr=learning_rate)
+    optimizer = torch.optim.Adam(relative_rates(weights, masks, relative_rate))
     try:
         with torch.enable_grad():
             for _ in range(epochs):
