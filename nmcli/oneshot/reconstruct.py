@@ -12,10 +12,10 @@ one token's "massive activation" (SmolLM2's first token: ~100x the others' norm 
 token's error relative to its own norm measured slightly worse on SmolLM2 (README's benchmarks). Adam, each
 matrix's learning rate a fixed fraction (`--reconstruct-lr`) of the RMS of its kept weights, as Adafactor scales its
 relative step: Adam moves every weight by about the learning rate a step whatever its gradient's scale, so a rate
-fixed in absolute terms suits one model's weight scale only (MiniLM's kept weights have an RMS of 0.085 and fit best
-at 3e-4, SmolLM2's 0.25 and fit best near 1e-3: the same fraction, 3.5e-3). One step per calibration sample
-(`one_sample_batches`), the samples in their order: no randomness. A step per sample rather than per batch of 8 is 128 steps a pass over the default calibration instead of 16, for about
-the same arithmetic; one pass fits closer. More calibration samples help far more than more passes over the same ones
+fixed in absolute terms suits one model's weight scale only (SmolLM2's kept weights have 3x MiniLM's RMS and their
+best fixed rates differ about as much: README's benchmarks). One step per calibration sample
+(`one_sample_batches`), the samples in their order: no randomness. A step per sample rather than per batch of 8 is
+128 steps a pass over the default calibration instead of 16, for about the same arithmetic; one pass fits closer. More calibration samples help far more than more passes over the same ones
 (README's benchmarks): the fit generalizes from the samples it sees.
 """
 
