@@ -15,8 +15,9 @@ relative step: Adam moves every weight by about the learning rate a step whateve
 fixed in absolute terms suits one model's weight scale only (SmolLM2's kept weights have 3x MiniLM's RMS and their
 best fixed rates differ about as much: README's benchmarks). One step per calibration sample
 (`one_sample_batches`), the samples in their order: no randomness. A step per sample rather than per batch of 8 is
-128 steps a pass over the default calibration instead of 16, for about the same arithmetic; one pass fits closer. More calibration samples help far more than more passes over the same ones
-(README's benchmarks): the fit generalizes from the samples it sees.
+128 steps a pass over the default calibration instead of 16, for about the same arithmetic; one pass fits closer.
+More calibration samples help far more than more passes over the same ones (README's benchmarks): the fit
+generalizes from the samples it sees.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DEFAULT_RELATIVE_RATE = 3.5e-3  # each matrix's Adam learning rate over the RMS of its kept weights (README's benchmarks)
+DEFAULT_RELATIVE_RATE = 3.5e-3  # Adam learning rate / the RMS of a matrix's kept weights (README's benchmarks)
 
 
 @dataclass(frozen=True)
