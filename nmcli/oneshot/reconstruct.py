@@ -81,7 +81,7 @@ def _errors(block: nn.Module, inputs: Sequence[tuple[tuple, dict]], targets: Seq
     return (error / power if power > 0 else 0.0), outputs
 
 
-def relative_rates(weights: Sequence[nn.Parameter], masks: Sequence[torch.Tensor], rate: float) -> list[dict]:
+def _relative_rates(weights: Sequence[nn.Parameter], masks: Sequence[torch.Tensor], rate: float) -> list[dict]:
     """Adam's parameter groups: each weight's learning rate `rate` x the RMS of its kept (unmasked) entries."""
     groups = []
     for weight, keep in zip(weights, masks):
@@ -102,7 +102,7 @@ def reconstruct_block(block: nn.Module, weights: Sequence[nn.Parameter], inputs:
     was = {p: p.requires_grad for p in block.parameters()}
     for p in was:
         p.requires_grad_(id(p) in trainable)
-    optimizer = torch.optim.Adam(relative_rates(weights, masks, relative_rate))
+    optimizer = torch.optim.Adam(_relative_rates(weights, masks, relative_rate))
     try:
         with torch.enable_grad():
             for _ in range(epochs):
